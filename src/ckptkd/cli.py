@@ -1,0 +1,108 @@
+"""The command line: a thin face over the Python API.
+
+Exit codes: 0 ok, 2 a user error (one line on stderr naming the field, file or reference at fault), 1 a bug, 130
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _print_trajectory(run_path: Path) -> None:
+    from .report import trajectory_table
+
+    trajectory_table(run_path)
+
+
+def cmd_train(args) -> None:
+    from .train import train
+
+    run = train(args.config, overrides=args.set, out=args.out, resume=args.resume)
+    _print_trajectory(run.path)
+
+
+def cmd_distill(args) -> None:
+    from .train import distill
+
+    run = distill(args.config, teachers=args.teacher, overrides=args.set, out=args.out, resume=args.resume)
+    _print_trajectory(run.path)
+
+
+def cmd_show(args) -> None:
+    _print_trajectory(Path(args.run))
+
+
+def cmd_import(args) -> None:
+    from .importer import import_state_dict
+
+    run = import_state_dict(args.file, model=args.model, overrides=args.set, out=args.out, config=args.config)
+    _print_trajectory(run.path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ckptkd", description="Knowledge distillation from model checkpoints.")
+    parser.add_argument("--version", action="version", version=f"ckptkd {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_run_options(p, *, config_required: bool = True):
+        if config_required:
+            p.add_argument("config", help="YAML config file")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key by its dotted path, e.g. --set schedule.epochs=5")
+        p.add_argument("--out", default=None, help="run folder (default: runs/NAME)")
+
+    p = sub.add_parser("train", help="train a model and keep its trajectory of checkpoints")
+    add_run_options(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="train a student from teacher checkpoints (none: the CE baseline)")
+    add_run_options(p)
+    p.add_argument("--teacher", action="append", default=[], metavar="REF",
+                   help="checkpoint reference, e.g. runs/t@0.5 or runs/t@0.3,0.5,0.7; repeat for an ensemble")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("show", help="print a run's trajectory table")
+    p.add_argument("run")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("import", help="turn a PyTorch state dict (.pth) into a one-checkpoint run")
+    p.add_argument("file", help="the .pth/.pt file (loaded with weights_only=True)")
+    p.add_argument("--model", required=True, help="registered model name, e.g. wrn_40_2")
+    p.add_argument("--config", default=None, help="optional YAML config for the data it was trained on")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.set_defaults(func=cmd_import)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
+    from .errors import UserError
+
+    try:
+        args.func(args)
+    except UserError as e:
+        message = " ".join(str(e).split())
+        print(f"ckptkd: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ckptkd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""YAML configs: defaults, dotted-path overrides and validation up front.
+
+Every problem is reported as one line naming the field (`config: schedule.epochs must be an integer >= 1, got -5`),
+before any work starts. The resolved config (every default filled in) is what a run saves and what identifies it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .errors import UserError
+
+DEFAULTS: dict[str, Any] = {
+    "name": "run",
+    "seed": 0,
+    "device": "auto",
+    "data": {
+        "name": "digits",
+        "root": None,
+        "val_fraction": 0.1,
+        "split_seed": 0,
+        "subset": None,
+        "batch_size": 128,
+        "eval_batch_size": 512,
+        "augment": True,
+        "pad": None,
+        "hflip": None,
+        "mean": None,
+        "std": None,
+    },
+    "model": {"name": "resnet8", "num_classes": None, "in_channels": None},
+    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5.0e-4,
+              "betas": [0.9, 0.999]},
+    "schedule": {"name": "multistep", "epochs": 60, "milestones": [0.5, 0.75], "step_size": 30, "gamma": 0.1,
+                 "cycles": 5, "min_lr": 0.0, "warmup_epochs": 0},
+    "checkpoints": {"fractions": [0.3, 0.5, 0.7, 1.0], "every": None, "epochs": []},
+    "kd": {"teachers": [], "temperature": 4.0, "alpha": 0.1, "ensemble": "probs"},
+    "log": {"progress": "auto", "tensorboard": "auto"},
+}
+
+# Keys under `model` beyond these are passed to the model's constructor and checked against its signature.
+MODEL_FIXED_KEYS = {"name", "num_classes", "in_channels"}
+
+
+Check = Callable[[Any], str | None]  # returns a description of what was expected, or None when the value is fine
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float))) and not isinstance(v, bool)
+
+
+def integer(lo: int | None = None, hi: int | None = None, nullable: bool = False) -> Check:
+    def check(v):
+        if v is None and nullable:
+            return None
+        if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            bounds = f" >= {lo}" if lo is not None else ""
+            bounds += f" and <= {hi}" if hi is not None else ""
+            return f"an integer{bounds}" + (" or null" if nullable else "")
+        return None
+    return check
+
+
+def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, nullable: bool = False) -> Check:
+    def check(v):
+        if v is None and nullable:
+            return None
+        ok = _is_num(v) and v == v and abs(v) != float("inf")
+        if ok and lo is not None:
+            ok = v > lo if lo_open else v >= lo
+        if ok and hi is not None:
+            ok = v <= hi
+        if not ok:
+            parts = []
+            if lo is not None:
+                parts.append(f"{'>' if lo_open else '>='} {lo}")
+            if hi is not None:
+                parts.append(f"<= {hi}")
+            return "a number" + (" " + " and ".join(parts) if parts else "") + (" or null" if nullable else "")
+        return None
+    return check
+
+
+def boolean(nullable: bool = False) -> Check:
+    return lambda v: None if isinstance(v, bool) or (v is None and nullable) else "true or false" + (" or null" if nullable else "")
+
+
+def one_of(*choices: Any) -> Check:
+    return lambda v: None if v in choices else "one of " + ", ".join(map(str, choices))
+
+
+def text(nullable: bool = False, pattern: str | None = None) -> Check:
+    def check(v):
+        if v is None and nullable:
+            return None
+        if not isinstance(v, str) or not v or (pattern and not re.fullmatch(pattern, v)):
+            return "a non-empty string" + (f" matching {pattern}" if pattern else "") + (" or null" if nullable else "")
+        return None
+    return check
+
+
+def list_of(item: Check, nullable: bool = False, min_len: int = 0) -> Check:
+    def check(v):
+        if v is None and nullable:
+            return None
+        if not isinstance(v, list) or len(v) < min_len or any(item(x) is not None for x in v):
+            example = item(object())  # what one item must be
+            return f"a list whose items are each {example}" + (f" (at least {min_len})" if min_len else "")
+        return None
+    return check
+
+
+def device_name(v: Any) -> str | None:
+    if isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+        return None
+    return "auto, cpu, cuda, cuda:N or mps"
+
+
+def milestone(v: Any) -> str | None:
+    # An integer is an epoch; a float below 1 a fraction of training, so `--set schedule.epochs=5` keeps its shape.
+    if _is_int(v) and v >= 1 or isinstance(v, float) and 0.0 < v < 1.0:
+        return None
+    return "an epoch (integer >= 1) or a fraction of training (0 < x < 1)"
+
+
+FIELDS: dict[str, Check] = {
+    "name": text(pattern=r"[A-Za-z0-9_.\-]+"),
+    "seed": integer(0),
+    "device": device_name,
+    "data.name": text(),
+    "data.root": text(nullable=True),
+    "data.val_fraction": number(0.0, 0.9),
+    "data.split_seed": integer(0),
+    "data.subset": integer(1, nullable=True),
+    "data.batch_size": integer(1),
+    "data.eval_batch_size": integer(1),
+    "data.augment": boolean(),
+    "data.pad": integer(0, 16, nullable=True),
+    "data.hflip": boolean(nullable=True),
+    "data.mean": list_of(number(), nullable=True, min_len=1),
+    "data.std": list_of(number(0.0, lo_open=True), nullable=True, min_len=1),
+    "model.name": text(),
+    "model.num_classes": integer(2, nullable=True),
+    "model.in_channels": integer(1, nullable=True),
+    "optim.name": one_of("sgd", "adamw"),
+    "optim.lr": number(0.0, lo_open=True),
+    "optim.momentum": number(0.0, 0.999),
+    "optim.nesterov": boolean(),
+    "optim.weight_decay": number(0.0),
+    "optim.betas": list_of(number(0.0, 0.9999), min_len=2),
+    "schedule.name": one_of("constant", "step", "multistep", "cosine", "snapshot"),
+    "schedule.epochs": integer(1, 100000),
+    "schedule.milestones": list_of(milestone),
+    "schedule.step_size": integer(1),
+    "schedule.gamma": number(0.0, 1.0, lo_open=True),
+    "schedule.cycles": integer(1),
+    "schedule.min_lr": number(0.0),
+    "schedule.warmup_epochs": integer(0),
+    "checkpoints.fractions": list_of(number(0.0, 1.0, lo_open=True)),
+    "checkpoints.every": integer(1, nullable=True),
+    "checkpoints.epochs": list_of(integer(1)),
+    "kd.teachers": list_of(text()),
+    "kd.temperature": number(0.0, lo_open=True),
+    "kd.alpha": number(0.0, 1.0),
+    "kd.ensemble": one_of("probs", "logits", "per_teacher"),
+    "log.progress": one_of("auto", True, False),
+    "log.tensorboard": one_of("auto", True, False),
+}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def get(cfg: dict, path: str) -> Any:
+    node = cfg
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _merge(base: dict, update: dict, prefix: str = "") -> None:
+    for key, value in update.items():
+        path = f"{prefix}{key}"
+        if not isinstance(key, str):
+            raise UserError(f"config: key {key!r} under '{prefix.rstrip('.') or 'top level'}' must be a string")
+        if key not in base:
+            if prefix == "model.":
+                base[key] = value  # a constructor argument of the model, checked once the model is known
+                continue
+            known = ", ".join(sorted(base))
+            raise UserError(f"config: unknown key '{path}' (known here: {known})")
+        if isinstance(base.get(key), dict):
+            if not isinstance(value, dict):
+                raise UserError(f"config: '{path}' must be a mapping, got {value!r}")
+            _merge(base[key], value, path + ".")
+        else:
+            base[key] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`schedule.epochs=5` -> ("schedule.epochs", 5); the value is read as a YAML scalar or flow list."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected key=value, e.g. --set schedule.epochs=5")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise UserError(f"--set {item!r}: {key!r} is not a dotted config key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {key}: cannot parse value {raw!r} ({str(e).splitlines()[0]})") from None
+    return key, value
+
+
+def _nest(path: str, value: Any) -> dict:
+    node: dict = {}
+    root = node
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return root
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text_ = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text_)
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"config {path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config {path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def resolve(source: str | Path | dict | None = None, overrides: dict[str, Any] | list[str] | None = None,
+            defaults: dict | None = None) -> dict:
+    """Defaults ← file (or dict) ← overrides, validated. Returns a new, fully filled config dict."""
+    cfg = copy.deepcopy(defaults if defaults is not None else DEFAULTS)
+    if isinstance(source, (str, Path)):
+        _merge(cfg, read_yaml(source))
+    elif isinstance(source, dict):
+        _merge(cfg, copy.deepcopy(source))
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    for key, value in items:
+        _merge(cfg, _nest(key, value))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    flat = flatten({k: v for k, v in cfg.items() if k != "model"})
+    flat.update({f"model.{k}": v for k, v in cfg["model"].items() if k in MODEL_FIXED_KEYS})
+    for path, check in FIELDS.items():
+        if path not in flat:
+            continue
+        expected = check(flat[path])
+        if expected is not None:
+            raise UserError(f"config: {path} must be {expected}, got {flat[path]!r}")
+    sched = cfg["schedule"]
+    epochs = sched["epochs"]
+    if sched["name"] == "multistep" and any(_is_int(m) and m > epochs for m in sched["milestones"]):
+        raise UserError(f"config: schedule.milestones {sched['milestones']} go past schedule.epochs={epochs}")
+    if sched["name"] == "snapshot" and sched["cycles"] > epochs:
+        raise UserError(f"config: schedule.cycles={sched['cycles']} is more than schedule.epochs={epochs}")
+    if sched["warmup_epochs"] >= epochs:
+        raise UserError(f"config: schedule.warmup_epochs={sched['warmup_epochs']} must be below schedule.epochs={epochs}")
+    late = [e for e in cfg["checkpoints"]["epochs"] if e > epochs]
+    if late:
+        raise UserError(f"config: checkpoints.epochs {late} go past schedule.epochs={epochs}")
+    data = cfg["data"]
+    if data["mean"] is not None and data["std"] is not None and len(data["mean"]) != len(data["std"]):
+        raise UserError("config: data.mean and data.std must have the same length")
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

@@ -1,0 +1,190 @@
+"""Tensor-resident data: each split is one uint8 tensor on the training device, batched by index permutation.
+
+Every later choice (best-val, T*, the study's comparisons) uses the validation split carved here from the training
+set; the test set is only ever reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ..errors import UserError
+from .augment import apply_views, identity_views, normalize, sample_views
+from .sources import SOURCES, RawData, load_raw
+
+__all__ = ["Data", "Batch", "build", "SOURCES", "RawData", "load_raw", "epoch_generator"]
+
+_RAW_CACHE: dict[tuple[str, str | None], RawData] = {}
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor        # normalised float images [B, C, H, W]
+    y: torch.Tensor        # labels [B]
+    index: torch.Tensor    # positions in the training split (CPU int64), so per-image caches can be looked up
+    views: torch.Tensor    # the augmentation views applied (CPU int16 [B, 3])
+
+
+@dataclass
+class Data:
+    name: str
+    class_names: list[str]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    pad: int
+    hflip: bool
+    augment: bool
+    fingerprint: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])
+
+    def to(self, device: torch.device) -> "Data":
+        for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def epoch_views(self, epoch_gen: torch.Generator, n: int) -> torch.Tensor:
+        if self.augment:
+            return sample_views(n, pad=self.pad, hflip=self.hflip, generator=epoch_gen)
+        return identity_views(n, pad=self.pad)
+
+    def train_batches(self, *, seed: int, epoch: int, batch_size: int, rank: int = 0,
+                      world_size: int = 1) -> Iterator[Batch]:
+        """One epoch of augmented, normalised training batches.
+
+        The permutation and the views depend only on (seed, epoch), so resuming at an epoch boundary replays exactly,
+        and every rank of a distributed run draws the same global order and takes its own slice of each global batch.
+        """
+        n = self.train_x.shape[0]
+        gen = epoch_generator(seed, epoch)
+        order = torch.randperm(n, generator=gen)
+        views = self.epoch_views(gen, n)
+        per_rank = batch_size // world_size
+        num_batches = max(1, n // batch_size)  # drop the ragged tail (a different one each epoch)
+        for b in range(num_batches):
+            idx = order[b * batch_size:(b + 1) * batch_size][rank * per_rank:(rank + 1) * per_rank]
+            view = views[idx]
+            device_idx = idx.to(self.train_x.device)
+            x = apply_views(self.train_x[device_idx], view, pad=self.pad)
+            yield Batch(normalize(x, self.mean, self.std), self.train_y[device_idx], idx, view)
+
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        x_all, y_all = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+        for start in range(0, x_all.shape[0], batch_size):
+            x = x_all[start:start + batch_size].float()
+            yield normalize(x, self.mean, self.std), y_all[start:start + batch_size]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "fingerprint": self.fingerprint, "num_classes": self.num_classes,
+                "image_shape": list(self.image_shape), "train": int(self.train_x.shape[0]),
+                "val": int(self.val_x.shape[0]), "test": int(self.test_x.shape[0]),
+                "mean": [round(float(v), 6) for v in self.mean], "std": [round(float(v), 6) for v in self.std],
+                "class_names": self.class_names}
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7_919 + 17)
+
+
+def _stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (keep, carve): `fraction` of every class carved out, chosen by a fixed seed."""
+    gen = torch.Generator().manual_seed(seed)
+    keep, carve = [], []
+    for cls in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == cls).flatten()
+        members = members[torch.randperm(len(members), generator=gen)]
+        k = int(round(fraction * len(members)))
+        carve.append(members[:k])
+        keep.append(members[k:])
+    return torch.cat(keep).sort().values, torch.cat(carve).sort().values
+
+
+def _balanced_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """`size` indices spread evenly over the classes (as evenly as the class counts allow)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    classes = torch.unique(labels).tolist()
+    pools = {c: torch.nonzero(labels == c).flatten() for c in classes}
+    pools = {c: p[torch.randperm(len(p), generator=gen)] for c, p in pools.items()}
+    chosen: list[torch.Tensor] = []
+    remaining = size
+    for i, c in enumerate(sorted(classes, key=lambda c: len(pools[c]))):
+        share = min(len(pools[c]), remaining // (len(classes) - i))
+        chosen.append(pools[c][:share])
+        remaining -= share
+    return torch.cat(chosen).sort().values
+
+
+def _fingerprint(raw: RawData, settings: dict) -> str:
+    digest = hashlib.sha256()
+    digest.update(repr(sorted(settings.items())).encode())
+    for t in (raw.train_x, raw.train_y, raw.test_x, raw.test_y):
+        digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def default_pad(height: int) -> int:
+    # The usual "random crop with padding": 4 px at CIFAR's 32, 2 px at 28, 1 px at 8.
+    return max(1, round(height / 8)) if height < 32 else 4
+
+
+def build(data_cfg: dict, device: torch.device | str = "cpu") -> Data:
+    """The resolved `data:` section -> splits on `device`, with normalisation statistics from the training split."""
+    key = (data_cfg["name"], data_cfg["root"])
+    if data_cfg["name"] not in SOURCES:
+        raise UserError(f"config: data.name {data_cfg['name']!r} is not a known data set "
+                        f"(available: {', '.join(sorted(SOURCES))})")
+    if key not in _RAW_CACHE:
+        _RAW_CACHE[key] = load_raw(*key)
+    raw = _RAW_CACHE[key]
+
+    train_idx, val_idx = _stratified_split(raw.train_y, data_cfg["val_fraction"], data_cfg["split_seed"])
+    if data_cfg["subset"] is not None:
+        if data_cfg["subset"] > len(train_idx):
+            raise UserError(f"config: data.subset={data_cfg['subset']} is larger than the training split "
+                            f"({len(train_idx)} images)")
+        train_idx = train_idx[_balanced_subset(raw.train_y[train_idx], data_cfg["subset"], data_cfg["split_seed"])]
+    if len(val_idx) == 0:
+        raise UserError(f"config: data.val_fraction={data_cfg['val_fraction']} leaves no validation images; "
+                        "every choice needs a validation split")
+    train_x, train_y = raw.train_x[train_idx], raw.train_y[train_idx]
+    channels = train_x.shape[1]
+
+    if data_cfg["mean"] is not None:
+        mean = torch.tensor(data_cfg["mean"], dtype=torch.float32)
+        std = torch.tensor(data_cfg["std"] if data_cfg["std"] is not None else [1.0] * channels, dtype=torch.float32)
+        if len(mean) != channels or len(std) != channels:
+            raise UserError(f"config: data.mean/data.std need {channels} values for {raw.name} ({channels} channels)")
+    else:
+        pixels = train_x.transpose(0, 1).reshape(channels, -1).double() / 255.0
+        mean = pixels.mean(dim=1).float()
+        std = pixels.std(dim=1).clamp_min(1e-3).float()
+
+    settings = {k: data_cfg[k] for k in ("name", "val_fraction", "split_seed", "subset")}
+    pad = data_cfg["pad"] if data_cfg["pad"] is not None else default_pad(train_x.shape[2])
+    hflip = data_cfg["hflip"] if data_cfg["hflip"] is not None else raw.hflip
+    data = Data(
+        name=raw.name, class_names=list(raw.class_names),
+        train_x=train_x.contiguous(), train_y=train_y.contiguous(),
+        val_x=raw.train_x[val_idx].contiguous(), val_y=raw.train_y[val_idx].contiguous(),
+        test_x=raw.test_x, test_y=raw.test_y,
+        mean=mean, std=std, pad=pad, hflip=hflip, augment=data_cfg["augment"],
+        fingerprint=_fingerprint(raw, settings),
+    )
+    return data.to(torch.device(device))

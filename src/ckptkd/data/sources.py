@@ -1,0 +1,446 @@
+"""Raw data-set readers: each turns files on disk into uint8 NCHW tensors with int64 labels.
+
+Nothing is ever downloaded; every missing or unreadable file becomes a one-line UserError that
+names the path and says how to get the data.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import math
+import pickle
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ckptkd.errors import UserError
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2 only has the old module path
+    from numpy.core.multiarray import _reconstruct
+
+
+@dataclass
+class RawData:
+    name: str
+    train_x: torch.Tensor  # uint8 [N, C, H, W]
+    train_y: torch.Tensor  # int64 [N]
+    test_x: torch.Tensor  # uint8 [M, C, H, W]
+    test_y: torch.Tensor  # int64 [M]
+    class_names: list[str]
+    hflip: bool  # whether a horizontal flip keeps the label
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train_x.shape[1:]
+        return (c, h, w)
+
+
+def _raw(name, train_x, train_y, test_x, test_y, class_names, hflip, where) -> RawData:
+    """Check labels and image shapes, then wrap numpy arrays as RawData; `where` names the source in errors."""
+    k = len(class_names)
+    for split, y in (("train", train_y), ("test", test_y)):
+        bad = y[(y < 0) | (y >= k)]
+        if bad.size:
+            raise UserError(f"{where}: {split} label {bad[0]} is outside 0..{k - 1} ({k} classes)")
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise UserError(
+            f"{where}: train images are {tuple(train_x.shape[1:])} (C, H, W) "
+            f"but test images are {tuple(test_x.shape[1:])}"
+        )
+
+    # np.require copies read-only arrays (np.frombuffer results): torch cannot share those.
+    def images(x):
+        return torch.from_numpy(np.require(x, np.uint8, ["C", "W"]))
+
+    def labels(y):
+        return torch.from_numpy(np.require(y, np.int64, ["C", "W"]))
+
+    return RawData(name, images(train_x), labels(train_y), images(test_x), labels(test_y), list(class_names), hflip)
+
+
+# --- digits -------------------------------------------------------------------------------------
+
+
+def load_digits_source(root: str | None) -> RawData:
+    """scikit-learn's bundled 8x8 digits with a fixed stratified 80/20 split; `root` is ignored."""
+    # Imported here: sklearn takes a second to import and only this source needs it.
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = np.rint(bunch.images * 255 / 16).astype(np.uint8)[:, None]
+    y = bunch.target.astype(np.int64)
+
+    # sklearn ships no test split; this one must never change, so it depends only on RandomState(0).
+    rng = np.random.RandomState(0)
+    is_test = np.zeros(len(y), dtype=bool)
+    for c in range(10):
+        members = np.flatnonzero(y == c)
+        n_test = int(round(0.2 * len(members)))
+        is_test[members[rng.permutation(len(members))[:n_test]]] = True
+
+    names = [str(c) for c in range(10)]
+    return _raw("digits", x[~is_test], y[~is_test], x[is_test], y[is_test], names, False, "digits")
+
+
+# --- fashion-mnist (idx files) ------------------------------------------------------------------
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+_IDX_STEMS = (
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+)
+_FASHION_HINT = "install the Debian package dataset-fashion-mnist or set data.root to a folder holding the idx files"
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an idx file of unsigned bytes (magic 0x0000080<ndim>, then <ndim> big-endian uint32 sizes)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            buf = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut-off .gz is an EOFError
+        raise UserError(f"{path}: cannot read idx file ({e})") from e
+    header = 4 + 4 * ndim
+    if len(buf) < header:
+        raise UserError(f"{path}: truncated idx file ({len(buf)} bytes, shorter than its header)")
+    magic = struct.unpack(">I", buf[:4])[0]
+    if magic != 0x800 + ndim:
+        raise UserError(f"{path}: not an idx{ndim} ubyte file (magic {magic:#010x}, expected {0x800 + ndim:#010x})")
+    dims = struct.unpack(f">{ndim}I", buf[4:header])
+    expected = header + math.prod(dims)
+    if len(buf) != expected:
+        raise UserError(f"{path}: truncated or corrupt idx file ({len(buf)} bytes, its header says {expected})")
+    return np.frombuffer(buf, np.uint8, offset=header).reshape(dims)
+
+
+def load_fashion_mnist(root: str | None) -> RawData:
+    """Fashion-MNIST (or anything in MNIST's idx layout) from a folder of idx files, optionally gzipped."""
+    folder = Path(root if root is not None else FASHION_MNIST_DIR).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"fashion-mnist: folder {folder} does not exist ({_FASHION_HINT})")
+
+    paths = {}
+    for stem in _IDX_STEMS:
+        found = [folder / name for name in (stem, stem + ".gz") if (folder / name).is_file()]
+        paths[stem] = found[0] if found else None
+    if not any(paths.values()):
+        expected = ", ".join(f"{stem}[.gz]" for stem in _IDX_STEMS)
+        raise UserError(f"fashion-mnist: no idx files in {folder} (expected {expected}; {_FASHION_HINT})")
+    for stem, path in paths.items():
+        if path is None:
+            raise UserError(f"fashion-mnist: {folder / stem}[.gz] is missing ({_FASHION_HINT})")
+
+    splits = []
+    for images_stem, labels_stem in ((_IDX_STEMS[0], _IDX_STEMS[1]), (_IDX_STEMS[2], _IDX_STEMS[3])):
+        x = _read_idx(paths[images_stem], 3)
+        y = _read_idx(paths[labels_stem], 1)
+        if len(x) != len(y):
+            raise UserError(
+                f"fashion-mnist: {paths[images_stem]} holds {len(x)} images "
+                f"but {paths[labels_stem]} holds {len(y)} labels"
+            )
+        splits.append((x[:, None], y.astype(np.int64)))
+    (train_x, train_y), (test_x, test_y) = splits
+    return _raw("fashion-mnist", train_x, train_y, test_x, test_y, FASHION_MNIST_CLASSES, True, str(folder))
+
+
+# --- CIFAR-10 / CIFAR-100 (python pickle batches) -----------------------------------------------
+
+# Unpickling can run arbitrary code, and these files come from wherever the user got them.
+# A real CIFAR batch needs only the globals that rebuild one numpy array.
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # as written by numpy < 2, i.e. the real files
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # as written by numpy >= 2
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: Path):
+        # The batches were pickled by Python 2: its str must stay bytes, not be decoded as text.
+        super().__init__(file, encoding="bytes")
+        self._path = path
+
+    def find_class(self, module, name):
+        try:
+            return _PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise UserError(
+                f"{self._path}: refusing to unpickle global {module}.{name} "
+                "(a CIFAR batch holds only dicts, lists, bytes and numpy arrays)"
+            ) from None
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayOnlyUnpickler(f, path).load()
+    except UserError:
+        raise
+    except Exception as e:  # a corrupt pickle can fail with almost any exception type
+        raise UserError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from e
+    if not isinstance(batch, dict):
+        raise UserError(f"{path}: not a CIFAR pickle (holds a {type(batch).__name__}, expected a dict)")
+    return batch
+
+
+def _field(batch: dict, key: bytes, path: Path):
+    if key not in batch:
+        raise UserError(f"{path}: missing key {key!r} (found {sorted(batch, key=repr)})")
+    return batch[key]
+
+
+@dataclass(frozen=True)
+class _CifarLayout:
+    name: str
+    folder: str  # what the official tarball extracts to
+    tarball: str
+    meta: str
+    names_key: bytes
+    labels_key: bytes
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+
+    @property
+    def how_to_get(self) -> str:
+        return f"download {self.tarball} from https://www.cs.toronto.edu/~kriz/cifar.html and extract it"
+
+
+_CIFAR10 = _CifarLayout(
+    "cifar10", "cifar-10-batches-py", "cifar-10-python.tar.gz", "batches.meta", b"label_names", b"labels",
+    tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
+)
+_CIFAR100 = _CifarLayout(
+    "cifar100", "cifar-100-python", "cifar-100-python.tar.gz", "meta", b"fine_label_names", b"fine_labels",
+    ("train",), ("test",),
+)
+
+
+def _cifar_folder(layout: _CifarLayout, root: str | None) -> Path:
+    """Accept the extracted folder itself or the folder that holds it."""
+    if root is None:
+        raise UserError(f"{layout.name}: set data.root to the folder holding {layout.folder} ({layout.how_to_get})")
+    base = Path(root).expanduser()
+    for folder in (base, base / layout.folder):
+        if (folder / layout.meta).is_file():
+            return folder
+    files = ", ".join((layout.meta,) + layout.train + layout.test)
+    raise UserError(
+        f"{layout.name}: no {layout.folder} in {base} (expected {files} there or in "
+        f"{base / layout.folder}; {layout.how_to_get})"
+    )
+
+
+def _cifar_batches(folder: Path, files: tuple[str, ...], layout: _CifarLayout) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for file in files:
+        path = folder / file
+        if not path.is_file():
+            raise UserError(f"{layout.name}: {path} is missing ({layout.how_to_get})")
+        batch = _unpickle(path)
+        data = _field(batch, b"data", path)
+        labels = _field(batch, layout.labels_key, path)
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+            raise UserError(f"{path}: b'data' is not a uint8 array of shape [N, 3072]")
+        if not (isinstance(labels, list) and all(type(v) is int for v in labels)):
+            raise UserError(f"{path}: {layout.labels_key!r} is not a list of ints")
+        if len(labels) != len(data):
+            raise UserError(f"{path}: {len(data)} images but {len(labels)} labels")
+        # Each 3072-vector is the red, green, then blue 32x32 plane, each row-major.
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(np.array(labels, dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _load_cifar(layout: _CifarLayout, root: str | None) -> RawData:
+    folder = _cifar_folder(layout, root)
+    meta_path = folder / layout.meta
+    names = _field(_unpickle(meta_path), layout.names_key, meta_path)
+    if not (isinstance(names, list) and all(isinstance(n, bytes) for n in names)):
+        raise UserError(f"{meta_path}: {layout.names_key!r} is not a list of names")
+    class_names = [n.decode("utf-8", errors="replace") for n in names]
+    train_x, train_y = _cifar_batches(folder, layout.train, layout)
+    test_x, test_y = _cifar_batches(folder, layout.test, layout)
+    return _raw(layout.name, train_x, train_y, test_x, test_y, class_names, True, str(folder))
+
+
+# --- npz (Keras-style arrays) -------------------------------------------------------------------
+
+_NPZ_HINT = "set data.root to a .npz file holding x_train, y_train, x_test, y_test"
+
+
+def _npz_images(x: np.ndarray, key: str, path: Path) -> np.ndarray:
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4:
+        x = x.transpose(0, 3, 1, 2)  # channels last, as Keras stores them
+    else:
+        raise UserError(f"{path}: {key!r} has shape {x.shape}; expected N×H×W or N×H×W×C")
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype.kind == "f" and np.all((x >= 0) & (x <= 1)):
+        return np.rint(x * 255).astype(np.uint8)
+    raise UserError(f"{path}: {key!r} has dtype {x.dtype}; expected uint8, or floats in [0, 1]")
+
+
+def _npz_labels(y: np.ndarray, key: str, path: Path, n: int) -> np.ndarray:
+    if y.dtype.kind not in "iu":
+        raise UserError(f"{path}: {key!r} has dtype {y.dtype}; expected integer class labels")
+    if y.shape not in ((n,), (n, 1)):  # Keras' CIFAR arrays keep labels as [N, 1]
+        raise UserError(f"{path}: {key!r} has shape {y.shape}; expected [{n}] to match the images")
+    return y.reshape(n).astype(np.int64)
+
+
+def load_npz(root: str | None) -> RawData:
+    """A Keras-style .npz archive; `root` is the file itself."""
+    if root is None:
+        raise UserError(f"npz: data.root is not set ({_NPZ_HINT})")
+    path = Path(root).expanduser()
+    if not path.is_file():
+        raise UserError(f"npz: file {path} does not exist ({_NPZ_HINT})")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise UserError(f"{path}: holds a single array, not an .npz archive ({_NPZ_HINT})")
+        with loaded:
+            arrays = {key: loaded[key] for key in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise UserError(f"{path}: not a readable .npz file ({e})") from e
+
+    for key in ("x_train", "y_train", "x_test", "y_test"):
+        if key not in arrays:
+            raise UserError(f"{path}: missing array {key!r} (found {sorted(arrays)})")
+    train_x = _npz_images(arrays["x_train"], "x_train", path)
+    test_x = _npz_images(arrays["x_test"], "x_test", path)
+    train_y = _npz_labels(arrays["y_train"], "y_train", path, len(train_x))
+    test_y = _npz_labels(arrays["y_test"], "y_test", path, len(test_x))
+
+    if "class_names" in arrays:
+        names = arrays["class_names"]
+        if names.ndim != 1 or names.dtype.kind not in "US":
+            raise UserError(f"{path}: 'class_names' must be a 1-D array of strings")
+        class_names = [n.decode("utf-8", errors="replace") if isinstance(n, bytes) else str(n) for n in names.tolist()]
+    else:
+        k = int(max(train_y.max(initial=-1), test_y.max(initial=-1))) + 1
+        class_names = [str(c) for c in range(k)]
+    return _raw("npz", train_x, train_y, test_x, test_y, class_names, False, str(path))
+
+
+# --- folder (image tree) ------------------------------------------------------------------------
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """[H, W] for a grayscale image, [H, W, 3] for anything else (converted to RGB)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise UserError(f"{path}: cannot read image ({e})") from e
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    return sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def _class_dirs(split_dir: Path) -> list[str]:
+    # Hidden folders (.ipynb_checkpoints, .git) are tool litter, not classes.
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_folder(root: str | None) -> RawData:
+    """An image tree root/{train,test}/CLASS/*.png|jpg|jpeg|bmp; classes are the sorted train subfolders."""
+    layout = "root/train/CLASS/*.png and root/test/CLASS/*.png"
+    if root is None:
+        raise UserError(f"folder: data.root is not set (set it to a folder laid out as {layout})")
+    base = Path(root).expanduser()
+    for split in ("train", "test"):
+        if not (base / split).is_dir():
+            raise UserError(f"folder: {base / split} is not a folder (expected {layout.replace('root', str(base))})")
+
+    class_names = _class_dirs(base / "train")
+    if not class_names:
+        raise UserError(f"folder: no class folders in {base / 'train'}")
+    for name in _class_dirs(base / "test"):
+        if name not in class_names:
+            raise UserError(f"folder: test class folder {base / 'test' / name} has no match in {base / 'train'}")
+
+    files: dict[str, list[tuple[Path, int]]] = {"train": [], "test": []}
+    for split in files:
+        for label, name in enumerate(class_names):
+            class_dir = base / split / name
+            found = _image_files(class_dir) if class_dir.is_dir() else []
+            if split == "train" and not found:
+                raise UserError(f"folder: no .png/.jpg/.jpeg/.bmp images in {class_dir}")
+            files[split] += [(path, label) for path in found]
+    if not files["test"]:
+        raise UserError(f"folder: no .png/.jpg/.jpeg/.bmp images under {base / 'test'}")
+
+    arrays: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    first = None
+    for split, entries in files.items():
+        for path, _ in entries:
+            image = _read_image(path)
+            if first is None:
+                first = (path, image.shape[:2])
+            elif image.shape[:2] != first[1]:
+                (h, w), (fh, fw) = image.shape[:2], first[1]
+                raise UserError(f"folder: {path} is {w}x{h} but {first[0]} is {fw}x{fh}; all images must share one size")
+            arrays[split].append(image)
+
+    # Grayscale converts to RGB without loss, so a tree mixing both is read as RGB throughout.
+    rgb = any(a.ndim == 3 for split in arrays.values() for a in split)
+
+    def stack(images: list[np.ndarray]) -> np.ndarray:
+        if not rgb:
+            return np.stack(images)[:, None]
+        images = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in images]
+        return np.stack(images).transpose(0, 3, 1, 2)
+
+    def labels(entries: list[tuple[Path, int]]) -> np.ndarray:
+        return np.array([label for _, label in entries], dtype=np.int64)
+
+    return _raw(
+        "folder", stack(arrays["train"]), labels(files["train"]), stack(arrays["test"]), labels(files["test"]),
+        class_names, False, str(base),
+    )
+
+
+# --- dispatch -----------------------------------------------------------------------------------
+
+SOURCES: dict[str, Callable[[str | None], RawData]] = {
+    "digits": load_digits_source,
+    "fashion-mnist": load_fashion_mnist,
+    "cifar10": functools.partial(_load_cifar, _CIFAR10),
+    "cifar100": functools.partial(_load_cifar, _CIFAR100),
+    "npz": load_npz,
+    "folder": load_folder,
+}
+
+
+def load_raw(name: str, root: str | None) -> RawData:
+    try:
+        loader = SOURCES[name]
+    except KeyError:
+        raise UserError(f"unknown data source {name!r} (choose one of: {', '.join(SOURCES)})") from None
+    return loader(root)

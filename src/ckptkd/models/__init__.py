@@ -1,0 +1,86 @@
+"""Model registry: built-in architectures and the user's own, all built through `create`.
+
+Every built-in model returns logits from `model(x)`, exposes the representation just before the
+final linear layer as `model.forward_features(x)` (shape [B, model.feature_dim]), and names that
+final layer `model.classifier`, so `model(x) == model.classifier(model.forward_features(x))`.
+"""
+
+import inspect
+from collections.abc import Callable
+
+from torch import nn
+
+from ckptkd.errors import UserError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+# Passed by `create` itself, so they are not "extra" keyword arguments of a model.
+_STANDARD_ARGS = {"num_classes", "in_channels", "image_size"}
+
+
+def register(name: str):
+    """Decorator adding a model class or factory function under `name`."""
+
+    def decorator(factory):
+        if name in _REGISTRY:
+            raise ValueError(f"model '{name}' is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def available() -> list[str]:
+    """Registered model names, sorted. `wrn_D_W` accepts any valid depth and width beyond those listed."""
+    return sorted(_REGISTRY)
+
+
+def accepted_kwargs(name: str) -> set[str] | None:
+    """The extra keyword arguments model `name` takes, or None if its constructor takes **kwargs."""
+    params = inspect.signature(_lookup(name)).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in _STANDARD_ARGS
+    }
+
+
+def create(name: str, *, num_classes: int, in_channels: int = 3, image_size=None, **kw) -> nn.Module:
+    """Build model `name`. `image_size` is an int or (H, W); it reaches only constructors that name it."""
+    factory = _lookup(name)
+    accepted = accepted_kwargs(name)
+    if accepted is not None:
+        for key in kw:
+            if key not in accepted:
+                takes = ", ".join(sorted(accepted)) or "no extra arguments"
+                raise UserError(f"model '{name}' does not take '{key}' (it takes: {takes})")
+    if image_size is not None and "image_size" in inspect.signature(factory).parameters:
+        kw["image_size"] = _as_hw(image_size)
+    model = factory(num_classes=num_classes, in_channels=in_channels, **kw)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model '{name}' did not build a torch.nn.Module (got {type(model).__name__})")
+    return model
+
+
+def _lookup(name: str):
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    factory = wrn.factory_from_name(name)
+    if factory is None:
+        raise UserError(f"unknown model '{name}' (available: {', '.join(available())}, wrn_D_W)")
+    return factory
+
+
+def _as_hw(image_size) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    if isinstance(image_size, (tuple, list)) and len(image_size) == 2:
+        if all(isinstance(s, int) for s in image_size):
+            return tuple(image_size)
+    raise UserError(f"image_size must be an int or (H, W), got {image_size!r}")
+
+
+# The architecture modules register themselves with the decorator above, so they are imported last.
+from ckptkd.models import mobilenetv2, resnet, small, wrn  # noqa: E402, F401

@@ -1,0 +1,49 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**sections) -> dict:
+    """A digits run small enough for unit tests (a few seconds), with every section overridable."""
+    cfg = {
+        "name": "tiny",
+        "seed": 0,
+        "device": "cpu",
+        "data": {"name": "digits", "batch_size": 64},
+        "model": {"name": "resnet8"},
+        "optim": {"lr": 0.05},
+        "schedule": {"name": "multistep", "epochs": 4, "milestones": [0.5, 0.75]},
+        "checkpoints": {"fractions": [0.5, 1.0]},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.run([sys.executable, "-m", "ckptkd", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory):
+    """One trained digits teacher shared by the tests that only read it."""
+    from ckptkd import train
+
+    out = tmp_path_factory.mktemp("teacher") / "t"
+    return train(tiny_config(schedule={"epochs": 6}, checkpoints={"fractions": [0.3, 0.5, 0.7, 1.0], "every": 2}),
+                 out=out, quiet=True)

@@ -1,0 +1,346 @@
+"""Raw data-set readers: real small data plus fixture files written in each source's real format."""
+
+import gzip
+import io
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ckptkd.data.sources import FASHION_MNIST_DIR, SOURCES, RawData, load_raw
+from ckptkd.errors import UserError
+
+
+def _check_layout(raw: RawData, n_train: int, n_test: int, shape: tuple[int, int, int]):
+    assert raw.train_x.dtype == torch.uint8 and raw.test_x.dtype == torch.uint8
+    assert raw.train_y.dtype == torch.int64 and raw.test_y.dtype == torch.int64
+    assert raw.train_x.shape == (n_train, *shape) and raw.test_x.shape == (n_test, *shape)
+    assert raw.train_y.shape == (n_train,) and raw.test_y.shape == (n_test,)
+    assert raw.train_x.is_contiguous() and raw.test_x.is_contiguous()
+    assert raw.image_shape == shape
+    assert len(raw.class_names) == raw.num_classes
+
+
+def test_unknown_source_lists_the_known_ones():
+    with pytest.raises(UserError, match="mnist-typo") as err:
+        load_raw("mnist-typo", None)
+    assert all(name in str(err.value) for name in SOURCES)
+
+
+# --- digits -------------------------------------------------------------------------------------
+
+
+def test_digits_split_is_stratified_and_fixed():
+    raw = load_raw("digits", None)
+    _check_layout(raw, 1438, 359, (1, 8, 8))
+    assert raw.name == "digits" and raw.class_names == [str(c) for c in range(10)] and not raw.hflip
+    assert raw.train_x.max() == 255 and raw.train_x.min() == 0
+    test_counts = torch.bincount(raw.test_y, minlength=10)
+    all_counts = test_counts + torch.bincount(raw.train_y, minlength=10)
+    assert torch.all((test_counts - 0.2 * all_counts).abs() <= 0.5)
+
+    again = load_raw("digits", "/ignored")
+    for a, b in ((raw.train_x, again.train_x), (raw.train_y, again.train_y),
+                 (raw.test_x, again.test_x), (raw.test_y, again.test_y)):
+        assert torch.equal(a, b)
+
+
+# --- fashion-mnist ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason=f"{FASHION_MNIST_DIR} absent (Debian package dataset-fashion-mnist)")
+def test_fashion_mnist_real_files():
+    raw = load_raw("fashion-mnist", None)
+    _check_layout(raw, 60000, 10000, (1, 28, 28))
+    assert raw.num_classes == 10 and raw.class_names[9] == "Ankle boot" and raw.hflip
+    assert torch.equal(torch.bincount(raw.train_y), torch.full((10,), 6000))
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    header = struct.pack(">I", 0x800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _write_idx_folder(folder: Path, gz: bool, rng) -> dict[str, np.ndarray]:
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (5, 4, 3)),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, 5),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (2, 4, 3)),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, 2),
+    }
+    folder.mkdir()
+    for stem, array in arrays.items():
+        data = _idx_bytes(array)
+        if gz:
+            (folder / f"{stem}.gz").write_bytes(gzip.compress(data))
+        else:
+            (folder / stem).write_bytes(data)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_fixture_round_trip(tmp_path, gz):
+    arrays = _write_idx_folder(tmp_path / "idx", gz, np.random.default_rng(1))
+    raw = load_raw("fashion-mnist", str(tmp_path / "idx"))
+    _check_layout(raw, 5, 2, (1, 4, 3))
+    assert np.array_equal(raw.train_x[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
+    assert np.array_equal(raw.train_y.numpy(), arrays["train-labels-idx1-ubyte"])
+    assert np.array_equal(raw.test_x[:, 0].numpy(), arrays["t10k-images-idx3-ubyte"])
+    assert np.array_equal(raw.test_y.numpy(), arrays["t10k-labels-idx1-ubyte"])
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_truncated_idx_file_is_named(tmp_path, gz):
+    folder = tmp_path / "idx"
+    _write_idx_folder(folder, gz, np.random.default_rng(2))
+    victim = folder / ("train-images-idx3-ubyte" + (".gz" if gz else ""))
+    victim.write_bytes(victim.read_bytes()[:-7])
+    with pytest.raises(UserError, match="train-images-idx3-ubyte") as err:
+        load_raw("fashion-mnist", str(folder))
+    assert "\n" not in str(err.value)
+
+
+def test_idx_label_count_mismatch(tmp_path):
+    folder = tmp_path / "idx"
+    _write_idx_folder(folder, False, np.random.default_rng(3))
+    (folder / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros(4)))
+    with pytest.raises(UserError, match="5 images .* 4 labels"):
+        load_raw("fashion-mnist", str(folder))
+
+
+def test_missing_idx_folder_and_files(tmp_path):
+    with pytest.raises(UserError, match=f"{tmp_path / 'nowhere'}.*dataset-fashion-mnist"):
+        load_raw("fashion-mnist", str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match=f"no idx files in {tmp_path}"):
+        load_raw("fashion-mnist", str(tmp_path))
+
+
+# --- CIFAR --------------------------------------------------------------------------------------
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes str and bytes as Python 2's cPickle wrote str, exactly as in the real CIFAR batches."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    def save_str(self, obj):
+        self.save_bytes(obj.encode("latin-1"))
+
+    dispatch[bytes] = save_bytes
+    dispatch[str] = save_str
+
+
+def _write_py2_pickle(path: Path, obj) -> None:
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    # The real files name numpy's pre-2.0 module path.
+    path.write_bytes(buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+
+
+def _write_cifar10(folder: Path, rng) -> dict[str, tuple[np.ndarray, list[int]]]:
+    folder.mkdir(parents=True)
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    _write_py2_pickle(folder / "batches.meta", {b"label_names": names, b"num_cases_per_batch": 3, b"num_vis": 3072})
+    batches = {}
+    for file in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, 3)]
+        batches[file] = (data, labels)
+        _write_py2_pickle(folder / file, {
+            b"batch_label": file.encode(), b"data": data, b"labels": labels,
+            b"filenames": [f"img_{i}.png".encode() for i in range(3)],
+        })
+    return batches
+
+
+def test_cifar10_round_trip(tmp_path):
+    batches = _write_cifar10(tmp_path / "cifar-10-batches-py", np.random.default_rng(4))
+    first = batches["data_batch_1"][0]
+    first[1, 1024 * 2 + 32 * 5 + 7] = 201  # image 1, blue, row 5, column 7
+    _write_py2_pickle(tmp_path / "cifar-10-batches-py" / "data_batch_1", {b"data": first, b"labels": batches["data_batch_1"][1]})
+
+    for root in (tmp_path, tmp_path / "cifar-10-batches-py"):
+        raw = load_raw("cifar10", str(root))
+        _check_layout(raw, 15, 3, (3, 32, 32))
+        assert raw.class_names[1] == "automobile" and raw.num_classes == 10 and raw.hflip
+        assert raw.train_x[1, 2, 5, 7] == 201
+        train = [batches[f"data_batch_{i}"] for i in range(1, 6)]
+        assert np.array_equal(raw.train_x.numpy().reshape(15, 3072), np.concatenate([d for d, _ in train]))
+        assert raw.train_y.tolist() == sum((labels for _, labels in train), [])
+        assert np.array_equal(raw.test_x.numpy().reshape(3, 3072), batches["test_batch"][0])
+        assert raw.test_y.tolist() == batches["test_batch"][1]
+
+
+def test_cifar100_round_trip(tmp_path):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    names = [f"class_{i}".encode() for i in range(100)]
+    _write_py2_pickle(folder / "meta", {b"fine_label_names": names, b"coarse_label_names": [b"c"] * 20})
+    written = {}
+    for file, n in (("train", 4), ("test", 2)):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 100, n)]
+        written[file] = (data, labels)
+        _write_py2_pickle(folder / file, {b"data": data, b"fine_labels": labels, b"coarse_labels": [0] * n})
+
+    raw = load_raw("cifar100", str(tmp_path))
+    _check_layout(raw, 4, 2, (3, 32, 32))
+    assert raw.num_classes == 100 and raw.class_names[42] == "class_42"
+    data, labels = written["train"]
+    assert raw.train_x[3, 0, 31, 0] == data[3, 31 * 32] and raw.train_x[2, 1, 0, 31] == data[2, 1024 + 31]
+    assert np.array_equal(raw.train_x.numpy().reshape(4, 3072), data) and raw.train_y.tolist() == labels
+    assert np.array_equal(raw.test_x.numpy().reshape(2, 3072), written["test"][0])
+
+
+def test_cifar_needs_a_root(tmp_path):
+    with pytest.raises(UserError, match="data.root.*cifar-10-batches-py.*cs.toronto.edu"):
+        load_raw("cifar10", None)
+    with pytest.raises(UserError, match=f"no cifar-100-python in {tmp_path}"):
+        load_raw("cifar100", str(tmp_path))
+
+
+class _Payload:
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("kind", ["os.system", "builtins.open"])
+def test_malicious_cifar_pickle_is_refused(tmp_path, kind):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar10(folder, np.random.default_rng(6))
+    canary = tmp_path / "pwned"
+    payload = _Payload(os.system, (f"touch {canary}",)) if kind == "os.system" else _Payload(open, (str(canary), "w"))
+    (folder / "data_batch_1").write_bytes(pickle.dumps(payload, protocol=2))
+
+    with pytest.raises(UserError, match="data_batch_1.*refusing to unpickle global") as err:
+        load_raw("cifar10", str(folder))
+    assert ("system" if kind == "os.system" else "open") in str(err.value)
+    assert not canary.exists()
+
+
+def test_corrupt_cifar_pickle_is_named(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar10(folder, np.random.default_rng(7))
+    (folder / "test_batch").write_bytes((folder / "test_batch").read_bytes()[:500])
+    with pytest.raises(UserError, match="test_batch"):
+        load_raw("cifar10", str(folder))
+
+
+# --- npz ----------------------------------------------------------------------------------------
+
+
+def test_npz_gray_and_channels_last(tmp_path):
+    rng = np.random.default_rng(8)
+    gray = rng.integers(0, 256, (4, 5, 6), dtype=np.uint8)
+    np.savez(tmp_path / "gray.npz", x_train=gray, y_train=np.array([0, 1, 2, 1]),
+             x_test=gray[:2], y_test=np.array([2, 0]))
+    raw = load_raw("npz", str(tmp_path / "gray.npz"))
+    _check_layout(raw, 4, 2, (1, 5, 6))
+    assert np.array_equal(raw.train_x[:, 0].numpy(), gray) and raw.class_names == ["0", "1", "2"] and not raw.hflip
+
+    color = rng.integers(0, 256, (3, 5, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "color.npz", x_train=color, y_train=np.array([[0], [1], [0]]),
+             x_test=color[:1].astype(np.float32) / 255, y_test=np.array([[1]]),
+             class_names=np.array(["cat", "dog"]))
+    raw = load_raw("npz", str(tmp_path / "color.npz"))
+    _check_layout(raw, 3, 1, (3, 5, 6))
+    assert raw.train_x[2, 1, 4, 5] == color[2, 4, 5, 1]
+    assert np.array_equal(raw.test_x.numpy(), color[:1].transpose(0, 3, 1, 2))
+    assert raw.train_y.tolist() == [0, 1, 0] and raw.class_names == ["cat", "dog"]
+
+
+def test_npz_errors(tmp_path):
+    x = np.zeros((2, 3, 3), dtype=np.uint8)
+    np.savez(tmp_path / "partial.npz", x_train=x, y_train=np.array([0, 1]), x_test=x)
+    with pytest.raises(UserError, match="partial.npz.*'y_test'"):
+        load_raw("npz", str(tmp_path / "partial.npz"))
+
+    np.savez(tmp_path / "ints.npz", x_train=x.astype(np.int64), y_train=np.array([0, 1]), x_test=x, y_test=np.array([0]))
+    with pytest.raises(UserError, match="'x_train' has dtype int64"):
+        load_raw("npz", str(tmp_path / "ints.npz"))
+
+    np.savez(tmp_path / "names.npz", x_train=x, y_train=np.array([0, 3]), x_test=x, y_test=np.array([0, 1]),
+             class_names=np.array(["a", "b"]))
+    with pytest.raises(UserError, match="train label 3 is outside 0..1"):
+        load_raw("npz", str(tmp_path / "names.npz"))
+
+    (tmp_path / "junk.npz").write_bytes(b"not an archive at all")
+    with pytest.raises(UserError, match="junk.npz"):
+        load_raw("npz", str(tmp_path / "junk.npz"))
+    with pytest.raises(UserError, match="missing.npz"):
+        load_raw("npz", str(tmp_path / "missing.npz"))
+
+
+# --- folder -------------------------------------------------------------------------------------
+
+
+def _write_tree(root: Path, mode: str, rng, size=(6, 4)) -> dict[str, dict[str, np.ndarray]]:
+    """Two classes, PNG only (lossless) so pixels read back exactly; size is (width, height)."""
+    shape = (size[1], size[0]) + (() if mode == "L" else (3,))
+    tree = {}
+    for split, per_class in (("train", 2), ("test", 1)):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+                Image.fromarray(pixels, mode).save(root / split / cls / f"{i}.png")
+                tree[f"{split}/{cls}/{i}.png"] = pixels
+    return tree
+
+
+def _as_pil_layout(image: torch.Tensor) -> np.ndarray:
+    """[C, H, W] back to PIL's [H, W] (grayscale) or [H, W, 3]."""
+    return image[0].numpy() if image.shape[0] == 1 else image.numpy().transpose(1, 2, 0)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_folder_round_trip(tmp_path, mode):
+    tree = _write_tree(tmp_path, mode, np.random.default_rng(9))
+    raw = load_raw("folder", str(tmp_path))
+    channels = 1 if mode == "L" else 3
+    _check_layout(raw, 4, 2, (channels, 4, 6))
+    assert raw.class_names == ["cat", "dog"] and not raw.hflip
+    assert raw.train_y.tolist() == [0, 0, 1, 1] and raw.test_y.tolist() == [0, 1]
+    assert np.array_equal(_as_pil_layout(raw.train_x[3]), tree["train/dog/1.png"])
+    assert np.array_equal(_as_pil_layout(raw.test_x[0]), tree["test/cat/0.png"])
+
+
+def test_folder_mixing_gray_and_rgb_reads_rgb(tmp_path):
+    tree = _write_tree(tmp_path, "RGB", np.random.default_rng(10))
+    gray = np.arange(24, dtype=np.uint8).reshape(4, 6)
+    Image.fromarray(gray, "L").save(tmp_path / "test" / "dog" / "0.png")
+    raw = load_raw("folder", str(tmp_path))
+    assert raw.image_shape == (3, 4, 6)
+    assert all(np.array_equal(raw.test_x[1, c].numpy(), gray) for c in range(3))
+    assert np.array_equal(_as_pil_layout(raw.train_x[0]), tree["train/cat/0.png"])
+
+
+def test_folder_errors(tmp_path):
+    _write_tree(tmp_path, "RGB", np.random.default_rng(11))
+    Image.new("RGB", (5, 4)).save(tmp_path / "test" / "dog" / "odd.png")
+    with pytest.raises(UserError, match="odd.png is 5x4 .* 6x4"):
+        load_raw("folder", str(tmp_path))
+
+    (tmp_path / "test" / "dog" / "odd.png").unlink()
+    (tmp_path / "test" / "bird").mkdir()
+    with pytest.raises(UserError, match="bird"):
+        load_raw("folder", str(tmp_path))
+
+    with pytest.raises(UserError, match=f"{tmp_path / 'nothing' / 'train'}"):
+        load_raw("folder", str(tmp_path / "nothing"))
