@@ -175,7 +175,7 @@ def _want_progress(setting) -> bool | None:
     return {"auto": None, True: False, False: True}[setting]
 
 
-def _write_views(run: Path, manifest: dict, history: list[dict]) -> None:
+def write_run_views(run: Path, manifest: dict, history: list[dict]) -> None:
     atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     atomic_write_json(run / MANIFEST, manifest)
 
@@ -225,7 +225,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
         "checkpoints": progress["checkpoints"], "final": None,
         "device": str(device), "torch": torch.__version__,
     }
-    _write_views(run, manifest, progress["history"])
+    write_run_views(run, manifest, progress["history"])
     writer = _tensorboard(cfg, run)
     bar_off = True if quiet else _want_progress(cfg["log"]["progress"])
     say = (lambda *_: None) if quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
@@ -287,7 +287,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
             progress["epoch"] = epoch
             save_state(run, model, optimizer, progress)
             manifest["checkpoints"] = progress["checkpoints"]
-            _write_views(run, manifest, progress["history"])
+            write_run_views(run, manifest, progress["history"])
             if writer is not None:
                 for key, value in record.items():
                     if key not in ("epoch", "step"):
@@ -295,7 +295,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
     except BaseException as error:
         manifest["status"] = "failed"
         manifest["error"] = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
-        _write_views(run, manifest, progress["history"])
+        write_run_views(run, manifest, progress["history"])
         raise
     finally:
         if writer is not None:
@@ -306,7 +306,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
     manifest["final"] = {"epoch": epochs, "train_acc": last["train_acc"], "val_acc": last["val_acc"],
                          "test_acc": last["test_acc"], "best_val_acc": progress["best_val_acc"],
                          "best_val_epoch": progress["best_val_epoch"], "train_time_s": round(progress["elapsed_s"], 3)}
-    _write_views(run, manifest, progress["history"])
+    write_run_views(run, manifest, progress["history"])
     return Run(run)
 
 

@@ -1,0 +1,176 @@
+import os
+import pickle
+
+import pytest
+import torch
+import yaml
+
+from ckptkd import distill, train
+from ckptkd.checkpoints import load_manifest, resolve
+from ckptkd.errors import UserError
+from ckptkd.importer import import_state_dict
+from ckptkd.teachers import Teacher
+
+from conftest import REPO, run_cli, tiny_config
+
+STUDENT = {"model": {"name": "mlp", "widths": [32]}, "schedule": {"epochs": 3}, "checkpoints": {"fractions": [1.0]}}
+
+
+def student_config(**extra):
+    return tiny_config(**{**STUDENT, **extra})
+
+
+@pytest.fixture(scope="module")
+def second_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher2") / "t"
+    return train(tiny_config(seed=1, schedule={"epochs": 6}), out=out, quiet=True)
+
+
+@pytest.mark.parametrize("selector", ["none", "@0.5", "@last", "@0.3,0.5,0.7", "full"])
+def test_students_from_every_kind_of_teacher(tmp_path, teacher_run, second_teacher, selector):
+    refs = {"none": [], "full": [teacher_run.ref("last"), second_teacher.ref("last")]}.get(
+        selector, [f"{teacher_run.path}{selector}"])
+    manifest = distill(student_config(), teachers=refs, out=tmp_path / "s", quiet=True).manifest
+    assert manifest["kind"] == "distill" and manifest["status"] == "complete"
+    expected_count = {"none": 0, "full": 2, "@0.3,0.5,0.7": 3}.get(selector, 1)
+    assert len(manifest["teachers"]) == expected_count
+    for t in manifest["teachers"]:
+        assert len(t["sha256"]) == 64 and 0.0 <= t["val_acc"] <= 1.0
+    final = manifest["final"]
+    assert 0.0 < final["test_acc"] <= 1.0 and 1 <= final["best_val_epoch"] <= 3
+    assert "train_kd" in manifest_history(tmp_path / "s")[-1] or selector == "none"
+
+
+def manifest_history(run):
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_distillation_is_deterministic_and_teacher_matters(tmp_path, teacher_run):
+    a = distill(student_config(), teachers=[teacher_run.ref("0.5")], out=tmp_path / "a", quiet=True).manifest
+    b = distill(student_config(), teachers=[teacher_run.ref("0.5")], out=tmp_path / "b", quiet=True).manifest
+    c = distill(student_config(), teachers=[teacher_run.ref("last")], out=tmp_path / "c", quiet=True).manifest
+    assert a["checkpoints"][-1]["sha256"] == b["checkpoints"][-1]["sha256"]
+    assert a["checkpoints"][-1]["sha256"] != c["checkpoints"][-1]["sha256"]
+
+
+def test_teacher_batchnorm_buffers_are_untouched_by_a_distillation_epoch(tmp_path, teacher_run, monkeypatch):
+    teacher = Teacher.from_references([teacher_run.ref("0.5")], quiet=True)
+    before = {k: v.clone() for k, v in teacher.models[0].state_dict().items()}
+    monkeypatch.setattr(Teacher, "from_references", classmethod(lambda cls, refs, quiet=False: teacher))
+    distill(student_config(schedule={"epochs": 1}), teachers=["ignored"], out=tmp_path / "s", quiet=True)
+    after = teacher.models[0].state_dict()
+    assert any("running_mean" in k for k in before)
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    assert not teacher.models[0].training
+    assert all(not p.requires_grad for p in teacher.models[0].parameters())
+
+
+def test_teacher_outputs_are_plain_tensors_without_grad(teacher_run):
+    teacher = Teacher.from_references([teacher_run.ref("0.3,0.5")], quiet=True)
+    x = torch.randn(5, 1, 8, 8)
+    out = teacher.logits(x)
+    assert out.shape == (2, 5, 10) and not out.requires_grad and not out.is_inference()
+
+
+def test_teacher_renormalises_inputs_for_other_data_statistics(tmp_path, teacher_run):
+    """A teacher trained with other normalisation sees its own statistics: same outputs on the same pixels."""
+    from ckptkd import config, data as data_mod
+
+    teacher = Teacher.from_references([teacher_run.ref("last")], quiet=True)
+    cfg = config.resolve(tiny_config(data={"mean": [0.5], "std": [0.25]}))
+    other = data_mod.build(cfg["data"])
+    teacher.prepare(other)
+    x_other, _ = next(other.eval_batches("val", 16))
+    own = config.resolve(tiny_config())
+    x_own, _ = next(data_mod.build(own["data"]).eval_batches("val", 16))
+    direct = teacher.models[0](x_own)
+    assert torch.allclose(teacher.logits(x_other)[0], direct, atol=1e-4)
+
+
+def _write_cfg(tmp_path, cfg) -> str:
+    path = tmp_path / "student.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _one_line_error(result, *needles):
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_checkpoint_reference_lists_what_exists(tmp_path, teacher_run):
+    result = run_cli("distill", _write_cfg(tmp_path, student_config()), "--teacher", f"{teacher_run.path}@epoch=5",
+                     "--out", str(tmp_path / "s"))
+    _one_line_error(result, "epoch=5", "saved epochs: 2 (0.33), 3 (0.5), 4 (0.67), 6 (1)")
+    assert not (tmp_path / "s").exists()
+
+
+def test_tampered_checkpoint_is_refused(tmp_path, teacher_run):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(teacher_run.path, run)
+    ckpt = run / load_manifest(run)["checkpoints"][1]["path"]
+    raw = bytearray(ckpt.read_bytes())
+    raw[-3] ^= 0x01
+    ckpt.write_bytes(bytes(raw))
+    result = run_cli("distill", _write_cfg(tmp_path, student_config()), "--teacher", f"{run}@0.5",
+                     "--out", str(tmp_path / "s"))
+    _one_line_error(result, str(ckpt), "does not match its manifest")
+
+
+def test_teacher_with_the_wrong_class_count_is_refused(tmp_path, teacher_run):
+    wide = train(tiny_config(model={"name": "resnet8", "num_classes": 12}, schedule={"epochs": 1}),
+                 out=tmp_path / "wide", quiet=True)
+    result = run_cli("distill", _write_cfg(tmp_path, student_config()), "--teacher", wide.ref("last"),
+                     "--out", str(tmp_path / "s"))
+    _one_line_error(result, str(wide.path), "12 classes")
+
+
+def test_import_a_dataparallel_state_dict_and_distill_from_an_ensemble_of_imports(tmp_path, teacher_run):
+    state = resolve(teacher_run.ref("last"))[0].state_dict()
+    dataparallel = {"module." + (k.replace("classifier.", "fc.")): v for k, v in state.items()}
+    torch.save({"epoch": 6, "model": dataparallel}, tmp_path / "a.pth")
+    torch.save(resolve(teacher_run.ref("0.5"))[0].state_dict(), tmp_path / "b.pth")
+    runs = []
+    for name in ("a", "b"):
+        result = run_cli("import", str(tmp_path / f"{name}.pth"), "--model", "resnet8", "--out", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+        runs.append(tmp_path / name)
+    imported = load_manifest(runs[0])
+    original = load_manifest(teacher_run.path)
+    assert imported["kind"] == "import"
+    assert imported["checkpoints"][0]["metrics"]["test_acc"] == pytest.approx(original["final"]["test_acc"])
+    manifest = distill(student_config(), teachers=[str(r) for r in runs], out=tmp_path / "s", quiet=True).manifest
+    assert [t["reference"] for t in manifest["teachers"]] == [f"{r}@epoch=1" for r in runs]
+
+
+class _Payload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_import_refuses_a_malicious_pickle_and_runs_none_of_it(tmp_path):
+    target = tmp_path / "pwned"
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"model": {"w": _Payload(target)}}, f)
+    result = run_cli("import", str(tmp_path / "evil.pth"), "--model", "resnet8", "--out", str(tmp_path / "r"))
+    _one_line_error(result, "evil.pth", "refuses")
+    assert not target.exists()
+    assert not (tmp_path / "r").exists()
+
+
+def test_import_refuses_weights_of_the_wrong_model(tmp_path, teacher_run):
+    torch.save(resolve(teacher_run.ref("last"))[0].state_dict(), tmp_path / "w.pth")
+    result = run_cli("import", str(tmp_path / "w.pth"), "--model", "resnet14", "--out", str(tmp_path / "r"))
+    _one_line_error(result, "w.pth", "resnet14")
