@@ -123,6 +123,8 @@ def resolve(text: str) -> list[Checkpoint]:
         raise UserError(f"{text}: run {run} has no checkpoints yet (status {manifest.get('status')})")
     if spec == "last":
         return [pick(max(by_epoch))]
+    if spec == "all":
+        return [pick(e) for e in sorted(by_epoch)]
     if spec == "best-val":
         best = max(by_epoch.values(), key=lambda c: (c["metrics"].get("val_acc", -1.0), c["epoch"]))
         return [pick(best["epoch"])]
@@ -147,7 +149,7 @@ def resolve(text: str) -> list[Checkpoint]:
                 raise UserError(f"{text}: {part!r} is not a fraction of training in (0, 1]")
             picked.append(pick(epoch_at_fraction(fraction, total)))
         return picked
-    raise UserError(f"{text}: unknown selector {spec!r} (use last, epoch=N, a fraction like 0.5, a list like "
+    raise UserError(f"{text}: unknown selector {spec!r} (use last, all, epoch=N, a fraction like 0.5, a list like "
                     f"0.3,0.5,0.7, best-val, best-info or top-info:K)")
 
 

@@ -43,6 +43,21 @@ def cmd_import(args) -> None:
     _print_trajectory(run.path)
 
 
+def cmd_analyze(args) -> None:
+    from .analysis import analyze
+    from .report import analysis_table
+
+    result = analyze(args.run, temperature=args.temperature, seed=args.seed, plots=not args.no_plots)
+    analysis_table(result)
+
+
+def cmd_select(args) -> None:
+    from .analysis import select
+
+    for reference in select(args.run, k=args.k, by=args.by):
+        print(reference)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckptkd", description="Knowledge distillation from model checkpoints.")
     parser.add_argument("--version", action="version", version=f"ckptkd {_version()}")
@@ -66,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint reference, e.g. runs/t@0.5 or runs/t@0.3,0.5,0.7; repeat for an ensemble")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("analyze", help="measure every checkpoint's dark knowledge and I(X;F), I(Y;F); select T*")
+    p.add_argument("run")
+    p.add_argument("--temperature", type=float, default=None, help="tau for tempered outputs (default: the run's kd.temperature)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the estimators' probes")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("select", help="print references to T* (or the top K checkpoints: a snapshot ensemble)")
+    p.add_argument("run")
+    p.add_argument("--k", type=int, default=1, help="how many checkpoints (default 1)")
+    p.add_argument("--by", choices=["info", "val"], default="info", help="information criterion or val accuracy")
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("show", help="print a run's trajectory table")
     p.add_argument("run")

@@ -36,3 +36,24 @@ def trajectory_table(run: str | Path, console: Console | None = None) -> Table:
         table.caption = f"teachers: {refs}\n" + (table.caption or "")
     (console or Console()).print(table)
     return table
+
+
+def analysis_table(analysis: dict, console: Console | None = None) -> Table:
+    """One row per checkpoint: accuracy, confidence, dark knowledge, both estimators; T* marked."""
+    table = Table(title=f"{analysis['run']}: checkpoints on the validation split (n = {analysis['n_val']}, "
+                        f"tau = {analysis['temperature']})")
+    for column in ("epoch", "val%", "conf%", "H_nt", "I(X;F)", "I(Y;F)", "score", "kNN", ""):
+        table.add_column(column, justify="right", no_wrap=True)
+    selected = analysis["selected"]["epoch"]
+    for r in analysis["checkpoints"]:
+        table.add_row(str(r["epoch"]), _pct(r["val_acc"]), _pct(r["confidence"]), f"{r['nontarget_entropy']:.3f}",
+                      f"{r['i_xf']:.2f}", f"{r['i_yf']:.3f}", f"{r['score']:.2f}", f"{r['knn_score']:.2f}",
+                      "T*" if r["epoch"] == selected else "")
+    agreement = analysis["agreement"]
+    table.caption = (f"H_nt: non-target entropy (nats); score: normalised I(X;F) + I(Y;F); kNN: the same score from "
+                     f"the kNN estimator.\nT* = {analysis['selected']['reference']};  Spearman(probe, kNN): I(X;F) "
+                     f"{agreement['spearman_i_xf']}, I(Y;F) {agreement['spearman_i_yf']}, score "
+                     f"{agreement['spearman_score']};  {analysis['timing_s']['measure']:.1f} s "
+                     f"({analysis['timing_s']['cached']} cached)")
+    (console or Console()).print(table)
+    return table

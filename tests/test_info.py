@@ -1,0 +1,147 @@
+"""Information estimators on synthetic data whose answers are known in direction or in bound."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as nnf
+
+from ckptkd import UserError, info
+
+N = 1000
+CLASSES = 10
+
+
+def _labels(seed):
+    return torch.randint(0, CLASSES, (N,), generator=torch.Generator().manual_seed(seed))
+
+
+def _noisy_one_hot(labels, sigma, seed):
+    noise = torch.randn(len(labels), CLASSES, generator=torch.Generator().manual_seed(seed))
+    return 5.0 * nnf.one_hot(labels, CLASSES).float() + sigma * noise
+
+
+def _images(seed, n=N):
+    """Standard-normal 1x8x8 images, made spatially correlated like real ones by a 3x3 blur."""
+    white = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    images = nnf.conv2d(white, torch.ones(1, 1, 3, 3) / 9, padding=1)
+    return images / images.std()
+
+
+def test_i_yf_falls_as_label_noise_grows_and_both_estimators_rank_alike():
+    labels = _labels(0)
+    sigmas = [0.05, 2.0, 4.0, 10.0]
+    probe, knn = [], []
+    for i, sigma in enumerate(sigmas):
+        features = _noisy_one_hot(labels, sigma, seed=100 + i)
+        result = info.estimate_i_yf(features, labels)
+        assert 0.0 <= result["i_yf"] <= result["h_y"]
+        probe.append(result["i_yf"])
+        knn.append(info.knn_mi(features, features, labels)["i_yf"])
+        if sigma == 0.05:
+            assert result["i_yf"] >= 0.85 * result["h_y"]
+    assert probe == sorted(probe, reverse=True) and len(set(probe)) == len(probe)
+    assert knn == sorted(knn, reverse=True) and len(set(knn)) == len(knn)
+    assert info.spearman(probe, knn) == pytest.approx(1.0)
+
+
+def test_i_xf_is_larger_for_the_full_image_than_for_a_2d_projection():
+    images = _images(1)
+    labels = _labels(1)
+    flat = images.reshape(N, -1)
+    projection = flat @ torch.randn(flat.shape[1], 2, generator=torch.Generator().manual_seed(2))
+    full_mi, projected_mi = info.estimate_mi(flat, images, labels), info.estimate_mi(projection, images, labels)
+    full_knn, projected_knn = info.knn_mi(flat, images, labels), info.knn_mi(projection, images, labels)
+    assert full_mi["i_xf"] > projected_mi["i_xf"] > 0.0
+    assert full_mi["recon_mse"] < projected_mi["recon_mse"] < projected_mi["recon_mse_const"]
+    assert full_knn["i_xf"] > projected_knn["i_xf"]
+    assert (full_knn["dim_f"], projected_knn["dim_f"]) == (8, 2)
+    assert full_mi["input_dim"] == 64
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_uninformative_features_give_near_zero_never_negative_i_yf(seed):
+    labels = _labels(seed)
+    noise = torch.randn(N, 32, generator=torch.Generator().manual_seed(50 + seed))
+    result = info.estimate_i_yf(noise, labels, seed=seed)
+    assert 0.0 <= result["i_yf"] < 0.1
+    assert result["i_yf"] == max(0.0, result["i_yf_raw"])
+    assert result["i_yf_clipped"] == (result["i_yf_raw"] < 0.0)
+    knn = info.knn_mi(noise, noise, labels, seed=seed)
+    assert 0.0 <= knn["i_yf"] < 0.1
+
+
+def test_constant_features_carry_no_information_and_clipping_is_flagged():
+    labels = _labels(3)
+    images = _images(3)
+    constant = torch.ones(N, 16)
+    result = info.estimate_mi(constant, images, labels)
+    # The probe falls back to the label prior, whose held-out cross-entropy is at least H(Y).
+    assert result["probe_decay"] is None and result["i_yf"] == 0.0
+    assert result["i_yf_raw"] < 0.0 and result["i_yf_clipped"] is True
+    assert result["decoder_ridge"] is None and result["i_xf"] == 0.0
+    assert result["recon_mse"] == result["recon_mse_const"]
+    knn = info.knn_mi(constant, images, labels)
+    assert knn["dim_f"] == 0 and knn["i_xf"] < 0.1 and knn["i_yf"] < 0.1
+
+
+def test_same_seed_same_result_and_global_rng_untouched():
+    labels = _labels(4)
+    images = _images(4)
+    features = _noisy_one_hot(labels, 3.0, seed=4)
+    rng_before = torch.random.get_rng_state()
+    first = info.estimate_mi(features, images, labels, seed=7)
+    again = info.estimate_mi(features, images, labels, seed=7)
+    other = info.estimate_mi(features, images, labels, seed=8)
+    knn_first, knn_again = info.knn_mi(features, images, labels, seed=7), info.knn_mi(features, images, labels, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    assert first == again and knn_first == knn_again
+    assert first["i_yf"] != other["i_yf"]
+    assert first["i_yf"] == info.estimate_i_yf(features, labels, seed=7)["i_yf"]
+
+
+def test_results_are_plain_json_values_and_splits_hold_out_data():
+    labels = torch.arange(180) % CLASSES
+    images = _images(5, n=180)
+    features = torch.relu(images.reshape(180, -1) @ torch.randn(64, 64, generator=torch.Generator().manual_seed(5)))
+    results = [
+        info.estimate_mi(features, images, labels),
+        info.estimate_i_yf(features, labels, holdout=0.5),
+        info.estimate_i_xf(features, images),
+        info.knn_mi(features, images, labels),
+    ]
+    for result in results:
+        json.dumps(result, allow_nan=False)
+        assert all(type(result[key]) is float for key in ("i_xf", "i_yf") if key in result)
+    mi = results[0]
+    assert mi["n_fit"] + mi["n_eval"] == 180 and mi["n_eval"] == 54
+    assert results[1]["n_eval"] == 90
+    for key in ("h_y", "probe_ce", "recon_mse_const", "recon_mse"):
+        assert type(mi[key]) is float
+
+
+def test_invalid_input_is_rejected_with_a_message():
+    labels = _labels(6)[:100]
+    features = torch.randn(100, 4)
+    with pytest.raises(UserError, match="NaN"):
+        info.estimate_i_yf(torch.full((100, 4), math.nan), labels)
+    with pytest.raises(UserError, match="holdout"):
+        info.estimate_i_yf(features, labels, holdout=1.0)
+    with pytest.raises(ValueError, match="labels"):
+        info.estimate_i_yf(features, labels[:50])
+    with pytest.raises(ValueError, match="samples"):
+        info.estimate_mi(features, torch.randn(99, 1, 8, 8), labels)
+
+
+def test_spearman():
+    assert info.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert info.spearman([0.1, 5.0, 2.0], [1.0, 30.0, 4.0]) == pytest.approx(1.0)
+    # Ties get average ranks: [1.5, 1.5, 3] against [1, 2, 3].
+    assert info.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)
+    assert math.isnan(info.spearman([2, 2, 2], [1, 2, 3]))
+    assert math.isnan(info.spearman([1, math.nan, 3], [1, 2, 3]))
+    assert math.isnan(info.spearman([1], [1]))
+    assert type(info.spearman([1, 2], [1, 2])) is float
+    with pytest.raises(ValueError):
+        info.spearman([1, 2, 3], [1, 2])
