@@ -58,6 +58,28 @@ def cmd_select(args) -> None:
         print(reference)
 
 
+def cmd_study(args) -> None:
+    from .study import run_study
+
+    run_study(args.config, out=args.out, overrides=args.set, report=not args.no_report)
+
+
+def cmd_report(args) -> None:
+    from .study_report import write_report
+
+    paths = write_report(args.study)
+    print(paths["report"])
+
+
+def cmd_demo(args) -> None:
+    from importlib.resources import files
+
+    from .study import run_study
+
+    study = run_study(str(files("ckptkd") / "configs" / "demo.yaml"), out=args.out)
+    print(f"report: {study / 'report.md'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckptkd", description="Knowledge distillation from model checkpoints.")
     parser.add_argument("--version", action="version", version=f"ckptkd {_version()}")
@@ -94,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=1, help="how many checkpoints (default 1)")
     p.add_argument("--by", choices=["info", "val"], default="info", help="information criterion or val accuracy")
     p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("study", help="run the paper's grid over seeds (resumable; several processes share it)")
+    p.add_argument("config", help="study YAML")
+    p.add_argument("--out", default=None, help="study folder (default: studies/NAME)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a study key")
+    p.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("report", help="write STUDY/report.md, results.csv and plots from a study's results")
+    p.add_argument("study")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the study on the embedded digits data, in a few minutes on a CPU")
+    p.add_argument("--out", default="studies/demo", help="study folder (default: studies/demo)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("show", help="print a run's trajectory table")
     p.add_argument("run")

@@ -39,7 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "schedule": {"name": "multistep", "epochs": 60, "milestones": [0.5, 0.75], "step_size": 30, "gamma": 0.1,
                  "cycles": 5, "min_lr": 0.0, "warmup_epochs": 0},
     "checkpoints": {"fractions": [0.3, 0.5, 0.7, 1.0], "every": None, "epochs": []},
-    "kd": {"teachers": [], "temperature": 4.0, "alpha": 0.1, "ensemble": "probs"},
+    "kd": {"teachers": [], "temperature": 4.0, "alpha": 0.1, "ensemble": "probs", "cache": "auto", "views": 32,
+           "cache_dir": None},
     "log": {"progress": "auto", "tensorboard": "auto"},
 }
 
@@ -172,6 +173,9 @@ FIELDS: dict[str, Check] = {
     "kd.temperature": number(0.0, lo_open=True),
     "kd.alpha": number(0.0, 1.0),
     "kd.ensemble": one_of("probs", "logits", "per_teacher"),
+    "kd.cache": one_of("auto", "on", "off"),
+    "kd.views": integer(1, 4096),
+    "kd.cache_dir": text(nullable=True),
     "log.progress": one_of("auto", True, False),
     "log.tensorboard": one_of("auto", True, False),
 }
@@ -275,6 +279,8 @@ def resolve(source: str | Path | dict | None = None, overrides: dict[str, Any] |
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
     for key, value in items:
         _merge(cfg, _nest(key, value))
+    if isinstance(cfg["kd"]["cache"], bool):  # YAML 1.1 reads a bare on/off as a boolean
+        cfg["kd"]["cache"] = "on" if cfg["kd"]["cache"] else "off"
     validate(cfg)
     return cfg
 

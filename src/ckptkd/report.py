@@ -10,6 +10,12 @@ from rich.table import Table
 from .checkpoints import load_manifest
 
 
+def terminal_console() -> Console:
+    """A console that keeps tables readable when output goes to a file or a CI log (rich would assume 80 columns)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.2f}"
 
@@ -34,7 +40,7 @@ def trajectory_table(run: str | Path, console: Console | None = None) -> Table:
     if manifest.get("teachers"):
         refs = ", ".join(t["reference"] for t in manifest["teachers"])
         table.caption = f"teachers: {refs}\n" + (table.caption or "")
-    (console or Console()).print(table)
+    (console or terminal_console()).print(table)
     return table
 
 
@@ -55,5 +61,5 @@ def analysis_table(analysis: dict, console: Console | None = None) -> Table:
                      f"{agreement['spearman_i_xf']}, I(Y;F) {agreement['spearman_i_yf']}, score "
                      f"{agreement['spearman_score']};  {analysis['timing_s']['measure']:.1f} s "
                      f"({analysis['timing_s']['cached']} cached)")
-    (console or Console()).print(table)
+    (console or terminal_console()).print(table)
     return table

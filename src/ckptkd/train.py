@@ -8,12 +8,11 @@ any moment resumes to weights bit-identical to an uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +51,15 @@ def checkpoint_epochs(cfg: dict) -> list[int]:
         chosen.update(cycle_ends(epochs, cfg["schedule"]["cycles"]))
     chosen.add(epochs)  # the last weights are always kept: `RUN@last` must exist
     return sorted(chosen)
+
+
+def use_teacher_cache(cfg: dict, data: data_mod.Data) -> bool:
+    """`kd.cache: auto` caches when building the bank costs no more teacher forwards than one student run online
+    (views <= epochs): every later student, seed or epoch then reuses it."""
+    mode = cfg["kd"]["cache"]
+    if mode != "auto":
+        return mode == "on"
+    return min(cfg["kd"]["views"], data.distinct_views()) <= cfg["schedule"]["epochs"]
 
 
 def model_spec(cfg: dict, data: data_mod.Data) -> dict:
@@ -181,8 +189,11 @@ def write_run_views(run: Path, manifest: dict, history: list[dict]) -> None:
 
 
 def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train", teacher=None,
-        quiet: bool = False) -> Run:
-    """Train `cfg` into the run folder `out` (a student when `teacher` is given)."""
+        quiet: bool = False, on_epoch: Callable[[dict], None] | None = None) -> Run:
+    """Train `cfg` into the run folder `out` (a student when `teacher` is given).
+
+    `on_epoch(record)` is called after each epoch's files are written (a study uses it as a heartbeat).
+    """
     run = Path(out)
     if resume:
         _check_resumable(run, cfg)
@@ -198,6 +209,8 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
         teacher.check_compatible(data)
         teacher.to(device)
         teacher.prepare(data)
+        if use_teacher_cache(cfg, data):
+            teacher.attach_cache(data, views=cfg["kd"]["views"], cache_dir=cfg["kd"]["cache_dir"])
     seed = cfg["seed"]
     torch.manual_seed(seed)
     model = build_model(spec).to(device)
@@ -222,6 +235,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
         "model": spec, "data": data.describe(), "seed": seed, "epochs": epochs,
         "steps_per_epoch": steps_per_epoch,
         "teachers": teacher.describe() if teacher is not None else [],
+        "teacher_ensemble": teacher.summary() if teacher is not None else None,
         "checkpoints": progress["checkpoints"], "final": None,
         "device": str(device), "torch": torch.__version__,
     }
@@ -236,7 +250,8 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
             model.train()
             sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct, ce, kd (weighted by batch)
             seen = 0
-            batches = data.train_batches(seed=seed, epoch=epoch, batch_size=batch_size)
+            batches = data.train_batches(seed=seed, epoch=epoch, batch_size=batch_size,
+                                         view_bank=teacher.view_bank if teacher is not None else None)
             bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False,
                        disable=bar_off, dynamic_ncols=True, file=sys.stderr)
             for batch in bar:
@@ -292,6 +307,8 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
                 for key, value in record.items():
                     if key not in ("epoch", "step"):
                         writer.add_scalar(key, value, epoch)
+            if on_epoch is not None:
+                on_epoch(record)
     except BaseException as error:
         manifest["status"] = "failed"
         manifest["error"] = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
@@ -335,21 +352,22 @@ def _tensorboard(cfg: dict, run: Path):
     return SummaryWriter(log_dir=str(run / "tensorboard"))
 
 
-def default_out(cfg: dict, kind: str) -> Path:
+def default_out(cfg: dict) -> Path:
     return Path("runs") / cfg["name"]
 
 
 def train(config: str | Path | dict, overrides: dict | list | None = None, out: str | Path | None = None, *,
-          resume: bool = False, quiet: bool = False) -> Run:
+          resume: bool = False, quiet: bool = False, on_epoch: Callable[[dict], None] | None = None) -> Run:
     """Train a model and keep its trajectory. `config` is a YAML path or dict; `overrides` maps dotted keys to values."""
     cfg = config_mod.resolve(config, overrides)
     if cfg["kd"]["teachers"]:
         raise UserError("config: kd.teachers is set; use `ckptkd distill` to train a student")
-    return fit(cfg, out if out is not None else default_out(cfg, "train"), resume=resume, quiet=quiet)
+    return fit(cfg, out if out is not None else default_out(cfg), resume=resume, quiet=quiet, on_epoch=on_epoch)
 
 
 def distill(config: str | Path | dict, teachers: list[str] | None = None, overrides: dict | list | None = None,
-            out: str | Path | None = None, *, resume: bool = False, quiet: bool = False) -> Run:
+            out: str | Path | None = None, *, resume: bool = False, quiet: bool = False,
+            on_epoch: Callable[[dict], None] | None = None) -> Run:
     """Train a student under teachers given as checkpoint references (none: the CE-only baseline)."""
     from .teachers import Teacher
 
@@ -357,10 +375,6 @@ def distill(config: str | Path | dict, teachers: list[str] | None = None, overri
     if teachers:
         cfg["kd"]["teachers"] = list(teachers)
     teacher = Teacher.from_references(cfg["kd"]["teachers"], quiet=quiet) if cfg["kd"]["teachers"] else None
-    return fit(cfg, out if out is not None else default_out(cfg, "distill"), resume=resume, kind="distill",
-               teacher=teacher, quiet=quiet)
+    return fit(cfg, out if out is not None else default_out(cfg), resume=resume, kind="distill",
+               teacher=teacher, quiet=quiet, on_epoch=on_epoch)
 
-
-def threads_from_env() -> None:
-    # Two busy processes on 2 cores spin against each other unless OpenMP waits passively (see shared notes).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -27,6 +27,7 @@ class Batch:
     y: torch.Tensor        # labels [B]
     index: torch.Tensor    # positions in the training split (CPU int64), so per-image caches can be looked up
     views: torch.Tensor    # the augmentation views applied (CPU int16 [B, 3])
+    view_ids: torch.Tensor | None = None  # which of each image's banked views was drawn (CPU int64 [B])
 
 
 @dataclass
@@ -65,17 +66,45 @@ class Data:
             return sample_views(n, pad=self.pad, hflip=self.hflip, generator=epoch_gen)
         return identity_views(n, pad=self.pad)
 
-    def train_batches(self, *, seed: int, epoch: int, batch_size: int, rank: int = 0,
-                      world_size: int = 1) -> Iterator[Batch]:
+    def distinct_views(self) -> int:
+        if not self.augment:
+            return 1
+        return (2 * self.pad + 1) ** 2 * (2 if self.hflip else 1)
+
+    def view_bank(self, views: int, seed: int = 0) -> torch.Tensor:
+        """A fixed bank of augmented views per training image: int16 [N, V, 3].
+
+        When the augmentation has at most `views` distinct outcomes, the bank enumerates all of them (so a cache of
+        teacher outputs on it is exact); otherwise each image gets `views` random ones, drawn with a fixed seed.
+        """
+        n = self.train_x.shape[0]
+        if not self.augment:
+            return identity_views(n, pad=self.pad)[:, None, :].contiguous()
+        if self.distinct_views() <= views:
+            offsets = torch.arange(2 * self.pad + 1)
+            flips = torch.arange(2 if self.hflip else 1)
+            grid = torch.cartesian_prod(offsets, offsets, flips).to(torch.int16)  # [V, 3]
+            return grid[None].expand(n, -1, -1).contiguous()
+        gen = torch.Generator().manual_seed(seed + 424_242)
+        return sample_views(n * views, pad=self.pad, hflip=self.hflip, generator=gen).view(n, views, 3)
+
+    def train_batches(self, *, seed: int, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                      view_bank: torch.Tensor | None = None) -> Iterator[Batch]:
         """One epoch of augmented, normalised training batches.
 
         The permutation and the views depend only on (seed, epoch), so resuming at an epoch boundary replays exactly,
         and every rank of a distributed run draws the same global order and takes its own slice of each global batch.
+        With a `view_bank`, each image's view is drawn from its banked ones (so cached teacher outputs apply).
         """
         n = self.train_x.shape[0]
         gen = epoch_generator(seed, epoch)
         order = torch.randperm(n, generator=gen)
-        views = self.epoch_views(gen, n)
+        view_ids = None
+        if view_bank is None:
+            views = self.epoch_views(gen, n)
+        else:
+            view_ids = torch.randint(0, view_bank.shape[1], (n,), generator=gen)
+            views = view_bank[torch.arange(n), view_ids]
         per_rank = batch_size // world_size
         num_batches = max(1, n // batch_size)  # drop the ragged tail (a different one each epoch)
         for b in range(num_batches):
@@ -83,7 +112,8 @@ class Data:
             view = views[idx]
             device_idx = idx.to(self.train_x.device)
             x = apply_views(self.train_x[device_idx], view, pad=self.pad)
-            yield Batch(normalize(x, self.mean, self.std), self.train_y[device_idx], idx, view)
+            yield Batch(normalize(x, self.mean, self.std), self.train_y[device_idx], idx, view,
+                        None if view_ids is None else view_ids[idx])
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         x_all, y_all = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")

@@ -1,0 +1,293 @@
+"""`ckptkd study`: the paper's grid — teachers, their analysis, students from every kind of teacher — over seeds.
+
+Every task (a training run, an analysis, a student) is one row of STUDY/results.sqlite keyed by the hash of its
+resolved config. Processes claim rows one at a time, so a rerun skips finished work, resumes interrupted runs, and
+several `ckptkd study` processes on one folder share the grid without doing anything twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from .config import boolean, integer, list_of, number, one_of, text
+from .errors import UserError
+from .results import ResultsDB
+from .storage import atomic_write_text
+
+VARIANTS = ("none", "T0.3", "T0.5", "T0.7", "Tfull", "Tstar", "snapshot", "full_ensemble")
+FIXED_FRACTIONS = {"T0.3": 0.3, "T0.5": 0.5, "T0.7": 0.7}
+
+STUDY_DEFAULTS: dict[str, Any] = {
+    "name": "study",
+    "seeds": 3,
+    "ensemble_size": 3,
+    "teacher_per_seed": False,
+    "variants": list(VARIANTS),
+    "snapshot": [0.3, 0.5, 0.7],
+    "common": {},
+    "kd": {},
+    "analysis": {"seed": 0, "temperature": None},
+    "pairs": [],
+}
+
+
+def _seeds(v):
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+        return None
+    return list_of(integer(0), min_len=1)(v)
+
+
+def _snapshot(v):
+    if v == "top-info":
+        return None
+    return list_of(number(0.0, 1.0, lo_open=True), min_len=2)(v) and 'a list of at least 2 fractions or "top-info"'
+
+
+STUDY_FIELDS = {
+    "name": text(pattern=r"[A-Za-z0-9_.\-]+"),
+    "seeds": _seeds,
+    "ensemble_size": integer(2, 16),
+    "teacher_per_seed": boolean(),
+    "variants": list_of(one_of(*VARIANTS), min_len=1),
+    "snapshot": _snapshot,
+}
+
+
+@dataclass
+class Task:
+    run_id: str
+    kind: str                 # train | analyze | distill
+    name: str
+    config: dict
+    path: str                 # relative to the study folder
+    depends_on: list[str] = field(default_factory=list)
+    group: dict = field(default_factory=dict)
+
+
+def task_id(kind: str, config: dict) -> str:
+    return hashlib.sha256(json.dumps({"kind": kind, "config": config}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_run_config(source, where: str, base_dir: Path) -> dict:
+    if isinstance(source, str):
+        path = Path(source)
+        if not path.is_absolute() and not path.exists():
+            path = base_dir / path
+        return config_mod.read_yaml(path)
+    if isinstance(source, dict):
+        return copy.deepcopy(source)
+    raise UserError(f"study: {where} must be a config path or a mapping, got {source!r}")
+
+
+def resolve_study(source: str | Path | dict, overrides: list[str] | dict | None = None) -> dict:
+    """The study config with defaults filled in and every pair's teacher and student configs resolved."""
+    if isinstance(source, (str, Path)):
+        raw, base_dir = config_mod.read_yaml(source), Path(source).resolve().parent
+    else:
+        raw, base_dir = copy.deepcopy(source), Path.cwd()
+    items = overrides.items() if isinstance(overrides, dict) else (config_mod.parse_override(o) for o in overrides or [])
+    for key, value in items:
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    study = copy.deepcopy(STUDY_DEFAULTS)
+    for key, value in raw.items():
+        if key not in study:
+            raise UserError(f"study: unknown key '{key}' (known: {', '.join(sorted(study))})")
+        study[key] = value
+    for key, check in STUDY_FIELDS.items():
+        expected = check(study[key])
+        if expected:
+            raise UserError(f"study: {key} must be {expected}, got {study[key]!r}")
+    if isinstance(study["seeds"], int):
+        study["seeds"] = list(range(study["seeds"]))
+    if not isinstance(study["pairs"], list) or not study["pairs"]:
+        raise UserError("study: pairs must be a non-empty list of {teacher: CONFIG, student: CONFIG}")
+    for section in ("common", "kd", "analysis"):
+        if not isinstance(study[section], dict):
+            raise UserError(f"study: {section} must be a mapping")
+    resolved_pairs = []
+    for i, pair in enumerate(study["pairs"]):
+        if not isinstance(pair, dict) or not {"teacher", "student"} <= set(pair):
+            raise UserError(f"study: pairs[{i}] must have a teacher and a student config")
+        unknown = set(pair) - {"teacher", "student", "teacher_set", "student_set", "name"}
+        if unknown:
+            raise UserError(f"study: pairs[{i}] has unknown key(s) {sorted(unknown)}")
+        teacher = config_mod.resolve(_load_run_config(pair["teacher"], f"pairs[{i}].teacher", base_dir),
+                                     {**study["common"], **pair.get("teacher_set", {})})
+        student = config_mod.resolve(_load_run_config(pair["student"], f"pairs[{i}].student", base_dir),
+                                     {**study["common"], **{f"kd.{k}": v for k, v in study["kd"].items()},
+                                      **pair.get("student_set", {})})
+        # The teacher must keep every checkpoint a variant refers to.
+        wanted = {FIXED_FRACTIONS[v] for v in study["variants"] if v in FIXED_FRACTIONS} | {1.0}
+        if "snapshot" in study["variants"] and study["snapshot"] != "top-info":
+            wanted |= set(study["snapshot"])
+        teacher["checkpoints"]["fractions"] = sorted(set(teacher["checkpoints"]["fractions"]) | wanted)
+        name = pair.get("name") or f"{teacher['model']['name']}->{student['model']['name']}"
+        resolved_pairs.append({"name": name, "teacher": teacher, "student": student})
+    names = [p["name"] for p in resolved_pairs]
+    if len(set(names)) != len(names):
+        raise UserError(f"study: two pairs share a name ({names}); give each pair a distinct name")
+    study["pairs"] = resolved_pairs
+    return study
+
+
+def _slug(text_: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text_.replace("->", "-to-"))
+
+
+def plan(study: dict) -> list[Task]:
+    """Every task of the grid, teachers first, with the dependencies that order them."""
+    tasks: list[Task] = []
+    runs = Path("runs")
+    # References stay relative to the study folder, so a task's id does not depend on how the folder is spelled.
+    ref = lambda path, selector: f"{path}@{selector}"
+    m = study["ensemble_size"]
+    for pair in study["pairs"]:
+        slug = _slug(pair["name"])
+        base_group = {"pair": pair["name"], "teacher_model": pair["teacher"]["model"]["name"],
+                      "student_model": pair["student"]["model"]["name"]}
+        teacher_seeds = study["seeds"] if study["teacher_per_seed"] else study["seeds"][:1]
+        trajectories: dict[int, dict] = {}
+        for t_seed in teacher_seeds:
+            members = []
+            for k in range(m):
+                seed = t_seed + 1000 * k  # independent runs for the full ensemble, never colliding with student seeds
+                cfg = copy.deepcopy(pair["teacher"])
+                cfg["seed"] = seed
+                cfg["name"] = f"{slug}-teacher-s{t_seed}" + (f"-m{k}" if k else "")
+                role = "teacher" if k == 0 else "ensemble_member"
+                tasks.append(Task(task_id("train", cfg), "train", cfg["name"], cfg, str(runs / cfg["name"]),
+                                  group={**base_group, "role": role, "teacher_seed": t_seed, "seed": seed}))
+                members.append(tasks[-1])
+            analysis_cfg = {"run": members[0].path, **study["analysis"]}
+            analysis = Task(task_id("analyze", analysis_cfg), "analyze", f"{members[0].name}-analysis",
+                            analysis_cfg, members[0].path, depends_on=[members[0].run_id],
+                            group={**base_group, "role": "analysis", "teacher_seed": t_seed, "seed": t_seed})
+            tasks.append(analysis)
+            trajectories[t_seed] = {"members": members, "analysis": analysis}
+        for seed in study["seeds"]:
+            t_seed = seed if study["teacher_per_seed"] else teacher_seeds[0]
+            traj = trajectories[t_seed]
+            lead, members, analysis = traj["members"][0], traj["members"], traj["analysis"]
+            for variant in study["variants"]:
+                depends = [lead.run_id]
+                if variant == "none":
+                    teachers, depends = [], []
+                elif variant in FIXED_FRACTIONS:
+                    teachers = [ref(lead.path, FIXED_FRACTIONS[variant])]
+                elif variant == "Tfull":
+                    teachers = [ref(lead.path, "last")]
+                elif variant == "Tstar":
+                    teachers, depends = [ref(lead.path, "best-info")], [lead.run_id, analysis.run_id]
+                elif variant == "snapshot":
+                    if study["snapshot"] == "top-info":
+                        teachers, depends = [ref(lead.path, f"top-info:{m}")], [lead.run_id, analysis.run_id]
+                    else:
+                        teachers = [ref(lead.path, ",".join(f"{f:g}" for f in study["snapshot"]))]
+                else:  # full_ensemble
+                    teachers = [ref(t.path, "last") for t in members]
+                    depends = [t.run_id for t in members]
+                cfg = copy.deepcopy(pair["student"])
+                cfg["seed"] = seed
+                cfg["kd"]["teachers"] = teachers
+                cfg["name"] = f"{slug}-student-{_slug(variant)}-s{seed}"
+                tasks.append(Task(task_id("distill", cfg), "distill", cfg["name"], cfg, str(runs / cfg["name"]),
+                                  depends_on=depends,
+                                  group={**base_group, "role": "student", "variant": variant, "seed": seed,
+                                         "teacher_seed": t_seed}))
+    return tasks
+
+
+def _execute(task: dict, study_dir: Path, db: ResultsDB) -> tuple[dict, dict]:
+    """Run one task (resuming its folder if an earlier attempt left one); returns (metrics, timings)."""
+    from .analysis import analyze
+    from .train import distill, fit
+    from .teachers import Teacher
+
+    out = study_dir / task["path"]
+    heartbeat = lambda _record: db.heartbeat(task["run_id"])
+    cfg = copy.deepcopy(task["config"])
+    if task["kind"] == "analyze":
+        result = analyze(out, seed=cfg["seed"], temperature=cfg["temperature"], quiet=True)
+        return ({"selected_epoch": result["selected"]["epoch"],
+                 "analysis": str(Path(task["path"]) / "analysis.json")}, {})
+    resume = out.exists()
+    if task["kind"] == "train":
+        run = fit(cfg, out, resume=resume, quiet=True, on_epoch=heartbeat)
+    else:
+        cfg["kd"]["teachers"] = [str(study_dir / reference) for reference in cfg["kd"]["teachers"]]
+        run = distill(cfg, out=out, resume=resume, quiet=True, on_epoch=heartbeat)
+    manifest = run.manifest
+    metrics = {k: manifest["final"][k] for k in ("test_acc", "val_acc", "train_acc", "best_val_acc",
+                                                 "best_val_epoch", "train_time_s")}
+    if task["kind"] == "distill":
+        ensemble = manifest.get("teacher_ensemble") or {}
+        metrics.update(teacher_val_acc=ensemble.get("val_acc"), teacher_test_acc=ensemble.get("test_acc"),
+                       teachers=[t["reference"] for t in manifest["teachers"]],
+                       teacher_epochs=[t["epoch"] for t in manifest["teachers"]])
+    return metrics, {"train_time_s": manifest["final"]["train_time_s"]}
+
+
+def run_study(source: str | Path | dict, out: str | Path | None = None, *, overrides: list | dict | None = None,
+              quiet: bool = False, report: bool = True, poll_s: float = 2.0, max_tasks: int | None = None) -> Path:
+    """Run (or continue) the study into `out`; returns the study folder. `max_tasks` stops after that many tasks."""
+    study = resolve_study(source, overrides)
+    study_dir = Path(out) if out is not None else Path("studies") / study["name"]
+    study_dir.mkdir(parents=True, exist_ok=True)
+    saved = study_dir / "study.yaml"
+    text_ = config_mod.dump(study)
+    if saved.is_file() and saved.read_text() != text_:
+        raise UserError(f"study: {study_dir} holds a different study (its study.yaml differs); choose another --out")
+    if not saved.is_file():
+        atomic_write_text(saved, text_)
+    tasks = plan(study)
+    db = ResultsDB(study_dir / "results.sqlite", stale_after_s=3600.0)
+    for task in tasks:
+        db.add(task.run_id, kind=task.kind, name=task.name, config=task.config, path=task.path,
+               depends_on=task.depends_on, group=task.group)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    say = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    done = 0
+    total = len(tasks)
+    try:
+        while max_tasks is None or done < max_tasks:
+            row = db.claim(worker)
+            if row is None:
+                if db.pending_count() == 0:
+                    break
+                time.sleep(poll_s)  # another process holds the tasks ours depend on
+                continue
+            finished = total - db.pending_count()
+            say(f"[{finished + 1}/{total}] {row['kind']:<8} {row['name']} ...")
+            started = time.perf_counter()
+            try:
+                metrics, timings = _execute(row, study_dir, db)
+            except UserError as error:
+                db.fail(row["run_id"], error=str(error))
+                say(f"    failed: {error}")
+                continue
+            db.complete(row["run_id"], metrics=metrics, timings=timings)
+            done += 1
+            outcome = (f"T* = epoch {metrics['selected_epoch']}" if row["kind"] == "analyze"
+                       else f"test {100 * metrics['test_acc']:.2f}%")
+            say(f"    {outcome} ({time.perf_counter() - started:.1f} s)")
+    finally:
+        db.close()
+    if report and (max_tasks is None or done < max_tasks):
+        from .study_report import write_report
+
+        write_report(study_dir, quiet=quiet)
+    return study_dir

@@ -1,0 +1,65 @@
+import torch
+
+from ckptkd import config, data as data_mod, distill
+from ckptkd.teachers import Teacher
+
+from conftest import tiny_config
+
+
+def _data(**data_cfg):
+    return data_mod.build(config.resolve(tiny_config(data=data_cfg))["data"])
+
+
+def test_view_bank_enumerates_small_augmentations_and_samples_large_ones():
+    digits = _data()  # pad 1, no flip: 9 distinct views
+    bank = digits.view_bank(32)
+    assert bank.shape == (digits.train_x.shape[0], 9, 3)
+    assert len({tuple(v) for v in bank[0].tolist()}) == 9
+    flipped = _data(hflip=True, pad=2)  # 25 offsets x 2 flips = 50 > 16: sampled
+    sampled = flipped.view_bank(16)
+    assert sampled.shape[1] == 16 and torch.equal(sampled, flipped.view_bank(16))
+    assert _data(augment=False).view_bank(32).shape[1] == 1
+
+
+def test_cached_logits_equal_online_logits_on_the_same_views(tmp_path, teacher_run):
+    data = _data()
+    teacher = Teacher.from_references([teacher_run.ref("0.3,0.5,0.7")], quiet=True)
+    teacher.prepare(data)
+    info = teacher.attach_cache(data, views=32, cache_dir=tmp_path / "cache")
+    assert info["built"] == 3 and info["views"] == 9
+    batch = next(data.train_batches(seed=3, epoch=2, batch_size=64, view_bank=teacher.view_bank))
+    cached = teacher.logits(batch)
+    online = teacher._forward(batch.x)
+    assert cached.shape == online.shape == (3, 64, 10)
+    assert torch.allclose(cached, online, atol=2e-2, rtol=1e-3)  # float16 storage
+    assert (cached.argmax(-1) == online.argmax(-1)).float().mean() > 0.99
+
+    again = Teacher.from_references([teacher_run.ref("0.5")], quiet=True)
+    again.prepare(data)
+    assert again.attach_cache(data, views=32, cache_dir=tmp_path / "cache")["built"] == 0  # reused across ensembles
+
+
+def test_a_damaged_or_foreign_cache_file_is_rebuilt(tmp_path, teacher_run):
+    data = _data()
+    teacher = Teacher.from_references([teacher_run.ref("last")], quiet=True)
+    teacher.prepare(data)
+    path = teacher.attach_cache(data, views=4, cache_dir=tmp_path)["files"][0]
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    assert teacher.attach_cache(data, views=4, cache_dir=tmp_path)["built"] == 1
+    other = _data(hflip=True)  # other augmentation settings: another key, another file
+    teacher.prepare(other)
+    info = teacher.attach_cache(other, views=4, cache_dir=tmp_path)
+    assert info["built"] == 1 and info["files"][0] != path
+
+
+def test_cached_student_is_deterministic_and_records_the_cache(tmp_path, teacher_run):
+    cfg = tiny_config(model={"name": "mlp", "widths": [16]}, schedule={"epochs": 2},
+                      kd={"cache": "on", "cache_dir": str(tmp_path / "cache")})
+    a = distill(cfg, teachers=[teacher_run.ref("0.3,0.5")], out=tmp_path / "a", quiet=True).manifest
+    b = distill(cfg, teachers=[teacher_run.ref("0.3,0.5")], out=tmp_path / "b", quiet=True).manifest
+    assert a["checkpoints"][-1]["sha256"] == b["checkpoints"][-1]["sha256"]
+    assert a["teacher_ensemble"]["cache"]["built"] == 2 and b["teacher_ensemble"]["cache"]["reused"] == 2
+    online = distill({**cfg, "kd": {"cache": "off"}}, teachers=[teacher_run.ref("0.3,0.5")], out=tmp_path / "c",
+                     quiet=True).manifest
+    assert "cache" not in online["teacher_ensemble"]

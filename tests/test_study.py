@@ -1,0 +1,125 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from ckptkd.errors import UserError
+from ckptkd.results import ResultsDB
+from ckptkd.study import VARIANTS, plan, resolve_study, run_study
+
+RUN = {"data": {"name": "digits", "batch_size": 64}, "device": "cpu", "log": {"progress": False, "tensorboard": False}}
+
+
+def tiny_study(**extra):
+    study = {
+        "name": "tiny",
+        "seeds": 2,
+        "ensemble_size": 2,
+        "pairs": [{
+            "teacher": {**RUN, "model": {"name": "resnet8"}, "schedule": {"epochs": 4}},
+            "student": {**RUN, "model": {"name": "mlp", "widths": [16]}, "schedule": {"epochs": 2},
+                        "checkpoints": {"fractions": [1.0]}},
+        }],
+    }
+    study.update(extra)
+    return study
+
+
+def test_plan_covers_the_paper_grid():
+    tasks = plan(resolve_study(tiny_study()))
+    kinds = [t.kind for t in tasks]
+    assert kinds.count("train") == 2 and kinds.count("analyze") == 1 and kinds.count("distill") == 2 * len(VARIANTS)
+    students = {(t.group["variant"], t.group["seed"]): t for t in tasks if t.kind == "distill"}
+    assert students[("T0.5", 0)].config["kd"]["teachers"] == ["runs/resnet8-to-mlp-teacher-s0@0.5"]
+    assert students[("snapshot", 1)].config["kd"]["teachers"] == ["runs/resnet8-to-mlp-teacher-s0@0.3,0.5,0.7"]
+    assert len(students[("full_ensemble", 0)].config["kd"]["teachers"]) == 2
+    analysis = next(t for t in tasks if t.kind == "analyze")
+    assert analysis.run_id in students[("Tstar", 1)].depends_on
+    assert students[("none", 0)].depends_on == []
+    teacher = next(t for t in tasks if t.kind == "train")
+    assert {0.3, 0.5, 0.7, 1.0} <= set(teacher.config["checkpoints"]["fractions"])
+    per_seed = plan(resolve_study(tiny_study(teacher_per_seed=True)))
+    assert sum(t.kind == "train" for t in per_seed) == 4
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"seeds": 0}, "seeds"), ({"variants": ["T0.4"]}, "variants"), ({"pairs": []}, "pairs"),
+    ({"ensemble_size": 1}, "ensemble_size"), ({"colour": "red"}, "colour"),
+])
+def test_bad_study_configs_name_the_field(change, needle):
+    with pytest.raises(UserError, match=needle):
+        resolve_study(tiny_study(**change))
+
+
+def test_a_study_runs_the_grid_and_a_rerun_redoes_nothing(tmp_path):
+    study = run_study(tiny_study(), out=tmp_path / "s", quiet=True)
+    db = ResultsDB(study / "results.sqlite")
+    rows = db.rows()
+    assert len(rows) == 3 + 2 * len(VARIANTS) and all(r["status"] == "complete" for r in rows)
+    report = (study / "report.md").read_text()
+    for label in ("T^0.3", "T^0.5", "T^0.7", "T^full", "T*", "snapshot", "full ens"):
+        assert label in report
+    assert (study / "results.csv").read_text().count("\n") == len(rows) + 1
+    assert (study / "plots" / "accuracy_by_variant.png").is_file()
+    mtimes = {p: p.stat().st_mtime_ns for p in (study / "runs").rglob("*.safetensors")}
+    started = time.perf_counter()
+    run_study(tiny_study(), out=tmp_path / "s", quiet=True)
+    assert time.perf_counter() - started < 20
+    assert {p: p.stat().st_mtime_ns for p in (study / "runs").rglob("*.safetensors")} == mtimes
+    assert all(r["attempts"] == 1 for r in ResultsDB(study / "results.sqlite").rows())
+
+
+def test_another_study_in_the_same_folder_is_refused(tmp_path):
+    run_study(tiny_study(variants=["none"], seeds=1), out=tmp_path / "s", quiet=True)
+    with pytest.raises(UserError, match="different study"):
+        run_study(tiny_study(variants=["none"], seeds=2), out=tmp_path / "s", quiet=True)
+
+
+def _start(config_path, out):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.Popen([sys.executable, "-m", "ckptkd", "study", str(config_path), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_killed_half_way_then_rerun_finishes_without_redoing_finished_runs(tmp_path):
+    config_path = tmp_path / "study.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_study(variants=["none", "T0.5", "Tfull", "snapshot"])))
+    out = tmp_path / "s"
+    proc = _start(config_path, out)
+    deadline = time.time() + 240
+    complete = []
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "results.sqlite").exists():
+            complete = [r for r in ResultsDB(out / "results.sqlite").rows() if r["status"] == "complete"]
+            if len(complete) >= 4:
+                break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 4 <= len(complete) < 11, "the study should have been killed half-way"
+    finished_before = {r["run_id"]: r["timings"]["finished_at"] for r in complete}
+    rerun = _start(config_path, out)
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    rows = {r["run_id"]: r for r in ResultsDB(out / "results.sqlite").rows()}
+    assert all(r["status"] == "complete" for r in rows.values())
+    for run_id, finished_at in finished_before.items():
+        assert rows[run_id]["attempts"] == 1 and rows[run_id]["timings"]["finished_at"] == finished_at
+    assert (out / "report.md").is_file()
+
+
+def test_two_processes_share_one_study_and_do_each_run_once(tmp_path):
+    config_path = tmp_path / "study.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_study(variants=["none", "T0.3", "T0.7", "Tfull", "full_ensemble"])))
+    out = tmp_path / "s"
+    procs = [_start(config_path, out) for _ in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=400) == 0, proc.stderr.read()
+    rows = ResultsDB(out / "results.sqlite").rows()
+    assert len(rows) == 3 + 2 * 5
+    assert all(r["status"] == "complete" and r["attempts"] == 1 for r in rows)
+    claimers = {r["claimer"].split("/")[0] for r in rows}
+    assert len(claimers) == 2, claimers  # both processes did part of the grid
