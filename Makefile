@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/ckptkd train configs/digits_teacher.yaml --out runs/demo-teacher --resume
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/ckptkd demo --out studies/demo
 
 test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -p no:cacheprovider

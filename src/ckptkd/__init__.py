@@ -3,10 +3,16 @@
 Train a teacher and keep its trajectory, analyse each checkpoint, select T* or a snapshot ensemble, distill students.
 """
 
-from . import losses, models
-from .checkpoints import resolve as resolve_reference
-from .errors import UserError
-from .train import Run, distill, train
+import os
+
+# On a few cores, two busy processes (study workers, torchrun ranks) spin against each other ~10x slower unless
+# OpenMP threads wait passively; it must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import losses, models  # noqa: E402
+from .checkpoints import resolve as resolve_reference  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .train import Run, distill, train  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,6 @@ interrupted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -80,6 +79,16 @@ def cmd_demo(args) -> None:
     print(f"report: {study / 'report.md'}")
 
 
+def cmd_bench(args) -> None:
+    from .bench import main_json, print_bench, run_bench
+
+    result = run_bench(args.workload, steps=args.steps, rounds=args.rounds, threads=args.threads)
+    if args.json:
+        print(main_json(result))
+    else:
+        print_bench(result)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckptkd", description="Knowledge distillation from model checkpoints.")
     parser.add_argument("--version", action="version", version=f"ckptkd {_version()}")
@@ -132,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="studies/demo", help="study folder (default: studies/demo)")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("bench", help="images/s of KD training modes, side by side on a synthetic workload")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--workload", default="cifar", help="cifar (default: 3x32x32, resnet56 -> resnet20), fashion, digits")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per mode and round")
+    p.add_argument("--rounds", type=int, default=None, help="rounds; the best of them counts")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("show", help="print a run's trajectory table")
     p.add_argument("run")
     p.set_defaults(func=cmd_show)
@@ -153,7 +170,6 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     from .errors import UserError
 

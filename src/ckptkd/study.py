@@ -37,6 +37,7 @@ STUDY_DEFAULTS: dict[str, Any] = {
     "common": {},
     "kd": {},
     "analysis": {"seed": 0, "temperature": None},
+    "compare_online": [],
     "pairs": [],
 }
 
@@ -60,6 +61,7 @@ STUDY_FIELDS = {
     "teacher_per_seed": boolean(),
     "variants": list_of(one_of(*VARIANTS), min_len=1),
     "snapshot": _snapshot,
+    "compare_online": list_of(one_of(*[v for v in VARIANTS if v != "none"])),
 }
 
 
@@ -161,9 +163,11 @@ def plan(study: dict) -> list[Task]:
                       "student_model": pair["student"]["model"]["name"]}
         teacher_seeds = study["seeds"] if study["teacher_per_seed"] else study["seeds"][:1]
         trajectories: dict[int, dict] = {}
+        # Independent teachers are trained only when a full ensemble needs them.
+        members_per_teacher = m if "full_ensemble" in study["variants"] else 1
         for t_seed in teacher_seeds:
             members = []
-            for k in range(m):
+            for k in range(members_per_teacher):
                 seed = t_seed + 1000 * k  # independent runs for the full ensemble, never colliding with student seeds
                 cfg = copy.deepcopy(pair["teacher"])
                 cfg["seed"] = seed
@@ -182,17 +186,19 @@ def plan(study: dict) -> list[Task]:
             t_seed = seed if study["teacher_per_seed"] else teacher_seeds[0]
             traj = trajectories[t_seed]
             lead, members, analysis = traj["members"][0], traj["members"], traj["analysis"]
-            for variant in study["variants"]:
+            online = [f"{v}@online" for v in study["compare_online"]]
+            for variant in study["variants"] + online:
+                base_variant, _, mode = variant.partition("@")
                 depends = [lead.run_id]
-                if variant == "none":
+                if base_variant == "none":
                     teachers, depends = [], []
-                elif variant in FIXED_FRACTIONS:
-                    teachers = [ref(lead.path, FIXED_FRACTIONS[variant])]
-                elif variant == "Tfull":
+                elif base_variant in FIXED_FRACTIONS:
+                    teachers = [ref(lead.path, FIXED_FRACTIONS[base_variant])]
+                elif base_variant == "Tfull":
                     teachers = [ref(lead.path, "last")]
-                elif variant == "Tstar":
+                elif base_variant == "Tstar":
                     teachers, depends = [ref(lead.path, "best-info")], [lead.run_id, analysis.run_id]
-                elif variant == "snapshot":
+                elif base_variant == "snapshot":
                     if study["snapshot"] == "top-info":
                         teachers, depends = [ref(lead.path, f"top-info:{m}")], [lead.run_id, analysis.run_id]
                     else:
@@ -203,6 +209,8 @@ def plan(study: dict) -> list[Task]:
                 cfg = copy.deepcopy(pair["student"])
                 cfg["seed"] = seed
                 cfg["kd"]["teachers"] = teachers
+                if mode == "online":  # the same student with teachers run on every batch, to check the cache
+                    cfg["kd"]["cache"] = "off"
                 cfg["name"] = f"{slug}-student-{_slug(variant)}-s{seed}"
                 tasks.append(Task(task_id("distill", cfg), "distill", cfg["name"], cfg, str(runs / cfg["name"]),
                                   depends_on=depends,

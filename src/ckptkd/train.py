@@ -106,6 +106,26 @@ def evaluate(model: torch.nn.Module, data: data_mod.Data, split: str, batch_size
     return {"loss": float(loss_sum) / count, "acc": float(correct) / count}
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: data_mod.Batch, teacher=None,
+               kd: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step: CE alone, or the paper's alpha * CE + (1 - alpha) * tau^2 * KL under a teacher.
+
+    Returns (logits, loss, ce, kd) for the caller's running sums."""
+    logits = model(batch.x)
+    if teacher is None:
+        ce = F.cross_entropy(logits, batch.y)
+        loss, kd_part = ce, torch.zeros((), device=logits.device)
+    else:
+        terms = kd_terms(logits, teacher.logits(batch), batch.y, temperature=kd["temperature"],
+                         ensemble=kd["ensemble"])
+        ce, kd_part = terms["ce"], terms["kd"]
+        loss = kd["alpha"] * ce + (1.0 - kd["alpha"]) * kd_part
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, loss, ce, kd_part
+
+
 # ---- the resume state: one safetensors file holding weights, optimizer buffers, RNG and the run's history ----
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -258,18 +278,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
                 lr = lr_at(sched, base_lr, progress["step"], steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                logits = model(batch.x)
-                if teacher is None:
-                    ce = F.cross_entropy(logits, batch.y)
-                    loss, kd_part = ce, torch.zeros((), device=device)
-                else:
-                    terms = kd_terms(logits, teacher.logits(batch), batch.y, temperature=kd["temperature"],
-                                     ensemble=kd["ensemble"])
-                    ce, kd_part = terms["ce"], terms["kd"]
-                    loss = kd["alpha"] * ce + (1.0 - kd["alpha"]) * kd_part
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                logits, loss, ce, kd_part = train_step(model, optimizer, batch, teacher, kd)
                 progress["step"] += 1
                 n = len(batch.y)
                 with torch.no_grad():

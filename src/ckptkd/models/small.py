@@ -1,4 +1,4 @@
-"""Small models for small data: LeNet-5 and a multilayer perceptron."""
+"""Small models for small data: LeNet-5, a plain CNN of configurable width, and a multilayer perceptron."""
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,41 @@ class LeNet5(nn.Module):
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         x = torch.flatten(F.adaptive_avg_pool2d(x, 5), 1)
         return F.relu(self.fc2(F.relu(self.fc1(x))))
+
+    def forward(self, x):
+        return self.classifier(self.forward_features(x))
+
+
+@register("cnn")
+class CNN(nn.Module):
+    """Conv3x3-BatchNorm-ReLU-MaxPool blocks (one per entry of `channels`), flatten, one hidden layer, classifier.
+
+    Shallow, so it trains fast on a CPU; the flattened map keeps spatial detail, so a wide one can memorise a small
+    training set (an over-confident teacher) and a narrow one makes a small student."""
+
+    def __init__(self, num_classes, in_channels=3, image_size=None, channels=(32, 64, 128), hidden=256, dropout=0.0):
+        super().__init__()
+        if image_size is None:
+            raise UserError("model 'cnn' needs the input size (image_size)")
+        height, width = image_size
+        blocks = []
+        for out_channels in channels:
+            blocks += [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+                       nn.ReLU(inplace=True)]
+            if min(height, width) >= 2:  # stop pooling once the map is 1 pixel, so any depth fits 8x8 input
+                blocks.append(nn.MaxPool2d(2))
+                height, width = height // 2, width // 2
+            in_channels = out_channels
+        self.blocks = nn.Sequential(*blocks)
+        layers = [nn.Linear(in_channels * height * width, hidden), nn.ReLU(inplace=True)]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        self.hidden = nn.Sequential(*layers)
+        self.feature_dim = hidden
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward_features(self, x):
+        return self.hidden(torch.flatten(self.blocks(x), 1))
 
     def forward(self, x):
         return self.classifier(self.forward_features(x))

@@ -1,0 +1,246 @@
+"""`ckptkd bench`: images per second of KD training, measured side by side in one run on a fixed synthetic workload.
+
+Modes (all train the same student with the same optimizer on the same data):
+  student_alone     our loop, cross-entropy only
+  kd_online_1       our loop, one teacher checkpoint run on every batch
+  kd_online_4       our loop, a 4-checkpoint ensemble run on every batch
+  kd_cached_4       our loop, the same ensemble answered from the view-bank cache (its build: cache_build_s)
+  reference_loop_1  the ordinary way: torch DataLoader with per-sample transforms, a teacher forward per batch
+  compute_limit_1   1 / (1/teacher inference + 1/student training step), each timed alone on tensors in memory
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import config as config_mod
+from . import data as data_mod
+from . import models
+from .checkpoints import MANIFEST_FORMAT, checkpoint_path
+from .errors import UserError
+from .storage import atomic_write_json, atomic_write_text, save_tensors
+from .teachers import Teacher
+from .train import build_model, make_optimizer, model_spec, train_step
+
+WORKLOADS = {
+    "cifar": {"shape": [3, 32, 32], "classes": 100, "teacher": "resnet56", "student": "resnet20", "batch": 128,
+              "images": 1024, "steps": 4, "views": 2, "rounds": 2},
+    "fashion": {"shape": [1, 28, 28], "classes": 10, "teacher": "cnn", "student": "cnn", "batch": 128,
+                "images": 4096, "steps": 16, "views": 4, "rounds": 3,
+                "teacher_kwargs": {"channels": [16, 32, 64], "hidden": 256},
+                "student_kwargs": {"channels": [4, 8], "hidden": 32}},
+    "digits": {"shape": [1, 8, 8], "classes": 10, "teacher": "resnet20", "student": "resnet8", "batch": 64,
+               "images": 1024, "steps": 12, "views": 9, "rounds": 3},
+}
+
+
+def _synthetic_npz(folder: Path, workload: dict) -> Path:
+    rng = np.random.default_rng(0)
+    c, h, w = workload["shape"]
+    n = workload["images"]
+    x = rng.integers(0, 256, size=(n + 256, h, w, c), dtype=np.uint8)
+    y = rng.integers(0, workload["classes"], size=n + 256)
+    y[: workload["classes"]] = np.arange(workload["classes"])  # every class present
+    path = folder / "synthetic.npz"
+    np.savez(path, x_train=x[:n], y_train=y[:n], x_test=x[n:], y_test=y[n:])
+    return path
+
+
+def _fake_teacher_run(folder: Path, cfg: dict, data: data_mod.Data, seeds: list[int]) -> str:
+    """A run folder whose checkpoints are randomly initialised teachers (speed does not depend on the weights)."""
+    spec = model_spec(cfg, data)
+    entries = []
+    for epoch, seed in enumerate(seeds, start=1):
+        torch.manual_seed(seed)
+        sha = save_tensors(folder / checkpoint_path(epoch), build_model(spec).state_dict())
+        entries.append({"epoch": epoch, "step": 0, "fraction": epoch / len(seeds), "lr": 0.0,
+                        "path": checkpoint_path(epoch), "sha256": sha, "metrics": {"val_acc": 0.0}})
+    atomic_write_text(folder / "config.yaml", config_mod.dump(cfg))
+    atomic_write_json(folder / "manifest.json", {
+        "format": MANIFEST_FORMAT, "kind": "train", "status": "complete", "name": "bench-teacher", "model": spec,
+        "data": data.describe(), "seed": 0, "epochs": len(seeds), "checkpoints": entries, "final": None})
+    return str(folder)
+
+
+def _timed_epoch_steps(model, optimizer, data, *, teacher, kd, steps, batch, seed) -> float:
+    """Seconds for `steps` training steps of our loop (batches drawn, augmented, normalised inside the timing)."""
+    view_bank = teacher.view_bank if teacher is not None else None
+    started = time.perf_counter()
+    done = 0
+    epoch = 0
+    while done < steps:
+        epoch += 1
+        for b in data.train_batches(seed=seed, epoch=epoch, batch_size=batch, view_bank=view_bank):
+            train_step(model, optimizer, b, teacher, kd)
+            done += 1
+            if done == steps:
+                break
+    return time.perf_counter() - started
+
+
+class _PerSampleDataset(torch.utils.data.Dataset):
+    """What common KD code bases do: one image at a time through Python transforms."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, pad: int, hflip: bool):
+        self.images, self.labels, self.pad, self.hflip = images, labels, pad, hflip
+        self.mean, self.std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = self.images[i].float() / 255.0
+        img = F.pad(img, (self.pad,) * 4)
+        top, left = np.random.randint(0, 2 * self.pad + 1, size=2)
+        img = img[:, top:top + self.images.shape[2], left:left + self.images.shape[3]]
+        if self.hflip and np.random.rand() < 0.5:
+            img = img.flip(2)
+        return (img - self.mean) / self.std, self.labels[i]
+
+
+def _reference_loop(student, optimizer, teacher_model, data, *, steps, batch, kd) -> float:
+    dataset = _PerSampleDataset(data.train_x.cpu(), data.train_y.cpu(), data.mean, data.std, data.pad, data.hflip)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
+    tau, alpha = kd["temperature"], kd["alpha"]
+    started = time.perf_counter()
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            with torch.no_grad():
+                t = teacher_model(x)
+            s = student(x)
+            loss = alpha * F.cross_entropy(s, y) + (1 - alpha) * tau * tau * F.kl_div(
+                F.log_softmax(s / tau, 1), F.softmax(t / tau, 1), reduction="batchmean")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == steps:
+                break
+    return time.perf_counter() - started
+
+
+def _compute_limit(student, optimizer, teacher_model, data, *, steps, batch) -> tuple[float, float]:
+    x = data.train_x[:batch].float() / 255.0
+    y = data.train_y[:batch]
+    with torch.inference_mode():
+        teacher_model(x)
+        started = time.perf_counter()
+        for _ in range(steps):
+            teacher_model(x)
+        teacher_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = F.cross_entropy(student(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    student_s = time.perf_counter() - started
+    return teacher_s, student_s
+
+
+def run_bench(workload: str = "cifar", *, steps: int | None = None, rounds: int | None = None,
+              threads: int | None = None) -> dict:
+    if workload not in WORKLOADS:
+        raise UserError(f"bench: unknown workload {workload!r} (available: {', '.join(WORKLOADS)})")
+    w = dict(WORKLOADS[workload])
+    steps = steps or w["steps"]
+    rounds = rounds or w["rounds"]
+    if threads:
+        torch.set_num_threads(threads)
+    kd = {"temperature": 4.0, "alpha": 0.1, "ensemble": "probs"}
+    with tempfile.TemporaryDirectory(prefix="ckptkd-bench-") as tmp:
+        tmp = Path(tmp)
+        npz = _synthetic_npz(tmp, w)
+        base = {"device": "cpu", "data": {"name": "npz", "root": str(npz), "val_fraction": 0.1, "batch_size": w["batch"],
+                                          "hflip": w["shape"][0] == 3},
+                "log": {"progress": False, "tensorboard": False}}
+        teacher_cfg = config_mod.resolve({**base, "model": {"name": w["teacher"], **w.get("teacher_kwargs", {})}})
+        student_cfg = config_mod.resolve({**base, "model": {"name": w["student"], **w.get("student_kwargs", {})}})
+        data = data_mod.build(student_cfg["data"])
+        run = _fake_teacher_run(tmp / "teacher", teacher_cfg, data, seeds=[1, 2, 3, 4])
+        one = Teacher.from_references([f"{run}@epoch=4"], quiet=True)
+        four = Teacher.from_references([f"{run}@all"], quiet=True)
+        cached = Teacher.from_references([f"{run}@all"], quiet=True)
+        for t in (one, four, cached):
+            t.prepare(data)
+        started = time.perf_counter()
+        cached.attach_cache(data, views=w["views"], cache_dir=tmp / "cache")
+        cache_build_s = time.perf_counter() - started
+
+        def fresh_student():
+            torch.manual_seed(0)
+            student = build_model(model_spec(student_cfg, data))
+            return student, make_optimizer(student_cfg, student)
+
+        seconds: dict[str, list[float]] = {k: [] for k in ("student_alone", "kd_online_1", "kd_online_4",
+                                                           "kd_cached_4", "reference_loop_1", "teacher_inference",
+                                                           "student_step")}
+        for r in range(rounds):
+            for name, teacher in (("student_alone", None), ("kd_online_1", one), ("kd_online_4", four),
+                                  ("kd_cached_4", cached)):
+                student, optimizer = fresh_student()
+                _timed_epoch_steps(student, optimizer, data, teacher=teacher, kd=kd, steps=1, batch=w["batch"],
+                                   seed=r)  # warm-up
+                seconds[name].append(_timed_epoch_steps(student, optimizer, data, teacher=teacher, kd=kd,
+                                                        steps=steps, batch=w["batch"], seed=r))
+            student, optimizer = fresh_student()
+            seconds["reference_loop_1"].append(_reference_loop(student, optimizer, one.models[0], data, steps=steps,
+                                                               batch=w["batch"], kd=kd))
+            student, optimizer = fresh_student()
+            teacher_s, student_s = _compute_limit(student, optimizer, one.models[0], data, steps=steps,
+                                                  batch=w["batch"])
+            seconds["teacher_inference"].append(teacher_s)
+            seconds["student_step"].append(student_s)
+    images = steps * w["batch"]
+    best = {k: min(v) for k, v in seconds.items()}  # least disturbed round of each
+    rate = {k: images / v for k, v in best.items()}
+    rate["compute_limit_1"] = 1.0 / (1.0 / rate.pop("teacher_inference") + 1.0 / rate.pop("student_step"))
+    img_per_s = {k: round(rate[k], 1) for k in ("student_alone", "kd_online_1", "kd_online_4", "kd_cached_4",
+                                                "reference_loop_1", "compute_limit_1")}
+    return {
+        "workload": {"name": workload, "data_shape": w["shape"], "classes": w["classes"], "images": w["images"],
+                     "teacher": w["teacher"], "student": w["student"], "batch": w["batch"], "steps": steps,
+                     "rounds": rounds, "cache_views": w["views"], "threads": torch.get_num_threads(),
+                     "device": "cpu", "torch": torch.__version__, "machine": platform.processor() or platform.machine()},
+        "img_per_s": img_per_s,
+        "cache_build_s": round(cache_build_s, 2),
+        "ratios": {"kd_cached_4/student_alone": round(img_per_s["kd_cached_4"] / img_per_s["student_alone"], 3),
+                   "kd_online_1/compute_limit_1": round(img_per_s["kd_online_1"] / img_per_s["compute_limit_1"], 3),
+                   "kd_online_1/reference_loop_1": round(img_per_s["kd_online_1"] / img_per_s["reference_loop_1"], 3)},
+    }
+
+
+TARGETS = {"kd_cached_4/student_alone": 0.8, "kd_online_1/compute_limit_1": 0.9, "kd_online_1/reference_loop_1": 1.0}
+
+
+def print_bench(result: dict) -> None:
+    from rich.table import Table
+
+    from .report import terminal_console
+
+    w = result["workload"]
+    table = Table(title=f"ckptkd bench — {w['name']}: {w['teacher']} -> {w['student']} on {w['data_shape']}, batch "
+                        f"{w['batch']}, {w['steps']} steps x best of {w['rounds']} rounds, {w['threads']} threads")
+    table.add_column("mode")
+    table.add_column("img/s", justify="right")
+    for mode, value in result["img_per_s"].items():
+        table.add_row(mode, f"{value:.1f}")
+    table.caption = f"cache build (4 teachers, {w['cache_views']} views/image): {result['cache_build_s']:.2f} s"
+    console = terminal_console()
+    console.print(table)
+    for ratio, value in result["ratios"].items():
+        target = TARGETS[ratio]
+        console.print(f"{ratio:<32} {value:6.3f}   target >= {target}   {'met' if value >= target else 'NOT met'}")
+
+
+def main_json(result: dict) -> str:
+    return json.dumps({k: result[k] for k in ("workload", "img_per_s", "cache_build_s", "ratios")})
