@@ -34,8 +34,8 @@ def test_plan_covers_the_paper_grid():
     kinds = [t.kind for t in tasks]
     assert kinds.count("train") == 2 and kinds.count("analyze") == 1 and kinds.count("distill") == 2 * len(VARIANTS)
     students = {(t.group["variant"], t.group["seed"]): t for t in tasks if t.kind == "distill"}
-    assert students[("T0.5", 0)].config["kd"]["teachers"] == ["runs/resnet8-to-mlp-teacher-s0@0.5"]
-    assert students[("snapshot", 1)].config["kd"]["teachers"] == ["runs/resnet8-to-mlp-teacher-s0@0.3,0.5,0.7"]
+    assert students[("T0.5", 0)].config["kd"]["teachers"][0].endswith("-s0@0.5")
+    assert students[("snapshot", 1)].config["kd"]["teachers"][0].endswith("-s0@0.3,0.5,0.7")
     assert len(students[("full_ensemble", 0)].config["kd"]["teachers"]) == 2
     analysis = next(t for t in tasks if t.kind == "analyze")
     assert analysis.run_id in students[("Tstar", 1)].depends_on

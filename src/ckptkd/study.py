@@ -147,20 +147,32 @@ def resolve_study(source: str | Path | dict, overrides: list[str] | dict | None 
 
 
 def _slug(text_: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text_.replace("->", "-to-"))
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text_.replace("->", "-to-").replace("@", "-"))
 
 
 def plan(study: dict) -> list[Task]:
-    """Every task of the grid, teachers first, with the dependencies that order them."""
-    tasks: list[Task] = []
+    """Every task of the grid, teachers first, with the dependencies that order them.
+
+    Pairs whose teacher configs are identical share the teacher runs and their analysis (as the paper's grid shares
+    WRN-40-2 between its students)."""
+    tasks: dict[str, Task] = {}
     runs = Path("runs")
     # References stay relative to the study folder, so a task's id does not depend on how the folder is spelled.
     ref = lambda path, selector: f"{path}@{selector}"
     m = study["ensemble_size"]
+
+    def add(task: Task, pair_name: str) -> Task:
+        task = tasks.setdefault(task.run_id, task)
+        if pair_name not in task.group["pairs"]:
+            task.group["pairs"].append(pair_name)
+        return task
+
     for pair in study["pairs"]:
-        slug = _slug(pair["name"])
-        base_group = {"pair": pair["name"], "teacher_model": pair["teacher"]["model"]["name"],
-                      "student_model": pair["student"]["model"]["name"]}
+        teacher_model, student_model = pair["teacher"]["model"]["name"], pair["student"]["model"]["name"]
+        identity = {k: v for k, v in pair["teacher"].items() if k not in ("name", "seed")}
+        teacher_slug = f"teacher-{_slug(teacher_model)}-{task_id('teacher', identity)[:6]}"
+        base_group = {"pair": pair["name"], "pairs": [], "teacher_model": teacher_model,
+                      "student_model": student_model}
         teacher_seeds = study["seeds"] if study["teacher_per_seed"] else study["seeds"][:1]
         trajectories: dict[int, dict] = {}
         # Independent teachers are trained only when a full ensemble needs them.
@@ -171,17 +183,18 @@ def plan(study: dict) -> list[Task]:
                 seed = t_seed + 1000 * k  # independent runs for the full ensemble, never colliding with student seeds
                 cfg = copy.deepcopy(pair["teacher"])
                 cfg["seed"] = seed
-                cfg["name"] = f"{slug}-teacher-s{t_seed}" + (f"-m{k}" if k else "")
+                cfg["name"] = f"{teacher_slug}-s{t_seed}" + (f"-m{k}" if k else "")
                 role = "teacher" if k == 0 else "ensemble_member"
-                tasks.append(Task(task_id("train", cfg), "train", cfg["name"], cfg, str(runs / cfg["name"]),
-                                  group={**base_group, "role": role, "teacher_seed": t_seed, "seed": seed}))
-                members.append(tasks[-1])
+                members.append(add(Task(task_id("train", cfg), "train", cfg["name"], cfg, str(runs / cfg["name"]),
+                                        group={**base_group, "role": role, "teacher_seed": t_seed, "seed": seed}),
+                                   pair["name"]))
             analysis_cfg = {"run": members[0].path, **study["analysis"]}
-            analysis = Task(task_id("analyze", analysis_cfg), "analyze", f"{members[0].name}-analysis",
-                            analysis_cfg, members[0].path, depends_on=[members[0].run_id],
-                            group={**base_group, "role": "analysis", "teacher_seed": t_seed, "seed": t_seed})
-            tasks.append(analysis)
+            analysis = add(Task(task_id("analyze", analysis_cfg), "analyze", f"{members[0].name}-analysis",
+                                analysis_cfg, members[0].path, depends_on=[members[0].run_id],
+                                group={**base_group, "role": "analysis", "teacher_seed": t_seed, "seed": t_seed}),
+                           pair["name"])
             trajectories[t_seed] = {"members": members, "analysis": analysis}
+        slug = _slug(pair["name"])
         for seed in study["seeds"]:
             t_seed = seed if study["teacher_per_seed"] else teacher_seeds[0]
             traj = trajectories[t_seed]
@@ -212,11 +225,10 @@ def plan(study: dict) -> list[Task]:
                 if mode == "online":  # the same student with teachers run on every batch, to check the cache
                     cfg["kd"]["cache"] = "off"
                 cfg["name"] = f"{slug}-student-{_slug(variant)}-s{seed}"
-                tasks.append(Task(task_id("distill", cfg), "distill", cfg["name"], cfg, str(runs / cfg["name"]),
-                                  depends_on=depends,
-                                  group={**base_group, "role": "student", "variant": variant, "seed": seed,
-                                         "teacher_seed": t_seed}))
-    return tasks
+                add(Task(task_id("distill", cfg), "distill", cfg["name"], cfg, str(runs / cfg["name"]),
+                         depends_on=depends, group={**base_group, "role": "student", "variant": variant, "seed": seed,
+                                                    "teacher_seed": t_seed}), pair["name"])
+    return list(tasks.values())
 
 
 def _execute(task: dict, study_dir: Path, db: ResultsDB) -> tuple[dict, dict]:

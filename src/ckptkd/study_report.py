@@ -153,21 +153,20 @@ def _pairs(study: dict, rows: list[dict]) -> list[_Pair]:
                                     (student.get("model") or {}).get("name", "?"))
     for row in rows:
         group = row["group"] or {}
-        name = group.get("pair")
-        if name is None:
-            continue
-        if name not in pairs:
-            teacher_model, _, student_model = name.partition("->")
-            pairs[name] = _Pair(name, group.get("teacher_model", teacher_model),
-                                group.get("student_model", student_model or "?"))
-        pair = pairs[name]
-        role = group.get("role")
-        if role == "teacher":
-            pair.teachers.append(row)
-        elif role == "analysis":
-            pair.analyses.append(row)
-        elif role == "student":
-            pair.students.setdefault(group.get("variant"), []).append(row)
+        # A teacher shared by several pairs (identical teacher configs) lists them all under "pairs".
+        for name in group.get("pairs") or ([group["pair"]] if group.get("pair") else []):
+            if name not in pairs:
+                teacher_model, _, student_model = name.partition("->")
+                pairs[name] = _Pair(name, group.get("teacher_model", teacher_model),
+                                    group.get("student_model", student_model or "?"))
+            pair = pairs[name]
+            role = group.get("role")
+            if role == "teacher":
+                pair.teachers.append(row)
+            elif role == "analysis":
+                pair.analyses.append(row)
+            elif role == "student":
+                pair.students.setdefault(group.get("variant"), []).append(row)
     for pair in pairs.values():
         pair.teachers.sort(key=lambda r: r["group"].get("teacher_seed", 0))
     return list(pairs.values())
@@ -238,6 +237,34 @@ def _ensemble_table(pairs: list[_Pair], seeds: int) -> _Table:
         rows.append([(pair.name, False), (teachers[0], False), students[0], (teachers[1], False), students[1],
                      (diff, False), (wins, False)])
     return _Table("Full ensemble vs snapshot ensemble: test accuracy (%)", header, rows, 1)
+
+
+ONLINE = "@online"
+
+
+def _cache_table(pairs: list[_Pair], online: list[str], seeds: int) -> _Table:
+    header = ["Pair", "Teacher", "Student (cached)", "Student (online)", "Δ cached − online", "Δ / pooled std",
+              "Cached better", "Within seed noise"]
+    rows = []
+    for pair in pairs:
+        for variant in online:
+            base = variant[: -len(ONLINE)]
+            cached, live = pair.accuracy(base), pair.accuracy(variant)
+            diff = ratio = EMPTY
+            noise = EMPTY
+            if cached and live:
+                (mean_c, std_c), (mean_o, std_o) = _mean_std(list(cached.values())), _mean_std(list(live.values()))
+                diff = _signed(100 * (mean_c - mean_o))
+                if std_c is not None and std_o is not None and std_c + std_o > 0:
+                    pooled = math.sqrt((std_c ** 2 + std_o ** 2) / 2)
+                    ratio = _signed((mean_c - mean_o) / pooled)
+                    noise = "yes" if abs(mean_c - mean_o) <= pooled else "no"
+            paired = sorted(cached.keys() & live.keys())
+            wins = f"{sum(cached[s] > live[s] for s in paired)} of {len(paired)}" if paired else EMPTY
+            rows.append([(pair.name, False), (_label(base), False), (_cell(list(cached.values()), seeds), False),
+                         (_cell(list(live.values()), seeds), False), (diff, False), (ratio, False), (wins, False),
+                         (noise, False)])
+    return _Table("Teacher cache: student test accuracy (%), cached vs online teachers", header, rows, 2)
 
 
 def _comparison(a: str, a_acc: dict[int, float], b: str, b_acc: dict[int, float]) -> tuple[str, float | None]:
@@ -453,7 +480,8 @@ def write_report(study: str | Path, *, console: Console | None = None,
     config, rows = _load(study)
     pairs = _pairs(config, rows)
     seen = {(r["group"] or {}).get("variant") for r in rows if (r["group"] or {}).get("role") == "student"}
-    variants = sorted(set(config.get("variants") or []) | (seen - {None}), key=_variant_order)
+    online = sorted({v for v in seen if v and v.endswith(ONLINE)}, key=_variant_order)
+    variants = sorted(set(config.get("variants") or []) | (seen - {None} - set(online)), key=_variant_order)
     seeds = config.get("seeds") or sorted({r["group"]["seed"] for p in pairs for v in p.students.values() for r in v})
     lines = _header(config, study, rows, pairs, variants, seeds)
 
@@ -470,6 +498,16 @@ def write_report(study: str | Path, *, console: Console | None = None,
                   "of the student means in points; Snapshot better: paired seeds on which the snapshot student won.",
                   ""]
         lines += ensembles.markdown() + [""]
+
+    if online:
+        cache_table = _cache_table(pairs, online, len(seeds))
+        tables.append(cache_table)
+        lines += ["## Teacher cache: cached vs online teachers", "",
+                  "The same students (same seeds, so the same initial weights and batch order) distilled from teacher "
+                  "outputs looked up in the view-bank cache and from teachers run on every batch. Δ: cached − online "
+                  "in points and in pooled standard deviations; within seed noise when |Δ| is at most one pooled "
+                  "standard deviation.", ""]
+        lines += cache_table.markdown() + [""]
 
     plots_dir = study / "plots"
     plots, figures = [], []
