@@ -15,6 +15,8 @@ from PIL import Image
 from ckptkd.data.sources import FASHION_MNIST_DIR, SOURCES, RawData, load_raw
 from ckptkd.errors import UserError
 
+from fixtures import write_py2_pickle
+
 
 def _check_layout(raw: RawData, n_train: int, n_test: int, shape: tuple[int, int, int]):
     assert raw.train_x.dtype == torch.uint8 and raw.test_x.dtype == torch.uint8
@@ -123,42 +125,16 @@ def test_missing_idx_folder_and_files(tmp_path):
 # --- CIFAR --------------------------------------------------------------------------------------
 
 
-class _Py2Pickler(pickle._Pickler):
-    """Writes str and bytes as Python 2's cPickle wrote str, exactly as in the real CIFAR batches."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_bytes(self, obj):
-        if len(obj) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    def save_str(self, obj):
-        self.save_bytes(obj.encode("latin-1"))
-
-    dispatch[bytes] = save_bytes
-    dispatch[str] = save_str
-
-
-def _write_py2_pickle(path: Path, obj) -> None:
-    buf = io.BytesIO()
-    _Py2Pickler(buf, protocol=2).dump(obj)
-    # The real files name numpy's pre-2.0 module path.
-    path.write_bytes(buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
-
-
 def _write_cifar10(folder: Path, rng) -> dict[str, tuple[np.ndarray, list[int]]]:
     folder.mkdir(parents=True)
     names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
-    _write_py2_pickle(folder / "batches.meta", {b"label_names": names, b"num_cases_per_batch": 3, b"num_vis": 3072})
+    write_py2_pickle(folder / "batches.meta", {b"label_names": names, b"num_cases_per_batch": 3, b"num_vis": 3072})
     batches = {}
     for file in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, 3)]
         batches[file] = (data, labels)
-        _write_py2_pickle(folder / file, {
+        write_py2_pickle(folder / file, {
             b"batch_label": file.encode(), b"data": data, b"labels": labels,
             b"filenames": [f"img_{i}.png".encode() for i in range(3)],
         })
@@ -169,7 +145,7 @@ def test_cifar10_round_trip(tmp_path):
     batches = _write_cifar10(tmp_path / "cifar-10-batches-py", np.random.default_rng(4))
     first = batches["data_batch_1"][0]
     first[1, 1024 * 2 + 32 * 5 + 7] = 201  # image 1, blue, row 5, column 7
-    _write_py2_pickle(tmp_path / "cifar-10-batches-py" / "data_batch_1", {b"data": first, b"labels": batches["data_batch_1"][1]})
+    write_py2_pickle(tmp_path / "cifar-10-batches-py" / "data_batch_1", {b"data": first, b"labels": batches["data_batch_1"][1]})
 
     for root in (tmp_path, tmp_path / "cifar-10-batches-py"):
         raw = load_raw("cifar10", str(root))
@@ -188,13 +164,13 @@ def test_cifar100_round_trip(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     names = [f"class_{i}".encode() for i in range(100)]
-    _write_py2_pickle(folder / "meta", {b"fine_label_names": names, b"coarse_label_names": [b"c"] * 20})
+    write_py2_pickle(folder / "meta", {b"fine_label_names": names, b"coarse_label_names": [b"c"] * 20})
     written = {}
     for file, n in (("train", 4), ("test", 2)):
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 100, n)]
         written[file] = (data, labels)
-        _write_py2_pickle(folder / file, {b"data": data, b"fine_labels": labels, b"coarse_labels": [0] * n})
+        write_py2_pickle(folder / file, {b"data": data, b"fine_labels": labels, b"coarse_labels": [0] * n})
 
     raw = load_raw("cifar100", str(tmp_path))
     _check_layout(raw, 4, 2, (3, 32, 32))

@@ -123,3 +123,32 @@ def test_two_processes_share_one_study_and_do_each_run_once(tmp_path):
     assert all(r["status"] == "complete" and r["attempts"] == 1 for r in rows)
     claimers = {r["claimer"].split("/")[0] for r in rows}
     assert len(claimers) == 2, claimers  # both processes did part of the grid
+
+
+def test_pairs_with_the_same_teacher_share_its_runs():
+    study = tiny_study()
+    study["pairs"].append({**study["pairs"][0], "student_set": {"model.widths": [8]}, "name": "second"})
+    tasks = plan(resolve_study(study))
+    teachers = [t for t in tasks if t.kind == "train"]
+    assert len(teachers) == 2 and all(t.group["pairs"] == ["resnet8->mlp", "second"] for t in teachers)
+    assert sum(t.kind == "distill" for t in tasks) == 2 * 2 * len(VARIANTS)
+
+
+def test_cifar100_table3_grid_runs_one_epoch_on_fixture_cifar_data(tmp_path):
+    """The paper's grid, unchanged but for one epoch, seed and ensemble of 2, on CIFAR-100-format fixture files."""
+    from fixtures import write_cifar100
+
+    from conftest import REPO
+
+    root = write_cifar100(tmp_path / "data", train_per_class=3, test_per_class=1)
+    overrides = ["seeds=1", "ensemble_size=2", f"common.data.root={root}", "common.schedule.epochs=1",
+                 "common.data.val_fraction=0.67", "common.data.batch_size=100", "common.kd.cache=off",
+                 "common.log.progress=false", "common.device=cpu"]
+    study = run_study(str(REPO / "configs" / "cifar100_table3.yaml"), out=tmp_path / "s", overrides=overrides,
+                      quiet=True)
+    rows = ResultsDB(study / "results.sqlite").rows()
+    assert all(r["status"] == "complete" for r in rows), [(r["name"], r["error"]) for r in rows if r["error"]]
+    assert sum(r["kind"] == "train" for r in rows) == 4  # WRN-40-2 and ResNet-110, each shared by two students
+    report = (study / "report.md").read_text()
+    for pair in ("WRN-40-2->WRN-40-1", "WRN-40-2->MobileNetV2", "ResNet-110->ResNet-32", "ResNet-110->MobileNetV2"):
+        assert pair in report

@@ -99,6 +99,11 @@ def resolve_study(source: str | Path | dict, overrides: list[str] | dict | None 
         raw, base_dir = copy.deepcopy(source), Path.cwd()
     items = overrides.items() if isinstance(overrides, dict) else (config_mod.parse_override(o) for o in overrides or [])
     for key, value in items:
+        if key.startswith(("common.", "kd.")) and key.count(".") >= 1:
+            # `common` and `kd` hold run-config keys: `--set common.data.root=DIR` sets common["data.root"].
+            section, rest = key.split(".", 1)
+            raw.setdefault(section, {})[rest] = value
+            continue
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
