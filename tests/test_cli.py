@@ -103,3 +103,10 @@ def test_reference_to_a_folder_that_is_not_a_run(tmp_path):
 def test_paths_with_at_signs():
     assert split_reference("runs/a@b/t@0.5") == (Path("runs/a@b/t"), "0.5")
     assert split_reference("runs/t") == (Path("runs/t"), "last")
+
+
+def test_an_unwritable_output_folder_is_a_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    one_line_error(capsys, ["train", str(REPO / "configs" / "digits_teacher.yaml"), "--out", str(blocker / "run")],
+                   str(blocker))

@@ -182,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ckptkd: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.filename is None:
+            raise
+        # The file system said no (permissions, a full disk, a path that is a file): the user's to fix, not a bug.
+        print(f"ckptkd: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -29,6 +29,7 @@ FIXED_FRACTIONS = {"T0.3": 0.3, "T0.5": 0.5, "T0.7": 0.7}
 
 STUDY_DEFAULTS: dict[str, Any] = {
     "name": "study",
+    "description": "",
     "seeds": 3,
     "ensemble_size": 3,
     "teacher_per_seed": False,
@@ -56,6 +57,7 @@ def _snapshot(v):
 
 STUDY_FIELDS = {
     "name": text(pattern=r"[A-Za-z0-9_.\-]+"),
+    "description": lambda v: None if isinstance(v, str) else "text",
     "seeds": _seeds,
     "ensemble_size": integer(2, 16),
     "teacher_per_seed": boolean(),
@@ -274,9 +276,13 @@ def run_study(source: str | Path | dict, out: str | Path | None = None, *, overr
     study_dir.mkdir(parents=True, exist_ok=True)
     saved = study_dir / "study.yaml"
     text_ = config_mod.dump(study)
-    if saved.is_file() and saved.read_text() != text_:
-        raise UserError(f"study: {study_dir} holds a different study (its study.yaml differs); choose another --out")
-    if not saved.is_file():
+    if saved.is_file():
+        # The description is prose for the report, not part of what the study computes.
+        before = {k: v for k, v in config_mod.read_yaml(saved).items() if k != "description"}
+        if before != {k: v for k, v in study.items() if k != "description"}:
+            raise UserError(f"study: {study_dir} holds a different study (its study.yaml differs); "
+                            "choose another --out")
+    if not saved.is_file() or saved.read_text() != text_:
         atomic_write_text(saved, text_)
     tasks = plan(study)
     db = ResultsDB(study_dir / "results.sqlite", stale_after_s=3600.0)

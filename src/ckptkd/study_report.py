@@ -361,14 +361,16 @@ def _trajectory(study: Path, pair: _Pair) -> tuple[list[str], Path | None]:
         return [f"{pair.name}: the teacher {teacher['name']} has not been analysed yet."], run
     analysis = json.loads(analysis_path.read_text(encoding="utf-8"))
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    test_acc = {c["epoch"]: c["metrics"].get("test_acc") for c in manifest["checkpoints"]}
+    recorded = {c["epoch"]: c["metrics"] for c in manifest["checkpoints"]}
     selected = analysis["selected"]["epoch"]
-    header = ["Epoch", "Fraction", "Val %", "Test %", "Confidence %", "Non-target entropy", "I(X;F)", "I(Y;F)",
-              "Score", ""]
+    header = ["Epoch", "Fraction", "Train %", "Val %", "Test %", "Confidence %", "Non-target entropy", "I(X;F)",
+              "I(Y;F)", "Score", ""]
     rows = []
     for r in analysis["checkpoints"]:
-        test = test_acc.get(r["epoch"])
-        rows.append([(str(r["epoch"]), False), (f"{r['fraction']:.2f}", False), (_pct(r["val_acc"]), False),
+        test = recorded.get(r["epoch"], {}).get("test_acc")
+        train = recorded.get(r["epoch"], {}).get("train_acc")
+        rows.append([(str(r["epoch"]), False), (f"{r['fraction']:.2f}", False),
+                     (EMPTY if train is None else _pct(train), False), (_pct(r["val_acc"]), False),
                      (EMPTY if test is None else _pct(test), False), (_pct(r["confidence"]), False),
                      (f"{r['nontarget_entropy']:.3f}", False), (f"{r['i_xf']:.3f}", False),
                      (f"{r['i_yf']:.3f}", False), (f"{r['score']:.3f}", False),
@@ -379,8 +381,9 @@ def _trajectory(study: Path, pair: _Pair) -> tuple[list[str], Path | None]:
         value = agreement.get(key)
         return "undefined" if value is None else f"{value:.3f}"
 
-    lines = [f"Teacher {teacher['name']} (teacher seed {teacher_seed}, `{teacher['path']}`); T* = epoch {selected}.",
-             ""]
+    lines = [f"Teacher {teacher['name']} (teacher seed {teacher_seed}, `{teacher['path']}`); T* = epoch {selected}. "
+             "Train %: accuracy on the training batches of that epoch (augmented when the run augments); val, "
+             "confidence, entropy and the information estimates: the validation split.", ""]
     lines += _Table("", header, rows, 0).markdown()
     lines += ["", f"Spearman rank agreement of the probe/decoder and kNN estimators across checkpoints: "
                   f"I(X;F) {rho('spearman_i_xf')}, I(Y;F) {rho('spearman_i_yf')}, score {rho('spearman_score')}."]
@@ -462,6 +465,8 @@ def _header(config: dict, study: Path, rows: list[dict], pairs: list[_Pair], var
              "student seeds (over trajectory teachers for teacher accuracy); (n=k) marks a cell with fewer completed "
              "runs than seeds, and with n=1 the std is undefined.",
              f"- Runs: {len(rows)} in results.sqlite, {complete} complete.", ""]
+    if config.get("description"):
+        lines += [str(config["description"]).strip(), ""]
     if complete < len(rows):
         counts = {s: sum(r["status"] == s for r in rows) for s in ("pending", "running", "failed")}
         lines += [f"**{len(rows) - complete} of {len(rows)} runs are not complete** ("
