@@ -51,7 +51,8 @@ def _png() -> bytes:
 def _teacher_folder(folder, model: str, seed: int, selected: int) -> None:
     (folder / "plots").mkdir(parents=True)
     checkpoints = [{"epoch": e, "fraction": e / EPOCHS, "path": f"checkpoints/epoch-{e:04d}.safetensors",
-                    "metrics": {"val_acc": 0.5 + e / 50, "test_acc": 0.49 + e / 50}} for e in SAVED]
+                    "metrics": {"train_acc": 0.6 + e / 50, "val_acc": 0.5 + e / 50, "test_acc": 0.49 + e / 50}}
+                   for e in SAVED]
     (folder / "manifest.json").write_text(json.dumps({
         "format": 1, "kind": "train", "status": "complete", "name": folder.name, "model": {"name": model},
         "data": {"name": "digits"}, "seed": seed, "epochs": EPOCHS, "checkpoints": checkpoints}))
@@ -181,7 +182,7 @@ def test_report_of_a_complete_study(tmp_path):
     assert "| 2 of 3 |" in ensemble
 
     trajectory = report.split("### resnet8->mlp", 1)[1].split("\n### ", 1)[0]
-    assert "| 10 | 0.50 | 70.00 | 69.00 | 65.00 | 1.500 | 2.000 | 1.600 | 1.000 | T* |" in trajectory
+    assert "| 10 | 0.50 | 80.00 | 70.00 | 69.00 | 65.00 | 1.500 | 2.000 | 1.600 | 1.000 | T* |" in trajectory
     assert "I(X;F) 0.900, I(Y;F) undefined, score 0.800" in trajectory
     assert "not complete" not in report
 
