@@ -32,7 +32,7 @@ from .train import build_model, make_optimizer, model_spec, train_step
 
 WORKLOADS = {
     "cifar": {"shape": [3, 32, 32], "classes": 100, "teacher": "resnet56", "student": "resnet20", "batch": 128,
-              "images": 1024, "steps": 4, "views": 2, "rounds": 2},
+              "images": 1024, "steps": 6, "views": 2, "rounds": 3},
     "fashion": {"shape": [1, 28, 28], "classes": 10, "teacher": "cnn", "student": "cnn", "batch": 128,
                 "images": 4096, "steps": 16, "views": 4, "rounds": 3,
                 "teacher_kwargs": {"channels": [16, 32, 64], "hidden": 256},
