@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import yaml
+from pathlib import Path
 from rich.console import Console
 
 from ckptkd.errors import UserError
@@ -250,3 +251,25 @@ def test_not_a_study(tmp_path):
         write_report(tmp_path / "missing")
     with pytest.raises(UserError, match="not a ckptkd study"):
         write_report(tmp_path)
+
+
+def test_cached_and_online_students_are_compared(tmp_path):
+    study = make_study(tmp_path)
+    online = {0: 0.79, 1: 0.80, 2: 0.81}
+    db = ResultsDB(study / "results.sqlite")
+    for seed, acc in online.items():
+        db.add(f"online-s{seed}", kind="distill", name=f"online-s{seed}", config={}, path=f"runs/online-s{seed}",
+               group={"pair": "resnet8->mlp", "role": "student", "variant": "T0.5@online", "seed": seed,
+                      "teacher_seed": 0})
+    while (run := db.claim()) is not None:
+        db.complete(run["run_id"], metrics={"test_acc": online[int(run["run_id"][-1])], "val_acc": 0.8},
+                    timings={})
+    db.close()
+    report = Path(write_report(study, quiet=True)["report"]).read_text()
+    table = report.split("## Teacher cache", 1)[1].split("\n## ", 1)[0]
+    cached = STUDENTS["resnet8->mlp"]["T0.5"]
+    diff = 100 * (statistics.mean(cached) - statistics.mean(online.values()))
+    signed = f"{diff:+.2f}".replace("-", "−")
+    assert f"| resnet8->mlp | T^0.5 | {summary(cached)} | 80.00 ± 1.00 | {signed} |" in table
+    assert "| 3 of 3 | no |" in table
+    assert "T0.5@online" not in report.split("## Table 3", 1)[1].split("\n## ", 1)[0]  # not a Table 3 column

@@ -508,7 +508,8 @@ def write_report(study: str | Path, *, console: Console | None = None,
         cache_table = _cache_table(pairs, online, len(seeds))
         tables.append(cache_table)
         lines += ["## Teacher cache: cached vs online teachers", "",
-                  "The same students (same seeds, so the same initial weights and batch order) distilled from teacher "
+                  "The same students (same seeds, so the same initial weights and batch order; the augmentation draws "
+                  "differ, since cached students draw among each image's banked views) distilled from teacher "
                   "outputs looked up in the view-bank cache and from teachers run on every batch. Δ: cached − online "
                   "in points and in pooled standard deviations; within seed noise when |Δ| is at most one pooled "
                   "standard deviation.", ""]
