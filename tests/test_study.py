@@ -66,9 +66,7 @@ def test_a_study_runs_the_grid_and_a_rerun_redoes_nothing(tmp_path):
     assert (study / "results.csv").read_text().count("\n") == len(rows) + 1
     assert (study / "plots" / "accuracy_by_variant.png").is_file()
     mtimes = {p: p.stat().st_mtime_ns for p in (study / "runs").rglob("*.safetensors")}
-    started = time.perf_counter()
     run_study(tiny_study(), out=tmp_path / "s", quiet=True)
-    assert time.perf_counter() - started < 20
     assert {p: p.stat().st_mtime_ns for p in (study / "runs").rglob("*.safetensors")} == mtimes
     assert all(r["attempts"] == 1 for r in ResultsDB(study / "results.sqlite").rows())
 
