@@ -62,7 +62,7 @@ class Checkpoint:
         return load_tensors(self.path, expected_sha256=self.sha256)
 
     def build_model(self, device: torch.device | str = "cpu") -> torch.nn.Module:
-        model = build_model_from_manifest(self.manifest)
+        model = build_model(self.manifest["model"])
         state = self.state_dict()
         try:
             model.load_state_dict(state)
@@ -72,8 +72,8 @@ class Checkpoint:
         return model.to(device)
 
 
-def build_model_from_manifest(manifest: dict) -> torch.nn.Module:
-    spec = manifest["model"]
+def build_model(spec: dict) -> torch.nn.Module:
+    """A fresh model from a manifest's `model` entry (name, classes, channels, image size, constructor kwargs)."""
     return models.create(spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
                          image_size=tuple(spec["image_size"]) if spec.get("image_size") else None,
                          **spec.get("kwargs", {}))

@@ -20,8 +20,7 @@ from tqdm import tqdm
 
 from . import config as config_mod
 from . import data as data_mod
-from . import models
-from .checkpoints import MANIFEST, MANIFEST_FORMAT, checkpoint_path, epoch_at_fraction, load_manifest
+from .checkpoints import MANIFEST, MANIFEST_FORMAT, build_model, checkpoint_path, epoch_at_fraction, load_manifest
 from .errors import UserError
 from .losses import kd_terms
 from .schedules import cycle_ends, lr_at
@@ -75,10 +74,6 @@ def model_spec(cfg: dict, data: data_mod.Data) -> dict:
     return {"name": m["name"], "num_classes": num_classes, "in_channels": in_channels,
             "image_size": list(data.image_shape[1:]), "kwargs": kwargs}
 
-
-def build_model(spec: dict) -> torch.nn.Module:
-    return models.create(spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-                         image_size=tuple(spec["image_size"]), **spec["kwargs"])
 
 
 def make_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
