@@ -63,3 +63,22 @@ def test_cached_student_is_deterministic_and_records_the_cache(tmp_path, teacher
     online = distill({**cfg, "kd": {"cache": "off"}}, teachers=[teacher_run.ref("0.3,0.5")], out=tmp_path / "c",
                      quiet=True).manifest
     assert "cache" not in online["teacher_ensemble"]
+
+
+def test_teacher_numerics_resolve_and_key_the_cache(tmp_path, teacher_run):
+    data = _data()
+    conv = Teacher.from_references([teacher_run.ref("last")], quiet=True)  # resnet8: channels-last on "auto"
+    plain = Teacher.from_references([teacher_run.ref("last")], quiet=True, channels_last=False)
+    assert conv.numerics == {"channels_last": True, "autocast": "none"} and not plain.numerics["channels_last"]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in conv.models[0].modules())  # folded into the convs
+    for teacher in (conv, plain):
+        teacher.prepare(data)
+    x = next(data.eval_batches("val", 32))[0]
+    torch.testing.assert_close(conv.logits(x), plain.logits(x), atol=1e-4, rtol=1e-4)
+    first = conv.attach_cache(data, views=2, cache_dir=tmp_path)
+    assert plain.attach_cache(data, views=2, cache_dir=tmp_path)["built"] == 1  # other numerics: another file
+    assert conv.attach_cache(data, views=2, cache_dir=tmp_path)["built"] == 0 and first["built"] == 1
+
+
+def test_default_crop_padding_follows_the_image_size():
+    assert [data_mod.default_pad(h) for h in (8, 28, 32, 96)] == [1, 2, 4, 4]

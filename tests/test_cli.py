@@ -26,6 +26,7 @@ def one_line_error(capsys, argv, *needles):
     ("data: {name: mnist-ish}\n", ["data.name", "mnist-ish"]),
     ("optim: {lr: fast}\n", ["optim.lr", "fast"]),
     ("kd: {alpha: 1.5}\n", ["kd.alpha"]),
+    ("kd: {autocast: fp8}\n", ["kd.autocast", "fp8"]),
     ("schedule: {epochz: 3}\n", ["schedule.epochz"]),
     ("model: {name: resnet8, width: 3}\n", ["resnet8", "width"]),
     ("- just\n- a list\n", ["top level must be a mapping"]),

@@ -56,9 +56,13 @@ def test_distillation_is_deterministic_and_teacher_matters(tmp_path, teacher_run
 
 
 def test_teacher_batchnorm_buffers_are_untouched_by_a_distillation_epoch(tmp_path, teacher_run, monkeypatch):
+    import ckptkd.teachers
+
+    # BatchNorm that cannot be folded (e.g. a WRN's pre-activation) must stay frozen too: keep this one unfolded.
+    monkeypatch.setattr(ckptkd.teachers, "fold_batchnorm", lambda model: 0)
     teacher = Teacher.from_references([teacher_run.ref("0.5")], quiet=True)
     before = {k: v.clone() for k, v in teacher.models[0].state_dict().items()}
-    monkeypatch.setattr(Teacher, "from_references", classmethod(lambda cls, refs, quiet=False: teacher))
+    monkeypatch.setattr(Teacher, "from_references", classmethod(lambda cls, refs, **kwargs: teacher))
     distill(student_config(schedule={"epochs": 1}), teachers=["ignored"], out=tmp_path / "s", quiet=True)
     after = teacher.models[0].state_dict()
     assert any("running_mean" in k for k in before)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ckptkd.ensemble import EnsembleForward
+from ckptkd.ensemble import EnsembleForward, fold_batchnorm
 from ckptkd.models import create
 
 SHAPES = {"resnet8": (3, 16, 16), "mobilenetv2": (3, 16, 16), "lenet5": (1, 8, 8), "mlp": (1, 8, 8)}
@@ -167,3 +167,33 @@ def test_to_restacks_weights():
     assert ensemble.to("cpu") is ensemble
     assert ensemble._stacked == {}
     torch.testing.assert_close(ensemble(x), one_by_one(models, [x] * 2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name,kw,folded", [("resnet8", {}, 7), ("mobilenetv2", {}, 52), ("lenet5", {}, 0)],
+                         ids=["resnet8", "mobilenetv2", "lenet5"])
+def test_folding_batchnorm_keeps_outputs_and_removes_the_layers(name, kw, folded):
+    model = trained_looking(name, 0, **kw)
+    x = torch.randn(8, *SHAPES[name])
+    with torch.no_grad():
+        reference = model(x)
+        assert fold_batchnorm(model) == folded
+        torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-4)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) or name == "lenet5"
+
+
+def test_folding_skips_a_batchnorm_whose_conv_output_is_also_used_elsewhere():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # folding bn into conv would change the second use of y
+
+    model = Branchy().eval()
+    model.bn.running_mean.fill_(0.5)
+    x = torch.randn(2, 2, 4, 4)
+    reference = model(x)
+    assert fold_batchnorm(model) == 0
+    assert torch.equal(model(x), reference)

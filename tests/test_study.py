@@ -133,13 +133,15 @@ def test_pairs_with_the_same_teacher_share_its_runs():
 
 
 def test_cifar100_table3_grid_runs_one_epoch_on_fixture_cifar_data(tmp_path):
-    """The paper's grid, unchanged but for one epoch, seed and ensemble of 2, on CIFAR-100-format fixture files."""
+    """The paper's four pairs and recipes, on CIFAR-100-format fixture files: one epoch, one seed, an ensemble of 2,
+    and one variant of each teacher kind (none, one checkpoint chosen by analysis, snapshot, full ensemble)."""
     from fixtures import write_cifar100
 
     from conftest import REPO
 
     root = write_cifar100(tmp_path / "data", train_per_class=3, test_per_class=1)
-    overrides = ["seeds=1", "ensemble_size=2", f"common.data.root={root}", "common.schedule.epochs=1",
+    overrides = ["seeds=1", "ensemble_size=2", "variants=[none, Tstar, snapshot, full_ensemble]",
+                 f"common.data.root={root}", "common.schedule.epochs=1",
                  "common.data.val_fraction=0.67", "common.data.batch_size=100", "common.kd.cache=off",
                  "common.log.progress=false", "common.device=cpu"]
     study = run_study(str(REPO / "configs" / "cifar100_table3.yaml"), out=tmp_path / "s", overrides=overrides,
@@ -147,6 +149,7 @@ def test_cifar100_table3_grid_runs_one_epoch_on_fixture_cifar_data(tmp_path):
     rows = ResultsDB(study / "results.sqlite").rows()
     assert all(r["status"] == "complete" for r in rows), [(r["name"], r["error"]) for r in rows if r["error"]]
     assert sum(r["kind"] == "train" for r in rows) == 4  # WRN-40-2 and ResNet-110, each shared by two students
+    assert sum(r["kind"] == "distill" for r in rows) == 4 * 4
     report = (study / "report.md").read_text()
     for pair in ("WRN-40-2->WRN-40-1", "WRN-40-2->MobileNetV2", "ResNet-110->ResNet-32", "ResNet-110->MobileNetV2"):
         assert pair in report

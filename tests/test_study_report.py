@@ -262,8 +262,9 @@ def test_cached_and_online_students_are_compared(tmp_path):
                group={"pair": "resnet8->mlp", "role": "student", "variant": "T0.5@online", "seed": seed,
                       "teacher_seed": 0})
     while (run := db.claim()) is not None:
-        db.complete(run["run_id"], metrics={"test_acc": online[int(run["run_id"][-1])], "val_acc": 0.8},
-                    timings={})
+        db.complete(run["run_id"], metrics={"test_acc": online[int(run["run_id"][-1])], "val_acc": 0.8,
+                                            "teachers": ["runs/t@0.5"]},
+                    timings={"duration_s": 20.0 + int(run["run_id"][-1])})
     db.close()
     report = Path(write_report(study, quiet=True)["report"]).read_text()
     table = report.split("## Teacher cache", 1)[1].split("\n## ", 1)[0]
@@ -272,4 +273,23 @@ def test_cached_and_online_students_are_compared(tmp_path):
     signed = f"{diff:+.2f}".replace("-", "−")
     assert f"| resnet8->mlp | T^0.5 | {summary(cached)} | 80.00 ± 1.00 | {signed} |" in table
     assert "| 3 of 3 | no |" in table
+    assert table.splitlines()[-2].endswith(" | 21.0 |")  # the online students' mean wall time
     assert "T0.5@online" not in report.split("## Table 3", 1)[1].split("\n## ", 1)[0]  # not a Table 3 column
+
+
+def test_compute_time_is_summed_by_kind_of_run(tmp_path):
+    study = make_study(tmp_path, seeds=(0, 1))
+    db = ResultsDB(study / "results.sqlite")
+    rows = db.rows()
+    db.close()
+    report = Path(write_report(study, quiet=True)["report"]).read_text()
+    section = report.split("## Compute time", 1)[1].split("\n## ", 1)[0]
+    counts = {line.split(" | ")[0].strip("| *"): int(line.split(" | ")[1]) for line in section.splitlines()
+              if line.startswith("| ") and not line.startswith("| Runs")}
+    students = [r for r in rows if r["group"]["role"] == "student"]
+    assert counts["teacher training"] == sum(r["group"]["role"] in ("teacher", "ensemble_member") for r in rows)
+    assert counts["checkpoint analysis"] == sum(r["group"]["role"] == "analysis" for r in rows)
+    assert counts["students, no KD"] == sum(r["group"]["variant"] == "none" for r in students)
+    assert counts["KD students, teachers online"] == len(students) - counts["students, no KD"]
+    assert counts["total"] == len(rows)
+    assert "No teacher cache was used." in section

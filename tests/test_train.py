@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import random
 import signal
@@ -185,3 +186,12 @@ def test_digits_config_trains_on_fashion_mnist(tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = load_manifest(tmp_path / "run")
     assert manifest["data"]["image_shape"] == [1, 28, 28] and manifest["data"]["train"] == 256
+
+
+def test_bf16_precision_trains_and_records_itself(tmp_path):
+    cfg = tiny_config(model={"name": "mlp", "widths": [32]}, schedule={"epochs": 2}, checkpoints={"fractions": [1.0]})
+    fp32 = train(cfg, out=tmp_path / "fp32", quiet=True).manifest
+    bf16 = train({**cfg, "precision": "bf16"}, out=tmp_path / "bf16", quiet=True).manifest
+    assert bf16["precision"] == "bf16" and fp32["precision"] == "fp32"
+    assert bf16["checkpoints"][-1]["sha256"] != fp32["checkpoints"][-1]["sha256"]  # autocast really ran
+    assert bf16["final"]["val_acc"] > 0.5 and math.isfinite(bf16["checkpoints"][-1]["metrics"]["train_loss"])

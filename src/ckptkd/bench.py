@@ -5,8 +5,10 @@ Modes (all train the same student with the same optimizer on the same data):
   kd_online_1       our loop, one teacher checkpoint run on every batch
   kd_online_4       our loop, a 4-checkpoint ensemble run on every batch
   kd_cached_4       our loop, the same ensemble answered from the view-bank cache (its build: cache_build_s)
-  reference_loop_1  the ordinary way: torch DataLoader with per-sample transforms, a teacher forward per batch
-  compute_limit_1   1 / (1/teacher inference + 1/student training step), each timed alone on tensors in memory
+  reference_loop_1  the ordinary way: torch DataLoader with per-sample transforms, the checkpoint loaded as it is
+                    (eval mode, no_grad) and run on every batch
+  compute_limit_1   1 / (1/teacher inference + 1/student training step), each timed alone on tensors in memory;
+                    the teacher runs as our loop runs it (BatchNorm folded, channels-last for conv nets)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .checkpoints import MANIFEST_FORMAT, checkpoint_path
 from .errors import UserError
 from .storage import atomic_write_json, atomic_write_text, save_tensors
 from .teachers import Teacher
-from .train import build_model, make_optimizer, model_spec, train_step
+from .train import build_model, make_optimizer, model_spec, pick_device, train_step
 
 WORKLOADS = {
     "cifar": {"shape": [3, 32, 32], "classes": 100, "teacher": "resnet56", "student": "resnet20", "batch": 128,
@@ -70,9 +72,16 @@ def _fake_teacher_run(folder: Path, cfg: dict, data: data_mod.Data, seeds: list[
     return str(folder)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
+
+
 def _timed_epoch_steps(model, optimizer, data, *, teacher, kd, steps, batch, seed) -> float:
     """Seconds for `steps` training steps of our loop (batches drawn, augmented, normalised inside the timing)."""
     view_bank = teacher.view_bank if teacher is not None else None
+    device = data.train_x.device
+    _sync(device)
     started = time.perf_counter()
     done = 0
     epoch = 0
@@ -83,6 +92,7 @@ def _timed_epoch_steps(model, optimizer, data, *, teacher, kd, steps, batch, see
             done += 1
             if done == steps:
                 break
+    _sync(device)
     return time.perf_counter() - started
 
 
@@ -108,12 +118,16 @@ class _PerSampleDataset(torch.utils.data.Dataset):
 
 def _reference_loop(student, optimizer, teacher_model, data, *, steps, batch, kd) -> float:
     dataset = _PerSampleDataset(data.train_x.cpu(), data.train_y.cpu(), data.mean, data.std, data.pad, data.hflip)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
+                                         pin_memory=data.train_x.device.type == "cuda")
     tau, alpha = kd["temperature"], kd["alpha"]
+    device = data.train_x.device
+    _sync(device)
     started = time.perf_counter()
     done = 0
     while done < steps:
         for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.no_grad():
                 t = teacher_model(x)
             s = student(x)
@@ -125,30 +139,35 @@ def _reference_loop(student, optimizer, teacher_model, data, *, steps, batch, kd
             done += 1
             if done == steps:
                 break
+    _sync(device)
     return time.perf_counter() - started
 
 
-def _compute_limit(student, optimizer, teacher_model, data, *, steps, batch) -> tuple[float, float]:
+def _compute_limit(student, optimizer, teacher: Teacher, data, *, steps, batch) -> tuple[float, float]:
+    """Seconds for `steps` teacher inferences (as our loop runs the teacher) and `steps` bare student steps."""
     x = data.train_x[:batch].float() / 255.0
     y = data.train_y[:batch]
-    with torch.inference_mode():
-        teacher_model(x)
-        started = time.perf_counter()
-        for _ in range(steps):
-            teacher_model(x)
-        teacher_s = time.perf_counter() - started
+    teacher.logits(x)
+    _sync(x.device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        teacher.logits(x)
+    _sync(x.device)
+    teacher_s = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(steps):
         loss = F.cross_entropy(student(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    _sync(x.device)
     student_s = time.perf_counter() - started
     return teacher_s, student_s
 
 
 def run_bench(workload: str = "cifar", *, steps: int | None = None, rounds: int | None = None,
-              threads: int | None = None) -> dict:
+              threads: int | None = None, device: str = "cpu", autocast: str = "none") -> dict:
+    """`device` "cpu", "cuda" or "auto"; `autocast` ("none", "bf16", "fp16") is how the teachers compute."""
     if workload not in WORKLOADS:
         raise UserError(f"bench: unknown workload {workload!r} (available: {', '.join(WORKLOADS)})")
     w = dict(WORKLOADS[workload])
@@ -157,28 +176,30 @@ def run_bench(workload: str = "cifar", *, steps: int | None = None, rounds: int 
     if threads:
         torch.set_num_threads(threads)
     kd = {"temperature": 4.0, "alpha": 0.1, "ensemble": "probs"}
+    dev = pick_device(device)
     with tempfile.TemporaryDirectory(prefix="ckptkd-bench-") as tmp:
         tmp = Path(tmp)
         npz = _synthetic_npz(tmp, w)
-        base = {"device": "cpu", "data": {"name": "npz", "root": str(npz), "val_fraction": 0.1, "batch_size": w["batch"],
+        base = {"device": str(dev), "data": {"name": "npz", "root": str(npz), "val_fraction": 0.1, "batch_size": w["batch"],
                                           "hflip": w["shape"][0] == 3},
                 "log": {"progress": False, "tensorboard": False}}
         teacher_cfg = config_mod.resolve({**base, "model": {"name": w["teacher"], **w.get("teacher_kwargs", {})}})
         student_cfg = config_mod.resolve({**base, "model": {"name": w["student"], **w.get("student_kwargs", {})}})
-        data = data_mod.build(student_cfg["data"])
+        data = data_mod.build(student_cfg["data"], dev)
         run = _fake_teacher_run(tmp / "teacher", teacher_cfg, data, seeds=[1, 2, 3, 4])
-        one = Teacher.from_references([f"{run}@epoch=4"], quiet=True)
-        four = Teacher.from_references([f"{run}@all"], quiet=True)
-        cached = Teacher.from_references([f"{run}@all"], quiet=True)
+        one, four, cached = (Teacher.from_references([f"{run}@{selector}"], quiet=True, autocast=autocast)
+                             for selector in ("epoch=4", "all", "all"))
         for t in (one, four, cached):
-            t.prepare(data)
+            t.to(dev).prepare(data)
+        # The ordinary way loads the checkpoint as it is: BatchNorm unfolded, default memory format, eval mode.
+        plain_teacher = one.checkpoints[0].build_model(dev).eval()
         started = time.perf_counter()
         cached.attach_cache(data, views=w["views"], cache_dir=tmp / "cache")
         cache_build_s = time.perf_counter() - started
 
         def fresh_student():
             torch.manual_seed(0)
-            student = build_model(model_spec(student_cfg, data))
+            student = build_model(model_spec(student_cfg, data)).to(dev)
             return student, make_optimizer(student_cfg, student)
 
         seconds: dict[str, list[float]] = {k: [] for k in ("student_alone", "kd_online_1", "kd_online_4",
@@ -193,11 +214,10 @@ def run_bench(workload: str = "cifar", *, steps: int | None = None, rounds: int 
                 seconds[name].append(_timed_epoch_steps(student, optimizer, data, teacher=teacher, kd=kd,
                                                         steps=steps, batch=w["batch"], seed=r))
             student, optimizer = fresh_student()
-            seconds["reference_loop_1"].append(_reference_loop(student, optimizer, one.models[0], data, steps=steps,
+            seconds["reference_loop_1"].append(_reference_loop(student, optimizer, plain_teacher, data, steps=steps,
                                                                batch=w["batch"], kd=kd))
             student, optimizer = fresh_student()
-            teacher_s, student_s = _compute_limit(student, optimizer, one.models[0], data, steps=steps,
-                                                  batch=w["batch"])
+            teacher_s, student_s = _compute_limit(student, optimizer, one, data, steps=steps, batch=w["batch"])
             seconds["teacher_inference"].append(teacher_s)
             seconds["student_step"].append(student_s)
     images = steps * w["batch"]
@@ -210,7 +230,9 @@ def run_bench(workload: str = "cifar", *, steps: int | None = None, rounds: int 
         "workload": {"name": workload, "data_shape": w["shape"], "classes": w["classes"], "images": w["images"],
                      "teacher": w["teacher"], "student": w["student"], "batch": w["batch"], "steps": steps,
                      "rounds": rounds, "cache_views": w["views"], "threads": torch.get_num_threads(),
-                     "device": "cpu", "torch": torch.__version__, "machine": platform.processor() or platform.machine()},
+                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                     "teacher_autocast": autocast, "torch": torch.__version__,
+                     "machine": platform.processor() or platform.machine()},
         "img_per_s": img_per_s,
         "cache_build_s": round(cache_build_s, 2),
         "ratios": {"kd_cached_4/student_alone": round(img_per_s["kd_cached_4"] / img_per_s["student_alone"], 3),

@@ -82,7 +82,8 @@ def cmd_demo(args) -> None:
 def cmd_bench(args) -> None:
     from .bench import main_json, print_bench, run_bench
 
-    result = run_bench(args.workload, steps=args.steps, rounds=args.rounds, threads=args.threads)
+    result = run_bench(args.workload, steps=args.steps, rounds=args.rounds, threads=args.threads, device=args.device,
+                       autocast=args.autocast)
     if args.json:
         print(main_json(result))
     else:
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode and round")
     p.add_argument("--rounds", type=int, default=None, help="rounds; the best of them counts")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to run (default: cpu)")
+    p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"],
+                   help="teachers' autocast dtype (default: none)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("show", help="print a run's trajectory table")

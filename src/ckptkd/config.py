@@ -19,6 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "name": "run",
     "seed": 0,
     "device": "auto",
+    "precision": "fp32",
     "data": {
         "name": "digits",
         "root": None,
@@ -40,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
                  "cycles": 5, "min_lr": 0.0, "warmup_epochs": 0},
     "checkpoints": {"fractions": [0.3, 0.5, 0.7, 1.0], "every": None, "epochs": []},
     "kd": {"teachers": [], "temperature": 4.0, "alpha": 0.1, "ensemble": "probs", "cache": "auto", "views": 32,
-           "cache_dir": None},
+           "cache_dir": None, "channels_last": "auto", "autocast": "auto"},
     "log": {"progress": "auto", "tensorboard": "auto"},
 }
 
@@ -137,6 +138,7 @@ FIELDS: dict[str, Check] = {
     "name": text(pattern=r"[A-Za-z0-9_.\-]+"),
     "seed": integer(0),
     "device": device_name,
+    "precision": one_of("fp32", "bf16"),
     "data.name": text(),
     "data.root": text(nullable=True),
     "data.val_fraction": number(0.0, 0.9),
@@ -176,6 +178,8 @@ FIELDS: dict[str, Check] = {
     "kd.cache": one_of("auto", "on", "off"),
     "kd.views": integer(1, 4096),
     "kd.cache_dir": text(nullable=True),
+    "kd.channels_last": one_of("auto", True, False),
+    "kd.autocast": one_of("auto", "none", "bf16", "fp16"),
     "log.progress": one_of("auto", True, False),
     "log.tensorboard": one_of("auto", True, False),
 }

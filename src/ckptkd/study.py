@@ -264,7 +264,8 @@ def _execute(task: dict, study_dir: Path, db: ResultsDB) -> tuple[dict, dict]:
         ensemble = manifest.get("teacher_ensemble") or {}
         metrics.update(teacher_val_acc=ensemble.get("val_acc"), teacher_test_acc=ensemble.get("test_acc"),
                        teachers=[t["reference"] for t in manifest["teachers"]],
-                       teacher_epochs=[t["epoch"] for t in manifest["teachers"]])
+                       teacher_epochs=[t["epoch"] for t in manifest["teachers"]],
+                       teacher_cache=ensemble.get("cache"))
     return metrics, {"train_time_s": manifest["final"]["train_time_s"]}
 
 

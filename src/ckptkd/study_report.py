@@ -1,8 +1,8 @@
 """`ckptkd report STUDY`: the study's results as the paper presents them, in report.md, results.csv and plots/.
 
 Everything is read from results.sqlite, study.yaml and the teachers' run folders; the report has no timestamps, so
-identical results give identical files. Accuracies are last-epoch test accuracies; ± is the sample standard deviation
-(ddof = 1), so it is undefined for a single seed.
+identical results give identical files apart from the measured wall times. Accuracies are last-epoch test
+accuracies; ± is the sample standard deviation (ddof = 1), so it is undefined for a single seed.
 """
 
 from __future__ import annotations
@@ -242,9 +242,18 @@ def _ensemble_table(pairs: list[_Pair], seeds: int) -> _Table:
 ONLINE = "@online"
 
 
+def _duration(row: dict) -> float | None:
+    return (row.get("timings") or {}).get("duration_s") if row["status"] == "complete" else None
+
+
+def _mean_seconds(rows: list[dict]) -> str:
+    seconds = [d for d in map(_duration, rows) if d is not None]
+    return f"{statistics.mean(seconds):.1f}" if seconds else EMPTY
+
+
 def _cache_table(pairs: list[_Pair], online: list[str], seeds: int) -> _Table:
     header = ["Pair", "Teacher", "Student (cached)", "Student (online)", "Δ cached − online", "Δ / pooled std",
-              "Cached better", "Within seed noise"]
+              "Cached better", "Within seed noise", "Time cached (s)", "Time online (s)"]
     rows = []
     for pair in pairs:
         for variant in online:
@@ -263,8 +272,46 @@ def _cache_table(pairs: list[_Pair], online: list[str], seeds: int) -> _Table:
             wins = f"{sum(cached[s] > live[s] for s in paired)} of {len(paired)}" if paired else EMPTY
             rows.append([(pair.name, False), (_label(base), False), (_cell(list(cached.values()), seeds), False),
                          (_cell(list(live.values()), seeds), False), (diff, False), (ratio, False), (wins, False),
-                         (noise, False)])
+                         (noise, False), (_mean_seconds(pair.students.get(base, [])), False),
+                         (_mean_seconds(pair.students.get(variant, [])), False)])
     return _Table("Teacher cache: student test accuracy (%), cached vs online teachers", header, rows, 2)
+
+
+def _time_table(rows: list[dict]) -> tuple[_Table, str]:
+    """Wall time summed by kind of run, and a sentence on the teacher caches built and reused."""
+    parts: dict[str, list[float]] = {}
+    built = reused = 0
+    build_s = 0.0
+    for row in rows:
+        seconds = _duration(row)
+        if seconds is None:
+            continue
+        group, metrics = row["group"] or {}, row["metrics"] or {}
+        role = group.get("role")
+        if role == "analysis" or row["kind"] == "analyze":
+            part = "checkpoint analysis"
+        elif role != "student":
+            part = "teacher training"
+        elif group.get("variant") == "none" or not metrics.get("teachers"):
+            part = "students, no KD"
+        else:
+            cache = metrics.get("teacher_cache")
+            part = "KD students, cached teachers" if cache else "KD students, teachers online"
+            if cache:
+                built += cache.get("built", 0)
+                reused += cache.get("reused", 0)
+                build_s += cache.get("seconds", 0.0) if cache.get("built") else 0.0
+        parts.setdefault(part, []).append(seconds)
+    order = ["teacher training", "checkpoint analysis", "students, no KD", "KD students, cached teachers",
+             "KD students, teachers online"]
+    table_rows = [[(part, False), (str(len(parts[part])), False), (f"{sum(parts[part]):.0f}", False),
+                   (f"{statistics.mean(parts[part]):.1f}", False)] for part in order if part in parts]
+    total = [d for d in map(_duration, rows) if d is not None]
+    table_rows.append([("total", True), (str(len(total)), False), (f"{sum(total):.0f}", True), ("", False)])
+    note = (f"Teacher caches: {built} built ({build_s:.0f} s, inside the KD-student times above) and reused "
+            f"{reused} times." if built or reused else "No teacher cache was used.")
+    return _Table("Compute time: wall seconds per kind of run", ["Runs", "Count", "Total (s)", "Mean (s)"],
+                  table_rows, 1), note
 
 
 def _comparison(a: str, a_acc: dict[int, float], b: str, b_acc: dict[int, float]) -> tuple[str, float | None]:
@@ -514,6 +561,12 @@ def write_report(study: str | Path, *, console: Console | None = None,
                   "in points and in pooled standard deviations; within seed noise when |Δ| is at most one pooled "
                   "standard deviation.", ""]
         lines += cache_table.markdown() + [""]
+
+    time_table, cache_note = _time_table(rows)
+    lines += ["## Compute time", "", "Wall time of each completed run as the study measured it (this machine, "
+              "whatever else it was doing), summed by kind of run. A cache is built by the first student that needs "
+              "it and reused by every later one.", ""]
+    lines += time_table.markdown() + ["", cache_note, ""]
 
     plots_dir = study / "plots"
     plots, figures = [], []

@@ -102,11 +102,17 @@ def evaluate(model: torch.nn.Module, data: data_mod.Data, split: str, batch_size
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: data_mod.Batch, teacher=None,
-               kd: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               kd: dict | None = None, autocast_dtype: torch.dtype | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimisation step: CE alone, or the paper's alpha * CE + (1 - alpha) * tau^2 * KL under a teacher.
 
+    With `autocast_dtype` the student's forward runs under autocast; the losses are computed in float32 either way.
     Returns (logits, loss, ce, kd) for the caller's running sums."""
-    logits = model(batch.x)
+    if autocast_dtype is None:
+        logits = model(batch.x)
+    else:
+        with torch.autocast(device_type=batch.x.device.type, dtype=autocast_dtype):
+            logits = model(batch.x).float()
     if teacher is None:
         ce = F.cross_entropy(logits, batch.y)
         loss, kd_part = ce, torch.zeros((), device=logits.device)
@@ -236,6 +242,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
     base_lr = cfg["optim"]["lr"]
     save_at = checkpoint_epochs(cfg)
     kd = cfg["kd"]
+    autocast_dtype = torch.bfloat16 if cfg["precision"] == "bf16" else None
 
     progress: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "checkpoints": [], "elapsed_s": 0.0,
                                 "best_val_acc": -1.0, "best_val_epoch": 0}
@@ -252,7 +259,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
         "teachers": teacher.describe() if teacher is not None else [],
         "teacher_ensemble": teacher.summary() if teacher is not None else None,
         "checkpoints": progress["checkpoints"], "final": None,
-        "device": str(device), "torch": torch.__version__,
+        "device": str(device), "precision": cfg["precision"], "torch": torch.__version__,
     }
     write_run_views(run, manifest, progress["history"])
     writer = _tensorboard(cfg, run)
@@ -273,7 +280,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
                 lr = lr_at(sched, base_lr, progress["step"], steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                logits, loss, ce, kd_part = train_step(model, optimizer, batch, teacher, kd)
+                logits, loss, ce, kd_part = train_step(model, optimizer, batch, teacher, kd, autocast_dtype)
                 progress["step"] += 1
                 n = len(batch.y)
                 with torch.no_grad():
@@ -378,7 +385,11 @@ def distill(config: str | Path | dict, teachers: list[str] | None = None, overri
     cfg = config_mod.resolve(config, overrides)
     if teachers:
         cfg["kd"]["teachers"] = list(teachers)
-    teacher = Teacher.from_references(cfg["kd"]["teachers"], quiet=quiet) if cfg["kd"]["teachers"] else None
+    kd = cfg["kd"]
+    # Teachers compute at the run's precision unless kd.autocast says otherwise.
+    autocast = kd["autocast"] if kd["autocast"] != "auto" else {"fp32": "none", "bf16": "bf16"}[cfg["precision"]]
+    teacher = (Teacher.from_references(kd["teachers"], quiet=quiet, channels_last=kd["channels_last"],
+                                       autocast=autocast) if kd["teachers"] else None)
     return fit(cfg, out if out is not None else default_out(cfg), resume=resume, kind="distill",
                teacher=teacher, quiet=quiet, on_epoch=on_epoch)
 

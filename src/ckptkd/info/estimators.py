@@ -51,7 +51,6 @@ of one of them.
 import math
 
 import numpy as np
-import scipy.stats
 import torch
 import torch.nn.functional as nnf
 
@@ -322,6 +321,8 @@ def spearman(a, b) -> float:
         raise ValueError(f"spearman needs two 1-D sequences of equal length, got {a.shape} and {b.shape}")
     if len(a) < 2 or np.isnan(a).any() or np.isnan(b).any():
         return math.nan
+    import scipy.stats  # here, not at the top: it adds ~1 s to every CLI start, and only analysis needs it
+
     ra = scipy.stats.rankdata(a) - (len(a) + 1) / 2
     rb = scipy.stats.rankdata(b) - (len(b) + 1) / 2
     denominator = math.sqrt(float(ra @ ra) * float(rb @ rb))

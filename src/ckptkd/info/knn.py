@@ -9,7 +9,6 @@ All distances are max-norm (Chebyshev), as in both estimators' derivations.
 import math
 
 import torch
-from scipy.special import digamma
 
 from ..errors import UserError
 
@@ -67,6 +66,8 @@ def _ksg(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
     eps_i is the distance to the k-th neighbour in the joint space; n_a, n_b count the points
     strictly closer than eps_i in each marginal space.
     """
+    from scipy.special import digamma  # imported when used: scipy costs every CLI start a second
+
     n = len(a)
     n_a, n_b = torch.empty(n), torch.empty(n)
     for (rows, dist_a), (_, dist_b) in zip(_chebyshev_rows(a), _chebyshev_rows(b)):
@@ -83,6 +84,8 @@ def _ross(points: torch.Tensor, codes: torch.Tensor, k: int) -> float:
     with at most k members); m_i counts all points within d_i. Points whose label occurs once have
     no neighbour of their class and are left out, as in scikit-learn's implementation.
     """
+    from scipy.special import digamma
+
     counts = torch.bincount(codes)
     keep = counts[codes] > 1
     points, codes = points[keep], codes[keep]

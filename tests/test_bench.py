@@ -1,0 +1,27 @@
+import json
+
+import torch
+
+from ckptkd.bench import main_json, run_bench
+from ckptkd.cli import main
+
+MODES = {"student_alone", "kd_online_1", "kd_online_4", "kd_cached_4", "reference_loop_1", "compute_limit_1"}
+
+
+def test_bench_measures_every_mode_side_by_side():
+    result = run_bench("digits", steps=2, rounds=1)
+    line = json.loads(main_json(result))
+    assert set(line) >= {"workload", "img_per_s", "cache_build_s"}
+    assert set(line["img_per_s"]) == MODES and all(v > 0 for v in line["img_per_s"].values())
+    assert line["workload"]["teacher"] == "resnet20" and line["workload"]["steps"] == 2
+    assert line["cache_build_s"] > 0
+    rates = line["img_per_s"]
+    assert abs(result["ratios"]["kd_cached_4/student_alone"] - rates["kd_cached_4"] / rates["student_alone"]) < 1e-2
+
+
+def test_bench_refuses_an_unknown_workload_or_a_missing_gpu(capsys):
+    assert main(["bench", "--workload", "imagenet"]) == 2
+    assert "imagenet" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
