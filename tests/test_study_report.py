@@ -272,7 +272,7 @@ def test_cached_and_online_students_are_compared(tmp_path):
     diff = 100 * (statistics.mean(cached) - statistics.mean(online.values()))
     signed = f"{diff:+.2f}".replace("-", "−")
     assert f"| resnet8->mlp | T^0.5 | {summary(cached)} | 80.00 ± 1.00 | {signed} |" in table
-    assert "| 3 of 3 | no |" in table
+    assert "| 3 of 3 (sign test p = 0.25) | no |" in table  # 3 wins, 0 losses: 2 * (1/2)^3
     assert table.splitlines()[-2].endswith(" | 21.0 |")  # the online students' mean wall time
     assert "T0.5@online" not in report.split("## Table 3", 1)[1].split("\n## ", 1)[0]  # not a Table 3 column
 

@@ -269,12 +269,25 @@ def _cache_table(pairs: list[_Pair], online: list[str], seeds: int) -> _Table:
                     ratio = _signed((mean_c - mean_o) / pooled)
                     noise = "yes" if abs(mean_c - mean_o) <= pooled else "no"
             paired = sorted(cached.keys() & live.keys())
-            wins = f"{sum(cached[s] > live[s] for s in paired)} of {len(paired)}" if paired else EMPTY
+            wins = EMPTY
+            if paired:
+                better = sum(cached[s] > live[s] for s in paired)
+                worse = sum(cached[s] < live[s] for s in paired)
+                wins = f"{better} of {len(paired)} (sign test p = {_sign_test(better, worse):.2f})"
             rows.append([(pair.name, False), (_label(base), False), (_cell(list(cached.values()), seeds), False),
                          (_cell(list(live.values()), seeds), False), (diff, False), (ratio, False), (wins, False),
                          (noise, False), (_mean_seconds(pair.students.get(base, [])), False),
                          (_mean_seconds(pair.students.get(variant, [])), False)])
     return _Table("Teacher cache: student test accuracy (%), cached vs online teachers", header, rows, 2)
+
+
+def _sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test of paired wins against losses (ties left out): 1.0 when there is nothing to test."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 def _time_table(rows: list[dict]) -> tuple[_Table, str]:
@@ -559,7 +572,8 @@ def write_report(study: str | Path, *, console: Console | None = None,
                   "differ, since cached students draw among each image's banked views) distilled from teacher "
                   "outputs looked up in the view-bank cache and from teachers run on every batch. Δ: cached − online "
                   "in points and in pooled standard deviations; within seed noise when |Δ| is at most one pooled "
-                  "standard deviation.", ""]
+                  "standard deviation. Cached better: paired seeds on which the cached student won, with the "
+                  "two-sided sign test of wins against losses.", ""]
         lines += cache_table.markdown() + [""]
 
     time_table, cache_note = _time_table(rows)

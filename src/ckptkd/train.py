@@ -260,6 +260,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
         "teacher_ensemble": teacher.summary() if teacher is not None else None,
         "checkpoints": progress["checkpoints"], "final": None,
         "device": str(device), "precision": cfg["precision"], "torch": torch.__version__,
+        "threads": torch.get_num_threads(),  # CPU results are bit-identical only at the same thread count
     }
     write_run_views(run, manifest, progress["history"])
     writer = _tensorboard(cfg, run)
