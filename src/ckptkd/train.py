@@ -75,7 +75,6 @@ def model_spec(cfg: dict, data: data_mod.Data) -> dict:
             "image_size": list(data.image_shape[1:]), "kwargs": kwargs}
 
 
-
 def make_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg["optim"]
     # Weight decay on BatchNorm scales and biases is what the paper's recipes do; keep one group for fidelity.
