@@ -61,8 +61,12 @@ def main() -> None:
         variants = {"loop": EnsembleForward(models, batched=False), "batched": EnsembleForward(models, batched=True)}
         ips = best_images_per_second(variants, x, warmup=args.warmup, iters=args.iters)
         loop_ips, batched_ips = ips["loop"], ips["batched"]
+        loop_out = variants["loop"](x)
+        # relative to the largest logit: random deep nets (resnet56) give logits in the thousands
+        max_rel_diff = ((loop_out - variants["batched"](x)).abs().max() / loop_out.abs().max()).item()
         rows.append({"model": name, "loop_images_per_s": round(loop_ips, 1),
-                     "batched_images_per_s": round(batched_ips, 1), "speedup": round(batched_ips / loop_ips, 3)})
+                     "batched_images_per_s": round(batched_ips, 1), "speedup": round(batched_ips / loop_ips, 3),
+                     "max_rel_diff": float(f"{max_rel_diff:.3g}")})
 
     setup = {"device": str(device), "threads": args.threads, "checkpoints": args.checkpoints,
              "batch_size": args.batch_size, "torch": torch.__version__}
@@ -71,9 +75,10 @@ def main() -> None:
         return
     print(f"{args.checkpoints} checkpoints, batch {args.batch_size}x3x32x32, {device}, "
           f"{args.threads} threads, torch {torch.__version__}; images/s (each image through all checkpoints)")
-    print(f"{'model':<12}{'loop':>10}{'batched':>10}{'speedup':>9}")
+    print(f"{'model':<12}{'loop':>10}{'batched':>10}{'speedup':>9}{'max rel diff':>14}")
     for r in rows:
-        print(f"{r['model']:<12}{r['loop_images_per_s']:>10.1f}{r['batched_images_per_s']:>10.1f}{r['speedup']:>8.2f}x")
+        print(f"{r['model']:<12}{r['loop_images_per_s']:>10.1f}{r['batched_images_per_s']:>10.1f}{r['speedup']:>8.2f}x"
+              f"{r['max_rel_diff']:>14.3g}")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,65 @@
 #!/usr/bin/env bash
-# The GPU check, prepared for a session that is lent a GPU (run from the repository root on that machine):
-#   bash benchmarks/gpu_check.sh        # about 5 minutes on one H100; numbers land in $OUT (or ./gpu-check)
-# 1. the card and torch; 2. a CIFAR-shaped WRN-40-2 teacher trained 3 epochs in bf16 on CIFAR-100-format fixture
-# data (5,000 images); 3. `ckptkd bench` on cuda, teachers in fp32 and in bf16; 4. batched vs looped ensemble forward.
-# It needs torch with CUDA, numpy, pyyaml, safetensors, tqdm, rich, matplotlib and scikit-learn, not an install.
-set -euo pipefail
+# The GPU check, for a session that is lent a GPU (run from the repository root on that machine):
+#   bash benchmarks/gpu_check.sh        # about 4 minutes on one H100/H200; results land in $OUT (or ./gpu-check)
+# It needs torch with CUDA, numpy, pyyaml, safetensors, tqdm, rich, matplotlib, scikit-learn and pytest, no install.
+# Every step runs even when an earlier one fails; each appends one JSON line to summary.jsonl, all output goes to
+# log.txt (two files, so everything comes back from a machine that returns few).
+#   1. the card, torch, and NCCL (a one-rank all-reduce under torchrun)
+#   2. tests/test_cuda.py: vmapped ensemble vs one by one, bf16/channels-last teachers, bf16 training, cache on cuda
+#   3. a CIFAR-shaped WRN-40-2 teacher, 3 epochs on CIFAR-100-format fixture data (5,000 images), bf16 and fp32
+#   4. a resnet20 student distilled from that teacher's snapshot ensemble (RUN@all), cached and online, bf16
+#   5. `ckptkd bench --device cuda`: teachers in fp32 and in bf16 (48 steps x best of 3: GPU steps are short)
+#   6. benchmarks/ensemble_forward.py on cuda: vmap vs loop, speed and largest difference
+set -uo pipefail
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
 export PYTHONPATH=src:tests PYTHONUNBUFFERED=1
+LOG="$OUT/log.txt"
+SUMMARY="$OUT/summary.jsonl"
 DATA=$(mktemp -d)
-python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/device.txt"
-python3 -c "from pathlib import Path; from fixtures import write_cifar100
+QUIET=(--set log.progress=false --set log.tensorboard=false --set "data.root=$DATA")
+
+step() {  # step NAME COMMAND...: run, log, and record status and seconds
+  local name=$1; shift
+  echo "=== $name: $*" | tee -a "$LOG"
+  local started=$SECONDS
+  "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - started))}" | tee -a "$SUMMARY"
+}
+
+record() {  # record NAME RUN_FOLDER: the run's manifest facts as one JSON line
+  python3 -c "import json, sys; m = json.load(open(sys.argv[2] + '/manifest.json'))
+print(json.dumps({'run': sys.argv[1], **{k: m.get(k) for k in ('device', 'precision', 'status', 'final',
+      'teacher_ensemble')}, 'train_time_s': (m.get('final') or {}).get('train_time_s')}))" "$1" "$2" | tee -a "$SUMMARY"
+}
+
+step device bash -c "nvidia-smi -L; python3 -c 'import torch; print(torch.__version__, torch.version.cuda, \
+torch.cuda.get_device_name(0), torch.cuda.is_bf16_supported())'"
+cat > "$DATA/nccl.py" <<'EOF'
+import torch, torch.distributed as dist
+dist.init_process_group("nccl")
+t = torch.ones(4, device="cuda") * (dist.get_rank() + 1)
+dist.all_reduce(t)
+print("nccl all_reduce ok:", t.tolist(), "world", dist.get_world_size(), "nccl", torch.cuda.nccl.version())
+dist.destroy_process_group()
+EOF
+step nccl python3 -m torch.distributed.run --standalone --nproc_per_node 1 "$DATA/nccl.py"
+step pytest_cuda python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider
+step fixture python3 -c "from pathlib import Path; from fixtures import write_cifar100
 write_cifar100(Path('$DATA'), train_per_class=50, test_per_class=10)"
-python3 -m ckptkd train configs/cifar100_wrn_40_2.yaml --out "$DATA/wrn" --set "data.root=$DATA" \
-  --set schedule.epochs=3 --set precision=bf16 --set device=cuda --set log.progress=false
-python3 -c "import json; m = json.load(open('$DATA/wrn/manifest.json'))
-print(json.dumps({k: m[k] for k in ('device', 'precision', 'final')}))" | tee "$OUT/wrn_bf16.json"
-python3 -m ckptkd bench --json --device cuda | tee "$OUT/bench_cuda.json"
-python3 -m ckptkd bench --json --device cuda --autocast bf16 | tee "$OUT/bench_cuda_bf16.json"
-python3 benchmarks/ensemble_forward.py --device cuda --json | tee "$OUT/ensemble_forward_cuda.json"
+for precision in bf16 fp32; do
+  step "wrn_40_2_$precision" python3 -m ckptkd train configs/cifar100_wrn_40_2.yaml --out "$DATA/wrn-$precision" \
+    --set schedule.epochs=3 --set precision=$precision --set device=cuda "${QUIET[@]}"
+  record "wrn_40_2_$precision" "$DATA/wrn-$precision"
+done
+for cache in on off; do
+  step "distill_cache_$cache" python3 -m ckptkd distill configs/cifar100_wrn_40_2.yaml --out "$DATA/student-$cache" \
+    --teacher "$DATA/wrn-bf16@all" --set model.name=resnet20 --set name=student --set schedule.epochs=3 \
+    --set precision=bf16 --set device=cuda --set kd.cache=$cache --set kd.views=8 "${QUIET[@]}"
+  record "distill_cache_$cache" "$DATA/student-$cache"
+done
+step bench_fp32 bash -c "python3 -m ckptkd bench --json --device cuda --steps 48 | tee -a $SUMMARY"
+step bench_bf16 bash -c "python3 -m ckptkd bench --json --device cuda --steps 48 --autocast bf16 | tee -a $SUMMARY"
+step ensemble_forward bash -c "python3 benchmarks/ensemble_forward.py --device cuda --iters 20 --warmup 3 --json \
+  | tee -a $SUMMARY"

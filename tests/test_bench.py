@@ -17,6 +17,9 @@ def test_bench_measures_every_mode_side_by_side():
     assert line["cache_build_s"] > 0
     rates = line["img_per_s"]
     assert abs(result["ratios"]["kd_cached_4/student_alone"] - rates["kd_cached_4"] / rates["student_alone"]) < 1e-2
+    parts = line["compute_limit_parts"]
+    limit = 1 / (1 / parts["teacher_inference"] + 1 / parts["student_step"])
+    assert abs(rates["compute_limit_1"] - limit) < 0.1 and rates["compute_limit_1"] < min(parts.values())
 
 
 def test_bench_refuses_an_unknown_workload_or_a_missing_gpu(capsys):

@@ -223,7 +223,8 @@ def run_bench(workload: str = "cifar", *, steps: int | None = None, rounds: int 
     images = steps * w["batch"]
     best = {k: min(v) for k, v in seconds.items()}  # least disturbed round of each
     rate = {k: images / v for k, v in best.items()}
-    rate["compute_limit_1"] = 1.0 / (1.0 / rate.pop("teacher_inference") + 1.0 / rate.pop("student_step"))
+    parts = {k: round(rate.pop(k), 1) for k in ("teacher_inference", "student_step")}
+    rate["compute_limit_1"] = 1.0 / (1.0 / parts["teacher_inference"] + 1.0 / parts["student_step"])
     img_per_s = {k: round(rate[k], 1) for k in ("student_alone", "kd_online_1", "kd_online_4", "kd_cached_4",
                                                 "reference_loop_1", "compute_limit_1")}
     return {
@@ -235,6 +236,7 @@ def run_bench(workload: str = "cifar", *, steps: int | None = None, rounds: int 
                      "machine": platform.processor() or platform.machine()},
         "img_per_s": img_per_s,
         "cache_build_s": round(cache_build_s, 2),
+        "compute_limit_parts": parts,
         "ratios": {"kd_cached_4/student_alone": round(img_per_s["kd_cached_4"] / img_per_s["student_alone"], 3),
                    "kd_online_1/compute_limit_1": round(img_per_s["kd_online_1"] / img_per_s["compute_limit_1"], 3),
                    "kd_online_1/reference_loop_1": round(img_per_s["kd_online_1"] / img_per_s["reference_loop_1"], 3)},
@@ -256,7 +258,10 @@ def print_bench(result: dict) -> None:
     table.add_column("img/s", justify="right")
     for mode, value in result["img_per_s"].items():
         table.add_row(mode, f"{value:.1f}")
-    table.caption = f"cache build (4 teachers, {w['cache_views']} views/image): {result['cache_build_s']:.2f} s"
+    parts = result["compute_limit_parts"]
+    table.caption = (f"cache build (4 teachers, {w['cache_views']} views/image): {result['cache_build_s']:.2f} s; "
+                     f"compute limit from teacher inference {parts['teacher_inference']:.1f} img/s and student step "
+                     f"{parts['student_step']:.1f} img/s")
     console = terminal_console()
     console.print(table)
     for ratio, value in result["ratios"].items():
@@ -265,4 +270,4 @@ def print_bench(result: dict) -> None:
 
 
 def main_json(result: dict) -> str:
-    return json.dumps({k: result[k] for k in ("workload", "img_per_s", "cache_build_s", "ratios")})
+    return json.dumps({k: result[k] for k in ("workload", "img_per_s", "cache_build_s", "compute_limit_parts", "ratios")})

@@ -287,7 +287,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
                     sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == batch.y).sum().double(),
                                          ce.detach().double() * n, kd_part.detach().double() * n])
                 seen += n
-                if not bar.disable:
+                if not bar.disable and progress["step"] % 16 == 1:  # reading the loss makes a GPU wait: not every step
                     bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.3g}")
             sums = (sums / seen).tolist()
             val = evaluate(model, data, "val", cfg["data"]["eval_batch_size"])

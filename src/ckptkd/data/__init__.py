@@ -25,9 +25,10 @@ _RAW_CACHE: dict[tuple[str, str | None], RawData] = {}
 class Batch:
     x: torch.Tensor        # normalised float images [B, C, H, W]
     y: torch.Tensor        # labels [B]
-    index: torch.Tensor    # positions in the training split (CPU int64), so per-image caches can be looked up
-    views: torch.Tensor    # the augmentation views applied (CPU int16 [B, 3])
-    view_ids: torch.Tensor | None = None  # which of each image's banked views was drawn (CPU int64 [B])
+    # The rest lives on the data's device too.
+    index: torch.Tensor    # positions in the training split (int64 [B]), so per-image caches can be looked up
+    views: torch.Tensor    # the augmentation views applied (int16 [B, 3])
+    view_ids: torch.Tensor | None = None  # which of each image's banked views was drawn (int64 [B])
 
 
 @dataclass
@@ -105,21 +106,27 @@ class Data:
         else:
             view_ids = torch.randint(0, view_bank.shape[1], (n,), generator=gen)
             views = view_bank[torch.arange(n), view_ids]
+        plain = self.pad == 0 and not bool(views[:, 2].any())  # nothing to crop or flip this epoch
+        # The epoch's draws go to the device once: a copy per batch would make a GPU wait for the host every step.
+        device = self.train_x.device
+        order, views = order.to(device), views.to(device)
+        view_ids = None if view_ids is None else view_ids.to(device)
+        mean, std = self.mean.to(device), self.std.to(device)
         per_rank = batch_size // world_size
         num_batches = max(1, n // batch_size)  # drop the ragged tail (a different one each epoch)
         for b in range(num_batches):
             idx = order[b * batch_size:(b + 1) * batch_size][rank * per_rank:(rank + 1) * per_rank]
             view = views[idx]
-            device_idx = idx.to(self.train_x.device)
-            x = apply_views(self.train_x[device_idx], view, pad=self.pad)
-            yield Batch(normalize(x, self.mean, self.std), self.train_y[device_idx], idx, view,
+            x = self.train_x[idx].float() if plain else apply_views(self.train_x[idx], view, pad=self.pad)
+            yield Batch(normalize(x, mean, std), self.train_y[idx], idx, view,
                         None if view_ids is None else view_ids[idx])
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         x_all, y_all = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+        mean, std = self.mean.to(x_all.device), self.std.to(x_all.device)
         for start in range(0, x_all.shape[0], batch_size):
             x = x_all[start:start + batch_size].float()
-            yield normalize(x, self.mean, self.std), y_all[start:start + batch_size]
+            yield normalize(x, mean, std), y_all[start:start + batch_size]
 
     def describe(self) -> dict:
         return {"name": self.name, "fingerprint": self.fingerprint, "num_classes": self.num_classes,

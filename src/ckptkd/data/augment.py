@@ -25,8 +25,6 @@ def identity_views(n: int, *, pad: int) -> torch.Tensor:
 def apply_views(images: torch.Tensor, views: torch.Tensor, *, pad: int) -> torch.Tensor:
     """Crop each zero-padded image at its offsets and flip it where asked; returns float32 in the input's scale."""
     x = images.float()
-    if pad == 0 and not bool(views[:, 2].any()):
-        return x
     b, c, h, w = x.shape
     views = views.to(device=x.device, dtype=torch.int64)
     if pad > 0:

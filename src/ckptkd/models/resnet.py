@@ -61,7 +61,7 @@ class ResNet(nn.Module):
     def forward_features(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return x.mean((2, 3))
 
     def forward(self, x):
         return self.classifier(self.forward_features(x))

@@ -65,7 +65,7 @@ class WideResNet(nn.Module):
         x = self.conv1(x)
         x = self.block3(self.block2(self.block1(x)))
         x = F.relu(self.bn(x))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return x.mean((2, 3))
 
     def forward(self, x):
         return self.classifier(self.forward_features(x))
