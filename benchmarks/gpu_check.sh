@@ -10,6 +10,8 @@
 #   4. a resnet20 student distilled from that teacher's snapshot ensemble (RUN@all), cached and online, bf16
 #   5. `ckptkd bench --device cuda`: teachers in fp32 and in bf16 (48 steps x best of 3: GPU steps are short)
 #   6. benchmarks/ensemble_forward.py on cuda: vmap vs loop, speed and largest difference
+#   7. DDP over NCCL: `torchrun -m ckptkd train` and a cached `distill` with one rank per GPU
+#   GPU_CHECK_STEPS="fixture ddp" runs only the steps named (fixture data is needed by the training steps).
 set -uo pipefail
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
@@ -19,8 +21,11 @@ SUMMARY="$OUT/summary.jsonl"
 DATA=$(mktemp -d)
 QUIET=(--set log.progress=false --set log.tensorboard=false --set "data.root=$DATA")
 
+wanted() { [[ -z "${GPU_CHECK_STEPS:-}" || " $GPU_CHECK_STEPS " == *" $1 "* ]]; }
+
 step() {  # step NAME COMMAND...: run, log, and record status and seconds
   local name=$1; shift
+  wanted "${name%%_*}" || return 0
   echo "=== $name: $*" | tee -a "$LOG"
   local started=$SECONDS
   "$@" 2>&1 | tee -a "$LOG"
@@ -29,9 +34,10 @@ step() {  # step NAME COMMAND...: run, log, and record status and seconds
 }
 
 record() {  # record NAME RUN_FOLDER: the run's manifest facts as one JSON line
+  [[ -f "$2/manifest.json" ]] || return 0
   python3 -c "import json, sys; m = json.load(open(sys.argv[2] + '/manifest.json'))
 print(json.dumps({'run': sys.argv[1], **{k: m.get(k) for k in ('device', 'precision', 'status', 'final',
-      'teacher_ensemble')}, 'train_time_s': (m.get('final') or {}).get('train_time_s')}))" "$1" "$2" | tee -a "$SUMMARY"
+      'teacher_ensemble', 'distributed')}, 'train_time_s': (m.get('final') or {}).get('train_time_s')}))" "$1" "$2" | tee -a "$SUMMARY"
 }
 
 step device bash -c "nvidia-smi -L; python3 -c 'import torch; print(torch.__version__, torch.version.cuda, \
@@ -63,3 +69,12 @@ step bench_fp32 bash -c "python3 -m ckptkd bench --json --device cuda --steps 48
 step bench_bf16 bash -c "python3 -m ckptkd bench --json --device cuda --steps 48 --autocast bf16 | tee -a $SUMMARY"
 step ensemble_forward bash -c "python3 benchmarks/ensemble_forward.py --device cuda --iters 20 --warmup 3 --json \
   | tee -a $SUMMARY"
+GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
+step ddp_train python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" -m ckptkd train \
+  configs/cifar100_wrn_40_2.yaml --out "$DATA/ddp-wrn" --set schedule.epochs=2 --set precision=bf16 --set device=cuda \
+  "${QUIET[@]}"
+record ddp_train "$DATA/ddp-wrn"
+step ddp_distill python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" -m ckptkd distill \
+  configs/cifar100_wrn_40_2.yaml --out "$DATA/ddp-student" --teacher "$DATA/ddp-wrn@all" --set model.name=resnet20 \
+  --set name=student --set schedule.epochs=2 --set precision=bf16 --set device=cuda --set kd.cache=on "${QUIET[@]}"
+record ddp_distill "$DATA/ddp-student"

@@ -12,9 +12,11 @@ from pathlib import Path
 
 
 def _print_trajectory(run_path: Path) -> None:
+    from . import distributed
     from .report import trajectory_table
 
-    trajectory_table(run_path)
+    if distributed.is_main():  # under torchrun, one table, not one per process
+        trajectory_table(run_path)
 
 
 def cmd_train(args) -> None:
@@ -175,9 +177,13 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import distributed
     from .errors import UserError
 
     try:
+        if distributed.launched() and args.func not in (cmd_train, cmd_distill):
+            raise UserError(f"ckptkd {args.command} does not run under torchrun; only train and distill do "
+                            "(start study workers as separate processes instead)")
         args.func(args)
     except UserError as e:
         message = " ".join(str(e).split())

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import config as config_mod
 from . import data as data_mod
+from . import distributed
 from .checkpoints import MANIFEST, MANIFEST_FORMAT, build_model, checkpoint_path, epoch_at_fraction, load_manifest
 from .errors import UserError
 from .losses import kd_terms
@@ -213,28 +214,39 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
     """Train `cfg` into the run folder `out` (a student when `teacher` is given).
 
     `on_epoch(record)` is called after each epoch's files are written (a study uses it as a heartbeat).
+    Under torchrun every rank calls this; rank 0 alone writes (see `ckptkd.distributed`).
     """
     run = Path(out)
+    device = distributed.setup(pick_device(cfg["device"]))
+    main = distributed.is_main()
     if resume:
         _check_resumable(run, cfg)
         if (run / MANIFEST).is_file() and load_manifest(run)["status"] == "complete":
             return Run(run)
     elif run.exists() and any(run.iterdir()):
         raise UserError(f"run folder {run} already exists; use --resume to continue it or choose another --out")
+    distributed.check_batch(cfg["data"]["batch_size"])
+    distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
+    quiet = quiet or not main
 
-    device = pick_device(cfg["device"])
     data = data_mod.build(cfg["data"], device)
     spec = model_spec(cfg, data)
     if teacher is not None:
         teacher.check_compatible(data)
+        teacher.quiet = teacher.quiet or quiet
         teacher.to(device)
         teacher.prepare(data)
         if use_teacher_cache(cfg, data):
-            teacher.attach_cache(data, views=cfg["kd"]["views"], cache_dir=cfg["kd"]["cache_dir"])
+            if main:  # rank 0 builds the cache files; the others read them
+                teacher.attach_cache(data, views=cfg["kd"]["views"], cache_dir=cfg["kd"]["cache_dir"])
+            distributed.barrier()
+            if not main:
+                teacher.attach_cache(data, views=cfg["kd"]["views"], cache_dir=cfg["kd"]["cache_dir"])
     seed = cfg["seed"]
     torch.manual_seed(seed)
     model = build_model(spec).to(device)
     optimizer = make_optimizer(cfg, model)
+    net = distributed.wrap(model, device)  # what the training step calls; `model` is what is evaluated and saved
     sched = cfg["schedule"]
     epochs, batch_size = sched["epochs"], cfg["data"]["batch_size"]
     steps_per_epoch = max(1, data.train_x.shape[0] // batch_size)
@@ -247,7 +259,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
                                 "best_val_acc": -1.0, "best_val_epoch": 0}
     if resume and (run / STATE_FILE).is_file():
         progress = load_state(run, model, optimizer)
-    else:
+    elif main:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / "config.yaml", config_mod.dump(cfg))
 
@@ -261,8 +273,11 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
         "device": str(device), "precision": cfg["precision"], "torch": torch.__version__,
         "threads": torch.get_num_threads(),  # CPU results are bit-identical only at the same thread count
     }
-    write_run_views(run, manifest, progress["history"])
-    writer = _tensorboard(cfg, run)
+    if distributed.describe() is not None:
+        manifest["distributed"] = distributed.describe()
+    if main:
+        write_run_views(run, manifest, progress["history"])
+    writer = _tensorboard(cfg, run) if main else None
     bar_off = True if quiet else _want_progress(cfg["log"]["progress"])
     say = (lambda *_: None) if quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
 
@@ -272,7 +287,8 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
             model.train()
             sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct, ce, kd (weighted by batch)
             seen = 0
-            batches = data.train_batches(seed=seed, epoch=epoch, batch_size=batch_size,
+            batches = data.train_batches(seed=seed, epoch=epoch, batch_size=batch_size, rank=distributed.rank(),
+                                         world_size=distributed.world_size(),
                                          view_bank=teacher.view_bank if teacher is not None else None)
             bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False,
                        disable=bar_off, dynamic_ncols=True, file=sys.stderr)
@@ -280,7 +296,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
                 lr = lr_at(sched, base_lr, progress["step"], steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                logits, loss, ce, kd_part = train_step(model, optimizer, batch, teacher, kd, autocast_dtype)
+                logits, loss, ce, kd_part = train_step(net, optimizer, batch, teacher, kd, autocast_dtype)
                 progress["step"] += 1
                 n = len(batch.y)
                 with torch.no_grad():
@@ -289,7 +305,11 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
                 seen += n
                 if not bar.disable and progress["step"] % 16 == 1:  # reading the loss makes a GPU wait: not every step
                     bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.3g}")
-            sums = (sums / seen).tolist()
+            totals = distributed.all_sum(torch.cat([sums, sums.new_tensor([seen])]))
+            sums = (totals[:4] / totals[4]).tolist()
+            if not main:
+                progress["epoch"] = epoch
+                continue
             val = evaluate(model, data, "val", cfg["data"]["eval_batch_size"])
             record = {"epoch": epoch, "step": progress["step"], "lr": lr, "train_loss": sums[0], "train_acc": sums[1],
                       "val_loss": val["loss"], "val_acc": val["acc"]}
@@ -321,6 +341,8 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
             if on_epoch is not None:
                 on_epoch(record)
     except BaseException as error:
+        if not main:
+            raise
         manifest["status"] = "failed"
         manifest["error"] = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
         write_run_views(run, manifest, progress["history"])
@@ -329,12 +351,16 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
         if writer is not None:
             writer.close()
 
+    if not main:
+        distributed.barrier()  # returns once rank 0 has written the finished run
+        return Run(run)
     last = progress["history"][-1]
     manifest["status"] = "complete"
     manifest["final"] = {"epoch": epochs, "train_acc": last["train_acc"], "val_acc": last["val_acc"],
                          "test_acc": last["test_acc"], "best_val_acc": progress["best_val_acc"],
                          "best_val_epoch": progress["best_val_epoch"], "train_time_s": round(progress["elapsed_s"], 3)}
     write_run_views(run, manifest, progress["history"])
+    distributed.barrier()
     return Run(run)
 
 
