@@ -178,3 +178,23 @@ def test_import_refuses_weights_of_the_wrong_model(tmp_path, teacher_run):
     torch.save(resolve(teacher_run.ref("last"))[0].state_dict(), tmp_path / "w.pth")
     result = run_cli("import", str(tmp_path / "w.pth"), "--model", "resnet14", "--out", str(tmp_path / "r"))
     _one_line_error(result, "w.pth", "resnet14")
+
+
+def test_a_teacher_shared_by_students_is_measured_once_per_data_split(teacher_run, monkeypatch):
+    from ckptkd import config, data as data_mod
+
+    calls = []
+    measure = Teacher._accuracy
+    monkeypatch.setattr(Teacher, "_accuracy", lambda self, data, split: calls.append(split) or measure(self, data, split))
+
+    def accuracies(split_seed):
+        data = data_mod.build(config.resolve(tiny_config(data={"split_seed": split_seed}))["data"])
+        teacher = Teacher.from_references([teacher_run.ref("0.3,1.0")], quiet=True)
+        teacher.prepare(data)
+        return teacher.summary()["val_acc"], teacher.val_acc
+
+    first = accuracies(split_seed=11)
+    assert calls == ["val", "test"]
+    assert accuracies(split_seed=11) == first and calls == ["val", "test"]  # the second student reuses them
+    accuracies(split_seed=12)  # another validation split: measured again
+    assert calls == ["val", "test"] * 2
