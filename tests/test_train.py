@@ -92,7 +92,11 @@ def test_resume_from_every_epoch_is_bit_identical(tmp_path, monkeypatch, optim):
             train(cfg, out=tmp_path / f"stop{stop}", quiet=True)
         assert load_manifest(tmp_path / f"stop{stop}")["status"] == "failed"
         monkeypatch.setattr(train_module, "save_state", save_state)
+        # what a write killed half-way leaves behind; resuming clears it
+        stale = tmp_path / f"stop{stop}" / "state" / ".last.safetensors.x1y2z3.tmp"
+        stale.write_bytes(b"half a checkpoint")
         resumed = train(cfg, out=tmp_path / f"stop{stop}", resume=True, quiet=True).manifest
+        assert not stale.exists()
         assert resumed["status"] == "complete"
         assert resumed["checkpoints"][-1]["sha256"] == full
 

@@ -53,6 +53,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what writes killed half-way (power loss, SIGKILL) left in `folder`: `.NAME.*.tmp` files never renamed
+    into place. Only for a folder no other process is writing to; returns what was removed."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -25,7 +25,8 @@ from .checkpoints import MANIFEST, MANIFEST_FORMAT, build_model, checkpoint_path
 from .errors import UserError
 from .losses import kd_terms
 from .schedules import cycle_ends, lr_at
-from .storage import atomic_write_json, atomic_write_text, load_tensors, read_metadata, save_tensors
+from .storage import (atomic_write_json, atomic_write_text, load_tensors, read_metadata, remove_stale_temporaries,
+                      save_tensors)
 
 STATE_FILE = "state/last.safetensors"
 
@@ -259,6 +260,9 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
                                 "best_val_acc": -1.0, "best_val_epoch": 0}
     if resume and (run / STATE_FILE).is_file():
         progress = load_state(run, model, optimizer)
+        if main:  # the run's own writer was killed; nothing else writes to these folders
+            for folder in (run, run / "checkpoints", run / "state"):
+                remove_stale_temporaries(folder)
     elif main:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / "config.yaml", config_mod.dump(cfg))
