@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .checkpoints import Checkpoint, resolve_all
 from .data import Batch, Data
-from .data.augment import apply_views, normalize
+from .data.augment import apply_views
 from .ensemble import EnsembleForward, fold_batchnorm
 from .errors import UserError
 from .storage import load_tensors, read_metadata, save_tensors
@@ -186,12 +186,11 @@ class Teacher:
         subset = self._ensemble_of([self.models[i] for i in models])
         bar = tqdm(total=n * v, desc="teacher cache", unit="img", leave=False, disable=True if self.quiet else None,
                    file=sys.stderr)
-        mean, std = data.mean.to(data.train_x.device), data.std.to(data.train_x.device)
         for view in range(v):
             for start in range(0, n, batch_size):
                 end = min(n, start + batch_size)
                 x = apply_views(data.train_x[start:end], bank[start:end, view], pad=data.pad)
-                logits = self._forward(normalize(x, mean, std), subset, models)
+                logits = self._forward(data.normalize(x), subset, models)
                 tables[:, start:end, view] = logits.to("cpu", torch.float16)
                 bar.update(end - start)
         bar.close()

@@ -277,8 +277,8 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
         "device": str(device), "precision": cfg["precision"], "torch": torch.__version__,
         "threads": torch.get_num_threads(),  # CPU results are bit-identical only at the same thread count
     }
-    if distributed.describe() is not None:
-        manifest["distributed"] = distributed.describe()
+    if (world := distributed.describe()) is not None:
+        manifest["distributed"] = world
     if main:
         write_run_views(run, manifest, progress["history"])
     writer = _tensorboard(cfg, run) if main else None

@@ -49,6 +49,14 @@ class Data:
     fingerprint: str
     info: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        self._place_statistics()
+
+    def _place_statistics(self) -> None:
+        # `mean`/`std` stay on the CPU (they are described and compared there); normalising uses copies that live
+        # where the images do, because a copy per batch would make a GPU wait for the host every step.
+        self._device_mean, self._device_std = self.mean.to(self.train_x.device), self.std.to(self.train_x.device)
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -60,7 +68,12 @@ class Data:
     def to(self, device: torch.device) -> "Data":
         for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
             setattr(self, name, getattr(self, name).to(device))
+        self._place_statistics()
         return self
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in 0..255 on the data's device -> normalised with the training split's statistics."""
+        return normalize(x, self._device_mean, self._device_std)
 
     def epoch_views(self, epoch_gen: torch.Generator, n: int) -> torch.Tensor:
         if self.augment:
@@ -111,22 +124,20 @@ class Data:
         device = self.train_x.device
         order, views = order.to(device), views.to(device)
         view_ids = None if view_ids is None else view_ids.to(device)
-        mean, std = self.mean.to(device), self.std.to(device)
         per_rank = batch_size // world_size
         num_batches = max(1, n // batch_size)  # drop the ragged tail (a different one each epoch)
         for b in range(num_batches):
             idx = order[b * batch_size:(b + 1) * batch_size][rank * per_rank:(rank + 1) * per_rank]
             view = views[idx]
             x = self.train_x[idx].float() if plain else apply_views(self.train_x[idx], view, pad=self.pad)
-            yield Batch(normalize(x, mean, std), self.train_y[idx], idx, view,
+            yield Batch(self.normalize(x), self.train_y[idx], idx, view,
                         None if view_ids is None else view_ids[idx])
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         x_all, y_all = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
-        mean, std = self.mean.to(x_all.device), self.std.to(x_all.device)
         for start in range(0, x_all.shape[0], batch_size):
             x = x_all[start:start + batch_size].float()
-            yield normalize(x, mean, std), y_all[start:start + batch_size]
+            yield self.normalize(x), y_all[start:start + batch_size]
 
     def describe(self) -> dict:
         return {"name": self.name, "fingerprint": self.fingerprint, "num_classes": self.num_classes,
