@@ -3,6 +3,10 @@
 Every built-in model returns logits from `model(x)`, exposes the representation just before the
 final linear layer as `model.forward_features(x)` (shape [B, model.feature_dim]), and names that
 final layer `model.classifier`, so `model(x) == model.classifier(model.forward_features(x))`.
+
+The CIFAR distillation zoo (resnet*, wrn_*, vgg*, MobileNetV2 / mobile_half, ShuffleV1, ShuffleV2, ResNet50) keeps
+the module names of RepDistiller / mdistiller, so their checkpoints load with `load_state_dict(sd, strict=True)`;
+where their final layer is `fc` or `linear`, `classifier` is a property returning it (no extra state-dict keys).
 """
 
 import inspect
@@ -64,6 +68,12 @@ def create(name: str, *, num_classes: int, in_channels: int = 3, image_size=None
     return model
 
 
+def from_spec(spec: dict) -> nn.Module:
+    """A fresh model from a manifest's `model` entry (name, classes, channels, image size, constructor kwargs)."""
+    return create(spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
+                  image_size=tuple(spec["image_size"]) if spec.get("image_size") else None, **spec.get("kwargs", {}))
+
+
 def _lookup(name: str):
     if name in _REGISTRY:
         return _REGISTRY[name]
@@ -83,4 +93,4 @@ def _as_hw(image_size) -> tuple[int, int]:
 
 
 # The architecture modules register themselves with the decorator above, so they are imported last.
-from ckptkd.models import mobilenetv2, resnet, small, wrn  # noqa: E402, F401
+from ckptkd.models import mobilenetv2, resnet, resnet50, shufflenet, small, vgg, wrn  # noqa: E402, F401

@@ -1,8 +1,11 @@
-"""Wide ResNets (Zagoruyko & Komodakis 2016) in the CIFAR form: `wrn_{depth}_{width}`, depth = 6n+4."""
+"""Wide ResNets (Zagoruyko & Komodakis 2016) in the CIFAR form: `wrn_{depth}_{width}`, depth = 6n+4.
+
+Module names follow RepDistiller / mdistiller (`block1.layer.0.conv1`, `convShortcut`, the final `bn1` and `fc`),
+so their checkpoints (e.g. the released `wrn_40_2_vanilla` teacher) load with `load_state_dict(..., strict=True)`.
+"""
 
 import re
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -20,9 +23,11 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.dropout = dropout
-        self.shortcut = None
+        # The reference's name. Only the first block of a stage changes the shape, and there it always
+        # changes the width too, so "stride != 1 or widths differ" is the reference's "widths differ".
+        self.convShortcut = None
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+            self.convShortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
 
     def forward(self, x):
         pre = F.relu(self.bn1(x))
@@ -30,7 +35,20 @@ class BasicBlock(nn.Module):
         out = F.dropout(out, p=self.dropout, training=self.training)
         out = self.conv2(out)
         # As in the reference code, a projection shortcut reads the pre-activated input.
-        return out + (x if self.shortcut is None else self.shortcut(pre))
+        return out + (x if self.convShortcut is None else self.convShortcut(pre))
+
+
+class NetworkBlock(nn.Module):
+    """One stage. A wrapper only because the reference has one: its blocks are `blockN.layer.I`."""
+
+    def __init__(self, in_planes, planes, blocks, stride, dropout):
+        super().__init__()
+        layers = [BasicBlock(in_planes, planes, stride, dropout)]
+        layers += [BasicBlock(planes, planes, 1, dropout) for _ in range(blocks - 1)]
+        self.layer = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layer(x)
 
 
 class WideResNet(nn.Module):
@@ -40,12 +58,12 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         channels = [16, 16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(in_channels, channels[0], 3, padding=1, bias=False)
-        self.block1 = self._make_stage(channels[0], channels[1], n, 1, dropout)
-        self.block2 = self._make_stage(channels[1], channels[2], n, 2, dropout)
-        self.block3 = self._make_stage(channels[2], channels[3], n, 2, dropout)
-        self.bn = nn.BatchNorm2d(channels[3])
+        self.block1 = NetworkBlock(channels[0], channels[1], n, 1, dropout)
+        self.block2 = NetworkBlock(channels[1], channels[2], n, 2, dropout)
+        self.block3 = NetworkBlock(channels[2], channels[3], n, 2, dropout)
+        self.bn1 = nn.BatchNorm2d(channels[3])
         self.feature_dim = channels[3]
-        self.classifier = nn.Linear(channels[3], num_classes)
+        self.fc = nn.Linear(channels[3], num_classes)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -53,22 +71,22 @@ class WideResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.zeros_(self.classifier.bias)
+        nn.init.zeros_(self.fc.bias)
 
-    @staticmethod
-    def _make_stage(in_planes, planes, blocks, stride, dropout):
-        layers = [BasicBlock(in_planes, planes, stride, dropout)]
-        layers += [BasicBlock(planes, planes, 1, dropout) for _ in range(blocks - 1)]
-        return nn.Sequential(*layers)
+    @property
+    def classifier(self) -> nn.Linear:
+        # The final layer lives under the reference's name `fc` (state-dict keys `fc.weight`, `fc.bias`).
+        return self.fc
 
     def forward_features(self, x):
         x = self.conv1(x)
         x = self.block3(self.block2(self.block1(x)))
-        x = F.relu(self.bn(x))
+        x = F.relu(self.bn1(x))
+        # The reference's avg_pool2d(x, 8) is the global mean for a 32x32 input; the mean also fits other sizes.
         return x.mean((2, 3))
 
     def forward(self, x):
-        return self.classifier(self.forward_features(x))
+        return self.fc(self.forward_features(x))
 
 
 def _make_factory(depth, width):
