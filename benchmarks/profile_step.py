@@ -23,7 +23,8 @@ from ckptkd import data as data_mod
 from ckptkd.bench import WORKLOADS, _PerSampleDataset, _fake_teacher_run, _synthetic_npz
 from ckptkd.losses import kd_terms
 from ckptkd.teachers import Teacher
-from ckptkd.train import build_model, make_optimizer, model_spec
+from ckptkd.engine import make_optimizer, model_spec
+from ckptkd.models import from_spec as build_model
 
 
 def profile(workload: str, steps: int, teachers: int) -> dict[str, dict[str, float]]:

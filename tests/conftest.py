@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,11 @@ def tiny_config(**sections) -> dict:
         else:
             cfg[key] = value
     return cfg
+
+
+def manifest_json(run) -> dict:
+    """A run's manifest.json as written on disk (the contract other tools read)."""
+    return json.loads((Path(run) / "manifest.json").read_text())
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ import torch
 
 from ckptkd import distill
 from ckptkd.analysis import analyze, class_matrices, expected_calibration_error, nontarget_entropy, select
-from ckptkd.checkpoints import resolve
+from ckptkd.run import resolve
 from ckptkd.errors import UserError
 
 from conftest import run_cli, tiny_config
@@ -62,7 +62,7 @@ def test_info_references_and_select(analysed, tmp_path):
     by_val = select(run, k=2, by="val")
     assert len(by_val) == 2
     student = distill(tiny_config(model={"name": "mlp", "widths": [16]}, schedule={"epochs": 1}),
-                      teachers=[f"{run}@best-info"], out=tmp_path / "s", quiet=True).manifest
+                      teachers=[f"{run}@best-info"], out=tmp_path / "s", quiet=True).manifest.to_dict()
     assert student["teachers"][0]["epoch"] == ranking[0]
 
 

@@ -56,12 +56,12 @@ def test_a_damaged_or_foreign_cache_file_is_rebuilt(tmp_path, teacher_run):
 def test_cached_student_is_deterministic_and_records_the_cache(tmp_path, teacher_run):
     cfg = tiny_config(model={"name": "mlp", "widths": [16]}, schedule={"epochs": 2},
                       kd={"cache": "on", "cache_dir": str(tmp_path / "cache")})
-    a = distill(cfg, teachers=[teacher_run.ref("0.3,0.5")], out=tmp_path / "a", quiet=True).manifest
-    b = distill(cfg, teachers=[teacher_run.ref("0.3,0.5")], out=tmp_path / "b", quiet=True).manifest
+    a = distill(cfg, teachers=[teacher_run.ref("0.3,0.5")], out=tmp_path / "a", quiet=True).manifest.to_dict()
+    b = distill(cfg, teachers=[teacher_run.ref("0.3,0.5")], out=tmp_path / "b", quiet=True).manifest.to_dict()
     assert a["checkpoints"][-1]["sha256"] == b["checkpoints"][-1]["sha256"]
     assert a["teacher_ensemble"]["cache"]["built"] == 2 and b["teacher_ensemble"]["cache"]["reused"] == 2
     online = distill({**cfg, "kd": {"cache": "off"}}, teachers=[teacher_run.ref("0.3,0.5")], out=tmp_path / "c",
-                     quiet=True).manifest
+                     quiet=True).manifest.to_dict()
     assert "cache" not in online["teacher_ensemble"]
 
 

@@ -2,11 +2,11 @@ from pathlib import Path
 
 import pytest
 
-from ckptkd.checkpoints import resolve, split_reference
+from ckptkd.run import resolve, split_reference
 from ckptkd.cli import main
 from ckptkd.errors import UserError
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, manifest_json
 
 
 def one_line_error(capsys, argv, *needles):
@@ -75,9 +75,8 @@ def test_references(teacher_run):
 
 
 def load_checkpoints(run):
-    from ckptkd.checkpoints import load_manifest
-
-    return load_manifest(run)["checkpoints"]
+    
+    return manifest_json(run)["checkpoints"]
 
 
 @pytest.mark.parametrize("selector, needle", [

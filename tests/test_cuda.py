@@ -71,7 +71,7 @@ def test_cached_teacher_on_cuda_equals_online_and_distills(tmp_path, teacher_run
 
     cfg = tiny_config(device=str(CUDA), precision="bf16", model={"name": "resnet8"}, schedule={"epochs": 4},
                       kd={"cache": "on", "cache_dir": str(tmp_path / "cache")})
-    student = distill(cfg, teachers=[teacher_run.ref("0.3,0.5,0.7,1.0")], out=tmp_path / "s", quiet=True).manifest
+    student = distill(cfg, teachers=[teacher_run.ref("0.3,0.5,0.7,1.0")], out=tmp_path / "s", quiet=True).manifest.to_dict()
     assert student["device"].startswith(CUDA.type) and student["status"] == "complete"
     assert student["teacher_ensemble"]["cache"]["reused"] + student["teacher_ensemble"]["cache"]["built"] == 4
     assert student["final"]["val_acc"] > 0.8

@@ -6,12 +6,12 @@ import torch
 import yaml
 
 from ckptkd import distill, train
-from ckptkd.checkpoints import load_manifest, resolve
+from ckptkd.run import resolve
 from ckptkd.errors import UserError
 from ckptkd.importer import import_state_dict
 from ckptkd.teachers import Teacher
 
-from conftest import REPO, run_cli, tiny_config
+from conftest import REPO, run_cli, tiny_config, manifest_json
 
 STUDENT = {"model": {"name": "mlp", "widths": [32]}, "schedule": {"epochs": 3}, "checkpoints": {"fractions": [1.0]}}
 
@@ -30,7 +30,7 @@ def second_teacher(tmp_path_factory):
 def test_students_from_every_kind_of_teacher(tmp_path, teacher_run, second_teacher, selector):
     refs = {"none": [], "full": [teacher_run.ref("last"), second_teacher.ref("last")]}.get(
         selector, [f"{teacher_run.path}{selector}"])
-    manifest = distill(student_config(), teachers=refs, out=tmp_path / "s", quiet=True).manifest
+    manifest = distill(student_config(), teachers=refs, out=tmp_path / "s", quiet=True).manifest.to_dict()
     assert manifest["kind"] == "distill" and manifest["status"] == "complete"
     expected_count = {"none": 0, "full": 2, "@0.3,0.5,0.7": 3}.get(selector, 1)
     assert len(manifest["teachers"]) == expected_count
@@ -48,9 +48,9 @@ def manifest_history(run):
 
 
 def test_distillation_is_deterministic_and_teacher_matters(tmp_path, teacher_run):
-    a = distill(student_config(), teachers=[teacher_run.ref("0.5")], out=tmp_path / "a", quiet=True).manifest
-    b = distill(student_config(), teachers=[teacher_run.ref("0.5")], out=tmp_path / "b", quiet=True).manifest
-    c = distill(student_config(), teachers=[teacher_run.ref("last")], out=tmp_path / "c", quiet=True).manifest
+    a = distill(student_config(), teachers=[teacher_run.ref("0.5")], out=tmp_path / "a", quiet=True).manifest.to_dict()
+    b = distill(student_config(), teachers=[teacher_run.ref("0.5")], out=tmp_path / "b", quiet=True).manifest.to_dict()
+    c = distill(student_config(), teachers=[teacher_run.ref("last")], out=tmp_path / "c", quiet=True).manifest.to_dict()
     assert a["checkpoints"][-1]["sha256"] == b["checkpoints"][-1]["sha256"]
     assert a["checkpoints"][-1]["sha256"] != c["checkpoints"][-1]["sha256"]
 
@@ -121,7 +121,7 @@ def test_tampered_checkpoint_is_refused(tmp_path, teacher_run):
 
     run = tmp_path / "copy"
     shutil.copytree(teacher_run.path, run)
-    ckpt = run / load_manifest(run)["checkpoints"][1]["path"]
+    ckpt = run / manifest_json(run)["checkpoints"][1]["path"]
     raw = bytearray(ckpt.read_bytes())
     raw[-3] ^= 0x01
     ckpt.write_bytes(bytes(raw))
@@ -148,11 +148,11 @@ def test_import_a_dataparallel_state_dict_and_distill_from_an_ensemble_of_import
         result = run_cli("import", str(tmp_path / f"{name}.pth"), "--model", "resnet8", "--out", str(tmp_path / name))
         assert result.returncode == 0, result.stderr
         runs.append(tmp_path / name)
-    imported = load_manifest(runs[0])
-    original = load_manifest(teacher_run.path)
+    imported = manifest_json(runs[0])
+    original = manifest_json(teacher_run.path)
     assert imported["kind"] == "import"
     assert imported["checkpoints"][0]["metrics"]["test_acc"] == pytest.approx(original["final"]["test_acc"])
-    manifest = distill(student_config(), teachers=[str(r) for r in runs], out=tmp_path / "s", quiet=True).manifest
+    manifest = distill(student_config(), teachers=[str(r) for r in runs], out=tmp_path / "s", quiet=True).manifest.to_dict()
     assert [t["reference"] for t in manifest["teachers"]] == [f"{r}@epoch=1" for r in runs]
 
 

@@ -12,10 +12,9 @@ import torch
 import yaml
 
 from ckptkd import train
-from ckptkd.checkpoints import load_manifest
 from ckptkd.storage import load_tensors, sha256_file
 
-from conftest import tiny_config
+from conftest import tiny_config, manifest_json
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -44,15 +43,15 @@ def test_two_ranks_train_the_model_one_process_trains(tmp_path):
     assert done.stdout.count("last epoch 3") == 1  # one summary, from rank 0
     single = train(tiny_config(**sections), out=tmp_path / "single", quiet=True)
 
-    ddp = load_manifest(tmp_path / "ddp")
+    ddp = manifest_json(tmp_path / "ddp")
     assert ddp["status"] == "complete" and ddp["distributed"] == {"world_size": 2, "backend": "gloo"}
     a = load_tensors(tmp_path / "ddp" / ddp["checkpoints"][-1]["path"])
-    b = load_tensors(single.path / single.manifest["checkpoints"][-1]["path"])
+    b = load_tensors(single.path / single.manifest.to_dict()["checkpoints"][-1]["path"])
     for name in b:
         torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4)
     history = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert abs(history[-1]["train_acc"] - single.manifest["final"]["train_acc"]) < 0.02  # summed over both ranks
+    assert abs(history[-1]["train_acc"] - single.manifest.to_dict()["final"]["train_acc"]) < 0.02  # summed over both ranks
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in single.path.iterdir())
 
 
@@ -62,7 +61,7 @@ def test_two_rank_cached_distill_killed_and_resumed_is_bit_identical(tmp_path, t
     common = ("distill", str(cfg), "--teacher", teacher_run.ref("0.5,1.0"), "--set", "log.progress=false")
     reference = torchrun(*common, "--out", str(tmp_path / "ref"))
     assert reference.returncode == 0, reference.stderr[-3000:]
-    ref = load_manifest(tmp_path / "ref")
+    ref = manifest_json(tmp_path / "ref")
     assert ref["teacher_ensemble"]["cache"]["built"] + ref["teacher_ensemble"]["cache"]["reused"] == 2
 
     out = tmp_path / "killed"
@@ -76,11 +75,11 @@ def test_two_rank_cached_distill_killed_and_resumed_is_bit_identical(tmp_path, t
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
     proc.wait()
-    assert load_manifest(out)["status"] == "running"  # it was cut off, not finished
+    assert manifest_json(out)["status"] == "running"  # it was cut off, not finished
 
     resumed = torchrun(*common, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    manifest = load_manifest(out)
+    manifest = manifest_json(out)
     assert manifest["status"] == "complete"
     assert [c["sha256"] for c in manifest["checkpoints"]] == [c["sha256"] for c in ref["checkpoints"]]
     for c in manifest["checkpoints"]:

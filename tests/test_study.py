@@ -47,7 +47,9 @@ def test_plan_covers_the_paper_grid():
 
 
 @pytest.mark.parametrize("change, needle", [
-    ({"seeds": 0}, "seeds"), ({"variants": ["T0.4"]}, "variants"), ({"pairs": []}, "pairs"),
+    ({"seeds": 0}, "seeds"), ({"variants": ["Thalf"]}, "variants"), ({"variants": ["T1.5"]}, "variants"),
+    ({"variants": ["none@online"]}, "variants"), ({"variants": ["Tfull@tau=10@tau=4"]}, "variants"),
+    ({"max_attempts": 0}, "max_attempts"), ({"pairs": []}, "pairs"),
     ({"ensemble_size": 1}, "ensemble_size"), ({"colour": "red"}, "colour"),
 ])
 def test_bad_study_configs_name_the_field(change, needle):

@@ -12,18 +12,17 @@ import torch
 import yaml
 
 from ckptkd import train
-from ckptkd.checkpoints import load_manifest
 from ckptkd.errors import UserError
 from ckptkd.schedules import lr_at
 from ckptkd.storage import load_tensors, sha256_file
-from ckptkd.train import checkpoint_epochs
+from ckptkd.engine import checkpoint_epochs
 
-from conftest import REPO, run_cli, tiny_config
+from conftest import REPO, run_cli, tiny_config, manifest_json
 
 
 def test_teacher_run_keeps_its_trajectory(teacher_run):
     run = teacher_run.path
-    manifest = load_manifest(run)
+    manifest = manifest_json(run)
     assert manifest["status"] == "complete" and manifest["kind"] == "train"
     # fractions 0.3/0.5/0.7/1.0 of 6 epochs -> 2, 3, 4, 6; every 2 -> 2, 4, 6
     assert [c["epoch"] for c in manifest["checkpoints"]] == [2, 3, 4, 6]
@@ -44,10 +43,10 @@ def test_teacher_run_keeps_its_trajectory(teacher_run):
 
 def test_same_config_and_seed_give_bit_identical_weights(tmp_path):
     cfg = tiny_config(schedule={"epochs": 2})
-    a = train(cfg, out=tmp_path / "a", quiet=True).manifest
-    b = train(cfg, out=tmp_path / "b", quiet=True).manifest
+    a = train(cfg, out=tmp_path / "a", quiet=True).manifest.to_dict()
+    b = train(cfg, out=tmp_path / "b", quiet=True).manifest.to_dict()
     assert [c["sha256"] for c in a["checkpoints"]] == [c["sha256"] for c in b["checkpoints"]]
-    c = train(tiny_config(seed=1, schedule={"epochs": 2}), out=tmp_path / "c", quiet=True).manifest
+    c = train(tiny_config(seed=1, schedule={"epochs": 2}), out=tmp_path / "c", quiet=True).manifest.to_dict()
     assert c["checkpoints"][-1]["sha256"] != a["checkpoints"][-1]["sha256"]
 
 
@@ -76,26 +75,26 @@ def test_resume_refuses_a_changed_config(tmp_path):
 @pytest.mark.parametrize("optim", ["sgd", "adamw"])
 def test_resume_from_every_epoch_is_bit_identical(tmp_path, monkeypatch, optim):
     """Interrupted after epoch k (for every k) and resumed, a run ends with the uninterrupted run's weights."""
-    train_module = sys.modules["ckptkd.train"]
+    folder_module = sys.modules["ckptkd.run.folder"]
     cfg = tiny_config(optim={"name": optim, "lr": 0.05 if optim == "sgd" else 0.003},
                       schedule={"name": "cosine", "epochs": 3, "warmup_epochs": 1})
-    full = train(cfg, out=tmp_path / "full", quiet=True).manifest["checkpoints"][-1]["sha256"]
-    save_state = train_module.save_state
+    full = train(cfg, out=tmp_path / "full", quiet=True).manifest.checkpoints[-1].sha256
+    save_state = folder_module.save_state
     for stop in (1, 2):
-        def save_then_stop(run, model, optimizer, progress):
-            save_state(run, model, optimizer, progress)
-            if progress["epoch"] == stop:
+        def save_then_stop(path, model, optimizer, progress):
+            save_state(path, model, optimizer, progress)
+            if progress.epoch == stop:
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(train_module, "save_state", save_then_stop)
+        monkeypatch.setattr(folder_module, "save_state", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             train(cfg, out=tmp_path / f"stop{stop}", quiet=True)
-        assert load_manifest(tmp_path / f"stop{stop}")["status"] == "failed"
-        monkeypatch.setattr(train_module, "save_state", save_state)
+        assert manifest_json(tmp_path / f"stop{stop}")["status"] == "failed"
+        monkeypatch.setattr(folder_module, "save_state", save_state)
         # what a write killed half-way leaves behind; resuming clears it
         stale = tmp_path / f"stop{stop}" / "state" / ".last.safetensors.x1y2z3.tmp"
         stale.write_bytes(b"half a checkpoint")
-        resumed = train(cfg, out=tmp_path / f"stop{stop}", resume=True, quiet=True).manifest
+        resumed = train(cfg, out=tmp_path / f"stop{stop}", resume=True, quiet=True).manifest.to_dict()
         assert not stale.exists()
         assert resumed["status"] == "complete"
         assert resumed["checkpoints"][-1]["sha256"] == full
@@ -107,7 +106,7 @@ def test_kill_9_at_a_random_moment_then_resume_is_bit_identical(tmp_path):
     cfg_path.write_text(yaml.safe_dump(tiny_config(schedule={"epochs": 8}, checkpoints={"every": 1})))
     reference = run_cli("train", str(cfg_path), "--out", str(tmp_path / "ref"))
     assert reference.returncode == 0, reference.stderr
-    ref_manifest = load_manifest(tmp_path / "ref")
+    ref_manifest = manifest_json(tmp_path / "ref")
     rng = random.Random(os.getpid())
     for attempt in range(2):
         out = tmp_path / f"killed{attempt}"
@@ -122,7 +121,7 @@ def test_kill_9_at_a_random_moment_then_resume_is_bit_identical(tmp_path):
         proc.wait()
         resumed = run_cli("train", str(cfg_path), "--out", str(out), "--resume")
         assert resumed.returncode == 0, resumed.stderr
-        manifest = load_manifest(out)
+        manifest = manifest_json(out)
         assert manifest["status"] == "complete"
         assert [c["sha256"] for c in manifest["checkpoints"]] == [c["sha256"] for c in ref_manifest["checkpoints"]]
         for c in manifest["checkpoints"]:
@@ -177,7 +176,7 @@ def test_the_same_config_trains_on_another_data_set(tmp_path):
                      "--set", "data.name=npz", "--set", f"data.root={tmp_path / 'mine.npz'}",
                      "--set", "schedule.epochs=2", "--set", "data.batch_size=32")
     assert result.returncode == 0, result.stderr
-    manifest = load_manifest(tmp_path / "run")
+    manifest = manifest_json(tmp_path / "run")
     assert manifest["model"]["in_channels"] == 3 and manifest["model"]["num_classes"] == 4
     assert manifest["data"]["image_shape"] == [3, 16, 16]
 
@@ -188,14 +187,14 @@ def test_digits_config_trains_on_fashion_mnist(tmp_path):
                      "--set", "data.name=fashion-mnist", "--set", "data.root=/usr/share/datasets/fashion-mnist",
                      "--set", "data.subset=256", "--set", "schedule.epochs=1", "--set", "data.val_fraction=0.01")
     assert result.returncode == 0, result.stderr
-    manifest = load_manifest(tmp_path / "run")
+    manifest = manifest_json(tmp_path / "run")
     assert manifest["data"]["image_shape"] == [1, 28, 28] and manifest["data"]["train"] == 256
 
 
 def test_bf16_precision_trains_and_records_itself(tmp_path):
     cfg = tiny_config(model={"name": "mlp", "widths": [32]}, schedule={"epochs": 2}, checkpoints={"fractions": [1.0]})
-    fp32 = train(cfg, out=tmp_path / "fp32", quiet=True).manifest
-    bf16 = train({**cfg, "precision": "bf16"}, out=tmp_path / "bf16", quiet=True).manifest
+    fp32 = train(cfg, out=tmp_path / "fp32", quiet=True).manifest.to_dict()
+    bf16 = train({**cfg, "precision": "bf16"}, out=tmp_path / "bf16", quiet=True).manifest.to_dict()
     assert bf16["precision"] == "bf16" and fp32["precision"] == "fp32"
     assert bf16["checkpoints"][-1]["sha256"] != fp32["checkpoints"][-1]["sha256"]  # autocast really ran
     assert bf16["final"]["val_acc"] > 0.5 and math.isfinite(bf16["checkpoints"][-1]["metrics"]["train_loss"])

@@ -1,22 +1,38 @@
 """ckptkd: knowledge distillation from model checkpoints.
 
 Train a teacher and keep its trajectory, analyse each checkpoint, select T* or a snapshot ensemble, distill students.
+
+The names below are imported on first use, so `import ckptkd` (and `ckptkd --help`) does not load torch.
 """
 
+import importlib
 import os
 
 # On a few cores, two busy processes (study workers, torchrun ranks) spin against each other ~10x slower unless
 # OpenMP threads wait passively; it must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import info, losses, models  # noqa: E402
-from .analysis import analyze, select  # noqa: E402
-from .checkpoints import resolve as resolve_reference  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .study import run_study  # noqa: E402
-from .train import Run, distill, train  # noqa: E402
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
+_LAZY = {
+    "train": ("trainer", "train"), "distill": ("trainer", "distill"), "analyze": ("analysis", "analyze"),
+    "select": ("analysis", "select"), "run_study": ("study", "run_study"), "Run": ("run", "Run"),
+    "resolve_reference": ("run", "resolve"), "UserError": ("errors", "UserError"),
+    "info": ("info", None), "losses": ("losses", None), "models": ("models", None),
+}
 
-__all__ = ["train", "distill", "analyze", "select", "run_study", "Run", "resolve_reference", "models", "losses",
-           "info", "UserError", "__version__"]
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'ckptkd' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(f".{module_name}", __name__)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -21,12 +21,10 @@ from tqdm import tqdm
 from . import config as config_mod
 from . import data as data_mod
 from . import info
-from .checkpoints import load_manifest, resolve
 from .errors import UserError
+from .run import Run, resolve
 from .storage import atomic_write_json, read_json
 
-ANALYSIS = "analysis.json"
-CACHE_DIR = "analysis-cache"
 FORMAT = 1
 # Bump when a measurement changes, so cached per-checkpoint results are recomputed rather than mixed.
 METHOD_VERSION = 2
@@ -135,13 +133,13 @@ def rank(records: list[dict], by: str) -> list[dict]:
 
 
 def analyze(run: str | Path, *, temperature: float | None = None, seed: int = 0, plots: bool = True,
-            quiet: bool = False) -> dict:
+            quiet: bool = False, allow_incomplete: bool = False) -> dict:
     """Analyse every checkpoint of `run`; writes RUN/analysis.json (and RUN/plots/) and returns the analysis."""
-    run = Path(run)
-    manifest = load_manifest(run)
-    if not manifest["checkpoints"]:
-        raise UserError(f"analyze: {run} has no checkpoints")
-    cfg = config_mod.resolve(run / "config.yaml")
+    folder = Run(run)
+    run = folder.path
+    checkpoints = resolve(f"{run}@all", allow_incomplete=allow_incomplete)
+    manifest = folder.manifest
+    cfg = folder.config()
     tau = temperature if temperature is not None else cfg["kd"]["temperature"]
     started = time.perf_counter()
     data = data_mod.build(cfg["data"], "cpu")
@@ -151,9 +149,8 @@ def analyze(run: str | Path, *, temperature: float | None = None, seed: int = 0,
 
     records = []
     computed = 0
-    checkpoints = resolve(f"{run}@all")
     for ckpt in tqdm(checkpoints, desc="analyze", leave=False, disable=None if not quiet else True, file=sys.stderr):
-        cache_file = run / CACHE_DIR / f"{ckpt.sha256[:24]}-{settings_key}.json"
+        cache_file = folder.analysis_cache_dir / f"{ckpt.sha256[:24]}-{settings_key}.json"
         if cache_file.is_file():
             record = read_json(cache_file, "analysis cache")
         else:
@@ -200,19 +197,19 @@ def analyze(run: str | Path, *, temperature: float | None = None, seed: int = 0,
         plot_started = time.perf_counter()
         analysis["plots"] = plot_analysis(run, analysis, manifest)
         analysis["timing_s"]["plots"] = round(time.perf_counter() - plot_started, 3)
-    atomic_write_json(run / ANALYSIS, analysis)
+    folder.write_analysis(analysis)
     return analysis
 
 
-def select(run: str | Path, *, k: int = 1, by: str = "info") -> list[str]:
+def select(run: str | Path, *, k: int = 1, by: str = "info", allow_incomplete: bool = False) -> list[str]:
     """References to the best K checkpoints (K > 1: a snapshot ensemble), by information criterion or val accuracy."""
     run = Path(run)
     if by not in ("info", "val"):
         raise UserError(f"select: --by must be info or val, got {by!r}")
     if by == "info":
-        return [c.reference for c in resolve(f"{run}@top-info:{k}")]
-    manifest = load_manifest(run)
-    ordered = sorted(manifest["checkpoints"], key=lambda c: (c["metrics"]["val_acc"], c["epoch"]), reverse=True)
+        return [c.reference for c in resolve(f"{run}@top-info:{k}", allow_incomplete=allow_incomplete)]
+    checkpoints = resolve(f"{run}@all", allow_incomplete=allow_incomplete)
+    ordered = sorted(checkpoints, key=lambda c: (c.metrics["val_acc"], c.epoch), reverse=True)
     if not 1 <= k <= len(ordered):
         raise UserError(f"select: --k must be between 1 and {len(ordered)} (the run's checkpoints)")
-    return [f"{run}@epoch={c['epoch']}" for c in ordered[:k]]
+    return [c.reference for c in ordered[:k]]

@@ -25,12 +25,11 @@ import torch.nn.functional as F
 
 from . import config as config_mod
 from . import data as data_mod
-from . import models
-from .checkpoints import MANIFEST_FORMAT, checkpoint_path
+from .engine import Objective, make_optimizer, model_spec, pick_device, train_step
 from .errors import UserError
-from .storage import atomic_write_json, atomic_write_text, save_tensors
+from .models import from_spec
+from .run import Manifest, write_run
 from .teachers import Teacher
-from .train import build_model, make_optimizer, model_spec, pick_device, train_step
 
 WORKLOADS = {
     "cifar": {"shape": [3, 32, 32], "classes": 100, "teacher": "resnet56", "student": "resnet20", "batch": 128,
@@ -59,17 +58,14 @@ def _synthetic_npz(folder: Path, workload: dict) -> Path:
 def _fake_teacher_run(folder: Path, cfg: dict, data: data_mod.Data, seeds: list[int]) -> str:
     """A run folder whose checkpoints are randomly initialised teachers (speed does not depend on the weights)."""
     spec = model_spec(cfg, data)
-    entries = []
+    checkpoints = []
     for epoch, seed in enumerate(seeds, start=1):
         torch.manual_seed(seed)
-        sha = save_tensors(folder / checkpoint_path(epoch), build_model(spec).state_dict())
-        entries.append({"epoch": epoch, "step": 0, "fraction": epoch / len(seeds), "lr": 0.0,
-                        "path": checkpoint_path(epoch), "sha256": sha, "metrics": {"val_acc": 0.0}})
-    atomic_write_text(folder / "config.yaml", config_mod.dump(cfg))
-    atomic_write_json(folder / "manifest.json", {
-        "format": MANIFEST_FORMAT, "kind": "train", "status": "complete", "name": "bench-teacher", "model": spec,
-        "data": data.describe(), "seed": 0, "epochs": len(seeds), "checkpoints": entries, "final": None})
-    return str(folder)
+        checkpoints.append(({"epoch": epoch, "step": 0, "fraction": epoch / len(seeds), "lr": 0.0,
+                             "metrics": {"val_acc": 0.0}}, from_spec(spec).state_dict()))
+    manifest = Manifest(kind="train", status="complete", name="bench-teacher", model=spec, data=data.describe(),
+                        seed=0, epochs=len(seeds))
+    return str(write_run(folder, cfg, manifest, checkpoints).path)
 
 
 def _sync(device: torch.device) -> None:
@@ -79,7 +75,7 @@ def _sync(device: torch.device) -> None:
 
 def _timed_epoch_steps(model, optimizer, data, *, teacher, kd, steps, batch, seed) -> float:
     """Seconds for `steps` training steps of our loop (batches drawn, augmented, normalised inside the timing)."""
-    view_bank = teacher.view_bank if teacher is not None else None
+    objective = Objective(kd, teacher)
     device = data.train_x.device
     _sync(device)
     started = time.perf_counter()
@@ -87,8 +83,8 @@ def _timed_epoch_steps(model, optimizer, data, *, teacher, kd, steps, batch, see
     epoch = 0
     while done < steps:
         epoch += 1
-        for b in data.train_batches(seed=seed, epoch=epoch, batch_size=batch, view_bank=view_bank):
-            train_step(model, optimizer, b, teacher, kd)
+        for b in data.train_batches(seed=seed, epoch=epoch, batch_size=batch, view_bank=objective.view_bank):
+            train_step(model, optimizer, objective, b)
             done += 1
             if done == steps:
                 break
@@ -190,16 +186,16 @@ def run_bench(workload: str = "cifar", *, steps: int | None = None, rounds: int 
         one, four, cached = (Teacher.from_references([f"{run}@{selector}"], quiet=True, autocast=autocast)
                              for selector in ("epoch=4", "all", "all"))
         for t in (one, four, cached):
-            t.to(dev).prepare(data)
-        # The ordinary way loads the checkpoint as it is: BatchNorm unfolded, default memory format, eval mode.
-        plain_teacher = one.checkpoints[0].build_model(dev).eval()
+            t.prepare(data)
         started = time.perf_counter()
         cached.attach_cache(data, views=w["views"], cache_dir=tmp / "cache")
         cache_build_s = time.perf_counter() - started
+        # The ordinary way loads the checkpoint as it is: BatchNorm unfolded, default memory format, eval mode.
+        plain_teacher = one.checkpoints[0].build_model(dev).eval()
 
         def fresh_student():
             torch.manual_seed(0)
-            student = build_model(model_spec(student_cfg, data)).to(dev)
+            student = from_spec(model_spec(student_cfg, data)).to(dev)
             return student, make_optimizer(student_cfg, student)
 
         seconds: dict[str, list[float]] = {k: [] for k in ("student_alone", "kd_online_1", "kd_online_4",

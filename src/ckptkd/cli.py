@@ -7,6 +7,7 @@ interrupted.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -20,16 +21,17 @@ def _print_trajectory(run_path: Path) -> None:
 
 
 def cmd_train(args) -> None:
-    from .train import train
+    from .trainer import train
 
     run = train(args.config, overrides=args.set, out=args.out, resume=args.resume)
     _print_trajectory(run.path)
 
 
 def cmd_distill(args) -> None:
-    from .train import distill
+    from .trainer import distill
 
-    run = distill(args.config, teachers=args.teacher, overrides=args.set, out=args.out, resume=args.resume)
+    run = distill(args.config, teachers=args.teacher, overrides=args.set, out=args.out, resume=args.resume,
+                  allow_incomplete=args.allow_incomplete)
     _print_trajectory(run.path)
 
 
@@ -48,14 +50,15 @@ def cmd_analyze(args) -> None:
     from .analysis import analyze
     from .report import analysis_table
 
-    result = analyze(args.run, temperature=args.temperature, seed=args.seed, plots=not args.no_plots)
+    result = analyze(args.run, temperature=args.temperature, seed=args.seed, plots=not args.no_plots,
+                     allow_incomplete=args.allow_incomplete)
     analysis_table(result)
 
 
 def cmd_select(args) -> None:
     from .analysis import select
 
-    for reference in select(args.run, k=args.k, by=args.by):
+    for reference in select(args.run, k=args.k, by=args.by, allow_incomplete=args.allow_incomplete):
         print(reference)
 
 
@@ -97,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ckptkd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def add_allow_incomplete(p):
+        p.add_argument("--allow-incomplete", action="store_true",
+                       help="use runs that did not complete (interrupted or failed); recorded in the manifest")
+
     def add_run_options(p, *, config_required: bool = True):
         if config_required:
             p.add_argument("config", help="YAML config file")
@@ -114,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", action="append", default=[], metavar="REF",
                    help="checkpoint reference, e.g. runs/t@0.5 or runs/t@0.3,0.5,0.7; repeat for an ensemble")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    add_allow_incomplete(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("analyze", help="measure every checkpoint's dark knowledge and I(X;F), I(Y;F); select T*")
@@ -121,12 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="tau for tempered outputs (default: the run's kd.temperature)")
     p.add_argument("--seed", type=int, default=0, help="seed of the estimators' probes")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    add_allow_incomplete(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("select", help="print references to T* (or the top K checkpoints: a snapshot ensemble)")
     p.add_argument("run")
     p.add_argument("--k", type=int, default=1, help="how many checkpoints (default 1)")
     p.add_argument("--by", choices=["info", "val"], default="info", help="information criterion or val accuracy")
+    add_allow_incomplete(p)
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("study", help="run the paper's grid over seeds (resumable; several processes share it)")
@@ -175,7 +185,18 @@ def _version() -> str:
     return __version__
 
 
+def _resume_hint(args, argv: list[str]) -> str:
+    """How to continue what was interrupted, for the commands that can be continued."""
+    if args.command in ("train", "distill"):
+        return "; continue with: " + shlex.join(["ckptkd", *(a for a in argv if a != "--resume"), "--resume"])
+    if args.command in ("study", "demo"):
+        return "; run the same command again to continue (finished runs are kept)"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Parsing first, before anything imports torch, so --help and argument errors answer at once.
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from . import distributed
     from .errors import UserError
@@ -190,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ckptkd: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ckptkd: interrupted", file=sys.stderr)
+        print(f"ckptkd: interrupted{_resume_hint(args, argv)}", file=sys.stderr)
         return 130
     except OSError as e:
         if e.filename is None:

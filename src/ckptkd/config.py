@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "checkpoints": {"fractions": [0.3, 0.5, 0.7, 1.0], "every": None, "epochs": []},
     "kd": {"teachers": [], "temperature": 4.0, "alpha": 0.1, "ensemble": "probs", "cache": "auto", "views": 32,
            "cache_dir": None, "channels_last": "auto", "autocast": "auto"},
+    "eval": {"last_k": 5},
     "log": {"progress": "auto", "tensorboard": "auto"},
 }
 
@@ -180,6 +181,7 @@ FIELDS: dict[str, Check] = {
     "kd.cache_dir": text(nullable=True),
     "kd.channels_last": one_of("auto", True, False),
     "kd.autocast": one_of("auto", "none", "bf16", "fp16"),
+    "eval.last_k": integer(1),
     "log.progress": one_of("auto", True, False),
     "log.tensorboard": one_of("auto", True, False),
 }

@@ -15,10 +15,11 @@ import torch
 
 from . import config as config_mod
 from . import data as data_mod
-from .checkpoints import MANIFEST_FORMAT, checkpoint_path
+from .engine import evaluate, model_spec, pick_device
 from .errors import UserError
-from .storage import atomic_write_text, save_tensors, sha256_file
-from .train import Run, build_model, evaluate, model_spec, pick_device, write_run_views
+from .models import from_spec
+from .run import Final, Manifest, Run, write_run
+from .storage import sha256_file
 
 # Where common training scripts keep the weights inside a saved dict (RepDistiller: "model", others: "state_dict").
 _NESTED_KEYS = ("model", "state_dict", "net", "model_state_dict", "weights")
@@ -63,7 +64,7 @@ def _fit_names(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, 
 
 def import_state_dict(file: str | Path, *, model: str, out: str | Path, overrides: list | dict | None = None,
                       config: str | Path | None = None, quiet: bool = False) -> Run:
-    """Wrap `file` as a run of `model` on the configured data (defaults: digits), evaluated on val and test."""
+    """Wrap `file` as a run of `model` on the configured data (defaults: digits), evaluated on train, val and test."""
     file, run = Path(file), Path(out)
     if run.exists() and any(run.iterdir()):
         raise UserError(f"run folder {run} already exists; choose another --out")
@@ -76,7 +77,7 @@ def import_state_dict(file: str | Path, *, model: str, out: str | Path, override
     device = pick_device(cfg["device"])
     data = data_mod.build(cfg["data"], device)
     spec = model_spec(cfg, data)
-    net = build_model(spec)
+    net = from_spec(spec)
     expected = net.state_dict()
     state = _fit_names(state, set(expected))
     missing = sorted(set(expected) - set(state))
@@ -95,22 +96,13 @@ def import_state_dict(file: str | Path, *, model: str, out: str | Path, override
 
     batch = cfg["data"]["eval_batch_size"]
     train_m, val_m, test_m = (evaluate(net, data, split, batch) for split in ("train", "val", "test"))
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / "config.yaml", config_mod.dump(cfg))
-    sha = save_tensors(run / checkpoint_path(1), net.state_dict(), metadata={"epoch": 1, "model": model,
-                                                                             "imported_from": str(file)})
     metrics = {"train_loss": train_m["loss"], "train_acc": train_m["acc"], "val_loss": val_m["loss"],
                "val_acc": val_m["acc"], "test_acc": test_m["acc"]}
-    manifest = {
-        "format": MANIFEST_FORMAT, "kind": "import", "status": "complete", "name": cfg["name"],
-        "model": spec, "data": data.describe(), "seed": None, "epochs": 1, "steps_per_epoch": 0, "teachers": [],
-        "source": {"file": str(file), "sha256": sha256_file(file)},
-        "checkpoints": [{"epoch": 1, "step": 0, "fraction": 1.0, "lr": 0.0, "path": checkpoint_path(1),
-                         "sha256": sha, "metrics": metrics}],
-        "final": {"epoch": 1, "train_acc": metrics["train_acc"], "val_acc": metrics["val_acc"],
-                  "test_acc": metrics["test_acc"], "best_val_acc": metrics["val_acc"], "best_val_epoch": 1,
-                  "train_time_s": 0.0},
-        "device": str(device), "torch": torch.__version__,
-    }
-    write_run_views(run, manifest, [{"epoch": 1, **metrics}])
-    return Run(run)
+    source = {"file": str(file), "sha256": sha256_file(file)}
+    manifest = Manifest(kind="import", status="complete", name=cfg["name"], model=spec, data=data.describe(),
+                        seed=None, epochs=1, source=source, device=str(device), torch=torch.__version__,
+                        final=Final(epoch=1, train_acc=metrics["train_acc"], val_acc=metrics["val_acc"],
+                                    test_acc=metrics["test_acc"], best_val_acc=metrics["val_acc"], best_val_epoch=1,
+                                    train_time_s=0.0))
+    entry = {"epoch": 1, "step": 0, "fraction": 1.0, "lr": 0.0, "metrics": metrics, "source": source}
+    return write_run(run, cfg, manifest, [(entry, net.state_dict())], history=[{"epoch": 1, **metrics}])

@@ -103,12 +103,19 @@ def kd_loss(
     temperature: float,
     alpha: float,
     ensemble: str = "probs",
-) -> torch.Tensor:
-    """``alpha * CE(targets, s) + (1 - alpha) * tau^2 * KL(P_T || softmax(s / tau))``, batch mean."""
+    return_terms: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``alpha * CE(targets, s) + (1 - alpha) * tau^2 * KL(P_T || softmax(s / tau))``, batch mean.
+
+    With ``return_terms`` also the unweighted terms ``{"ce": ..., "kd": ...}`` (no ``kd`` when ``alpha == 1``): the
+    training loop logs them, and takes the loss it minimises from here, so the loop runs exactly the tested loss.
+    """
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     _check_options(temperature, ensemble)
     if alpha == 1:
-        return F.cross_entropy(student_logits, targets)
+        ce = F.cross_entropy(student_logits, targets)
+        return (ce, {"ce": ce}) if return_terms else ce
     terms = kd_terms(student_logits, teacher_logits, targets, temperature=temperature, ensemble=ensemble)
-    return alpha * terms["ce"] + (1 - alpha) * terms["kd"]
+    loss = alpha * terms["ce"] + (1 - alpha) * terms["kd"]
+    return (loss, terms) if return_terms else loss

@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only: no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .report import data_label  # noqa: E402
 from .storage import atomic_write_bytes  # noqa: E402
 
 plt.rcParams.update({"figure.dpi": 150, "savefig.bbox": "tight", "font.size": 9, "axes.spines.top": False,
@@ -109,7 +110,7 @@ def class_correlation_pair(intermediate: dict, full: dict, class_names: list[str
 def plot_analysis(run: Path, analysis: dict, manifest: dict) -> dict[str, str]:
     records = analysis["checkpoints"]
     selected = analysis["selected"]["epoch"]
-    name = f"{manifest['model']['name']} on {manifest['data']['name']}, seed {manifest['seed']}"
+    name = f"{manifest.model['name']} on {data_label(manifest.data)}, seed {manifest.seed}"
     full = records[-1]
     intermediate = next((r for r in records if r["epoch"] == selected), full)
     if intermediate is full and len(records) > 1:

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .checkpoints import load_manifest
+from .run import Run
 
 
 def terminal_console() -> Console:
@@ -20,26 +20,42 @@ def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.2f}"
 
 
+def _num(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def data_label(data: dict) -> str:
+    """A data set's name for titles: the user's own file or folder name for npz and folder data."""
+    return data.get("label") or data.get("name", "?")
+
+
 def trajectory_table(run: str | Path, console: Console | None = None) -> Table:
     """Print (and return) one row per saved checkpoint, then the run's final numbers."""
     run = Path(run)
-    manifest = load_manifest(run)
-    table = Table(title=f"{run}  ({manifest['kind']}, {manifest['model']['name']} on {manifest['data']['name']}, "
-                        f"seed {manifest['seed']}, {manifest['status']})")
+    manifest = Run(run).manifest
+    table = Table(title=f"{run}  ({manifest.kind}, {manifest.model['name']} on {data_label(manifest.data)}, "
+                        f"seed {manifest.seed}, {manifest.status})")
     for column in ("epoch", "fraction", "lr", "train loss", "train %", "val %", "test %", "sha256"):
-        table.add_column(column, justify="right" if column != "sha256" else "left")
-    for c in manifest["checkpoints"]:
-        m = c["metrics"]
-        table.add_row(str(c["epoch"]), f"{c['fraction']:.2f}", f"{c['lr']:.3g}", f"{m['train_loss']:.4f}",
-                      _pct(m["train_acc"]), _pct(m["val_acc"]), _pct(m.get("test_acc")), c["sha256"][:12])
-    final = manifest.get("final")
+        table.add_column(column, justify="right" if column != "sha256" else "left", no_wrap=True)
+    for c in manifest.checkpoints:
+        m = c.metrics
+        table.add_row(str(c.epoch), f"{c.fraction:.2f}", f"{c.lr:.3g}", _num(m.get("train_loss"), ".4f"),
+                      _pct(m.get("train_acc")), _pct(m.get("val_acc")), _pct(m.get("test_acc")), c.sha256[:12])
+    lines = []
+    if manifest.teachers:
+        lines.append("teachers: " + ", ".join(t["reference"] for t in manifest.teachers))
+    final = manifest.final
     if final:
-        table.caption = (f"last epoch {final['epoch']}: test {_pct(final['test_acc'])}%, val {_pct(final['val_acc'])}%"
-                         f"; best val {_pct(final['best_val_acc'])}% at epoch {final['best_val_epoch']}"
-                         f"; {final['train_time_s']:.1f} s")
-    if manifest.get("teachers"):
-        refs = ", ".join(t["reference"] for t in manifest["teachers"])
-        table.caption = f"teachers: {refs}\n" + (table.caption or "")
+        last_k = (f" (mean of the last {final.last_k}: {_pct(final.test_acc_last_k)}%)"
+                  if final.last_k and final.last_k > 1 else "")
+        lines.append(f"last epoch {final.epoch}: test {_pct(final.test_acc)}%{last_k}, val {_pct(final.val_acc)}%"
+                     f"; best val {_pct(final.best_val_acc)}% at epoch {final.best_val_epoch}"
+                     f"; {final.train_time_s:.1f} s")
+    if not manifest.health.get("ok", True):
+        from .health import describe
+
+        lines.append(f"health: {describe(manifest.health)}")
+    table.caption = "\n".join(lines) or None
     (console or terminal_console()).print(table)
     return table
 

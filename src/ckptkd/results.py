@@ -69,12 +69,22 @@ def _pid_alive(pid: int) -> bool:
 class ResultsDB:
     """One connection to a study's results.sqlite; a failed run is claimed again until it has made max_attempts."""
 
-    def __init__(self, path: str | Path, *, stale_after_s: float = 120.0, max_attempts: int = 2):
+    def __init__(self, path: str | Path, *, stale_after_s: float = 120.0, max_attempts: int = 2,
+                 readonly: bool = False):
         self.path = Path(path)
         self.stale_after_s = stale_after_s
         self.max_attempts = max_attempts
         self._pid = os.getpid()
         self._host = socket.gethostname()
+        if readonly:
+            # A reader (the report) never changes the file, so a committed study's database stays byte-identical.
+            if not self.path.is_file():
+                raise FileNotFoundError(self.path)
+            self._conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0,
+                                         isolation_level=None)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA busy_timeout = 30000")
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are only the ones opened explicitly below.
         self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
@@ -134,17 +144,27 @@ class ResultsDB:
     def _claimable(self, row: sqlite3.Row, now: float) -> bool:
         if row["status"] == "pending":
             return True
-        if row["status"] == "failed":
-            return row["attempts"] < self.max_attempts
-        # A killed worker is no fault of the run, so a stale claim is taken over whatever the attempt count.
-        return row["status"] == "running" and self._is_stale(row, now)
+        # A stale claim (its worker was killed, perhaps by running out of memory) counts as an attempt, so a run
+        # that kills every worker that takes it stops being retried after max_attempts.
+        return row["status"] in ("failed", "running") and row["attempts"] < self.max_attempts and (
+            row["status"] == "failed" or self._is_stale(row, now))
+
+    def _settle_dead_claims(self, rows: list[sqlite3.Row], now: float) -> None:
+        """Mark failed the runs whose last allowed attempt died with its worker (inside a write transaction)."""
+        for row in rows:
+            if row["status"] == "running" and row["attempts"] >= self.max_attempts and self._is_stale(row, now):
+                self._conn.execute(
+                    "UPDATE runs SET status = 'failed', error = ? WHERE run_id = ?",
+                    (f"its worker ({row['claimer']}) died during attempt {row['attempts']} of {self.max_attempts} "
+                     "(killed, or out of memory)", row["run_id"]))
 
     def claim(self, worker: str | None = None) -> dict | None:
         """Take one run that can start now (its dependencies complete) and mark it running; None if there is none."""
         with self._write():
+            now = time.time()
+            self._settle_dead_claims(self._conn.execute("SELECT * FROM runs").fetchall(), now)
             rows = self._conn.execute("SELECT * FROM runs ORDER BY rowid").fetchall()
             status = {row["run_id"]: row["status"] for row in rows}
-            now = time.time()
             for row in rows:
                 deps = json.loads(row["depends_on"])
                 if self._claimable(row, now) and all(status.get(dep) == "complete" for dep in deps):
@@ -190,6 +210,13 @@ class ResultsDB:
     def fail(self, run_id: str, *, error: str) -> None:
         """Record a failed attempt; the run is claimed again until it has used max_attempts."""
         self._finish(run_id, "failed", metrics=None, timings={}, error=error)
+
+    def release(self, run_id: str) -> None:
+        """Give a claimed run back untried (the worker was interrupted): pending again, this attempt not counted."""
+        with self._write():
+            self._owned(run_id)
+            self._conn.execute("UPDATE runs SET status = 'pending', attempts = attempts - 1, claimer = NULL, "
+                               "claimer_pid = NULL, claimer_host = NULL WHERE run_id = ?", (run_id,))
 
     def rows(self, **filters: Any) -> list[dict]:
         """All runs in the order they were added, optionally only those equal to the given run_id/kind/name/status."""

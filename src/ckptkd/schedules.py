@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 
-from .checkpoints import epoch_at_fraction
+
+def epoch_at_fraction(fraction: float, epochs: int) -> int:
+    """The epoch a fraction of training names: rounded half up, never below 1."""
+    return max(1, min(epochs, math.floor(fraction * epochs + 0.5)))
 
 
 def milestone_epochs(milestones: list, epochs: int) -> list[int]:

@@ -34,11 +34,27 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def shared_permissions(path: str | Path, *, directory: bool = False) -> None:
+    """Give a file (or folder) made by mkstemp/mkdtemp, which are private (0600/0700), the permissions an ordinary
+    file gets under the umask, so other users of a shared results folder can read it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
-from .config import boolean, integer, list_of, number, one_of, text
+from . import variants as variants_mod
+from .config import boolean, integer, list_of, number, text
 from .errors import UserError
-from .results import ResultsDB
+from .results import ClaimLost, ResultsDB
 from .storage import atomic_write_text
 
+# The paper's grid; any name of `variants.GRAMMAR` may be listed.
 VARIANTS = ("none", "T0.3", "T0.5", "T0.7", "Tfull", "Tstar", "snapshot", "full_ensemble")
-FIXED_FRACTIONS = {"T0.3": 0.3, "T0.5": 0.5, "T0.7": 0.7}
 
 STUDY_DEFAULTS: dict[str, Any] = {
     "name": "study",
@@ -39,6 +40,7 @@ STUDY_DEFAULTS: dict[str, Any] = {
     "kd": {},
     "analysis": {"seed": 0, "temperature": None},
     "compare_online": [],
+    "max_attempts": 3,
     "pairs": [],
 }
 
@@ -61,9 +63,10 @@ STUDY_FIELDS = {
     "seeds": _seeds,
     "ensemble_size": integer(2, 16),
     "teacher_per_seed": boolean(),
-    "variants": list_of(one_of(*VARIANTS), min_len=1),
+    "variants": list_of(variants_mod.check, min_len=1),
     "snapshot": _snapshot,
-    "compare_online": list_of(one_of(*[v for v in VARIANTS if v != "none"])),
+    "compare_online": list_of(lambda v: "a variant other than none" if v == "none" else variants_mod.check(v)),
+    "max_attempts": integer(1, 100),
 }
 
 
@@ -140,10 +143,17 @@ def resolve_study(source: str | Path | dict, overrides: list[str] | dict | None 
                                      {**study["common"], **{f"kd.{k}": v for k, v in study["kd"].items()},
                                       **pair.get("student_set", {})})
         # The teacher must keep every checkpoint a variant refers to.
-        wanted = {FIXED_FRACTIONS[v] for v in study["variants"] if v in FIXED_FRACTIONS} | {1.0}
-        if "snapshot" in study["variants"] and study["snapshot"] != "top-info":
+        chosen = [variants_mod.parse(v) for v in study["variants"]]
+        wanted = {v.fraction for v in chosen if v.base == "fraction"} | {1.0}
+        if any(v.base == "snapshot" for v in chosen) and study["snapshot"] != "top-info":
             wanted |= set(study["snapshot"])
         teacher["checkpoints"]["fractions"] = sorted(set(teacher["checkpoints"]["fractions"]) | wanted)
+        epochs = {v.epoch for v in chosen if v.base == "epoch"}
+        late = sorted(e for e in epochs if e > teacher["schedule"]["epochs"])
+        if late:
+            raise UserError(f"study: variants name teacher epochs {late} beyond the teacher's "
+                            f"{teacher['schedule']['epochs']} epochs (pairs[{i}])")
+        teacher["checkpoints"]["epochs"] = sorted(set(teacher["checkpoints"]["epochs"]) | epochs)
         name = pair.get("name") or f"{teacher['model']['name']}->{student['model']['name']}"
         resolved_pairs.append({"name": name, "teacher": teacher, "student": student})
     names = [p["name"] for p in resolved_pairs]
@@ -165,7 +175,6 @@ def plan(study: dict) -> list[Task]:
     tasks: dict[str, Task] = {}
     runs = Path("runs")
     # References stay relative to the study folder, so a task's id does not depend on how the folder is spelled.
-    ref = lambda path, selector: f"{path}@{selector}"
     m = study["ensemble_size"]
 
     def add(task: Task, pair_name: str) -> Task:
@@ -183,7 +192,8 @@ def plan(study: dict) -> list[Task]:
         teacher_seeds = study["seeds"] if study["teacher_per_seed"] else study["seeds"][:1]
         trajectories: dict[int, dict] = {}
         # Independent teachers are trained only when a full ensemble needs them.
-        members_per_teacher = m if "full_ensemble" in study["variants"] else 1
+        full = any(variants_mod.parse(v).base == "full_ensemble" for v in study["variants"] + study["compare_online"])
+        members_per_teacher = m if full else 1
         for t_seed in teacher_seeds:
             members = []
             for k in range(members_per_teacher):
@@ -202,38 +212,26 @@ def plan(study: dict) -> list[Task]:
                            pair["name"])
             trajectories[t_seed] = {"members": members, "analysis": analysis}
         slug = _slug(pair["name"])
+        names = list(study["variants"]) + [f"{v}@online" for v in study["compare_online"]]
         for seed in study["seeds"]:
             t_seed = seed if study["teacher_per_seed"] else teacher_seeds[0]
-            traj = trajectories[t_seed]
-            lead, members, analysis = traj["members"][0], traj["members"], traj["analysis"]
-            online = [f"{v}@online" for v in study["compare_online"]]
-            for variant in study["variants"] + online:
-                base_variant, _, mode = variant.partition("@")
-                depends = [lead.run_id]
-                if base_variant == "none":
-                    teachers, depends = [], []
-                elif base_variant in FIXED_FRACTIONS:
-                    teachers = [ref(lead.path, FIXED_FRACTIONS[base_variant])]
-                elif base_variant == "Tfull":
-                    teachers = [ref(lead.path, "last")]
-                elif base_variant == "Tstar":
-                    teachers, depends = [ref(lead.path, "best-info")], [lead.run_id, analysis.run_id]
-                elif base_variant == "snapshot":
-                    if study["snapshot"] == "top-info":
-                        teachers, depends = [ref(lead.path, f"top-info:{m}")], [lead.run_id, analysis.run_id]
-                    else:
-                        teachers = [ref(lead.path, ",".join(f"{f:g}" for f in study["snapshot"]))]
-                else:  # full_ensemble
-                    teachers = [ref(t.path, "last") for t in members]
-                    depends = [t.run_id for t in members]
+            members, analysis = trajectories[t_seed]["members"], trajectories[t_seed]["analysis"]
+            ctx = variants_mod.Context(lead=members[0].path, members=[t.path for t in members],
+                                       lead_id=members[0].run_id, member_ids=[t.run_id for t in members],
+                                       analysis_id=analysis.run_id, snapshot=study["snapshot"], ensemble_size=m)
+            for name in names:
+                variant = variants_mod.parse(name)
+                teachers, depends = variant.teachers(ctx)
                 cfg = copy.deepcopy(pair["student"])
                 cfg["seed"] = seed
                 cfg["kd"]["teachers"] = teachers
-                if mode == "online":  # the same student with teachers run on every batch, to check the cache
+                if variant.online:  # the same student with teachers run on every batch, to check the cache
                     cfg["kd"]["cache"] = "off"
-                cfg["name"] = f"{slug}-student-{_slug(variant)}-s{seed}"
+                if variant.temperature is not None:
+                    cfg["kd"]["temperature"] = variant.temperature
+                cfg["name"] = f"{slug}-student-{_slug(name)}-s{seed}"
                 add(Task(task_id("distill", cfg), "distill", cfg["name"], cfg, str(runs / cfg["name"]),
-                         depends_on=depends, group={**base_group, "role": "student", "variant": variant, "seed": seed,
+                         depends_on=depends, group={**base_group, "role": "student", "variant": name, "seed": seed,
                                                     "teacher_seed": t_seed}), pair["name"])
     return list(tasks.values())
 
@@ -241,37 +239,49 @@ def plan(study: dict) -> list[Task]:
 def _execute(task: dict, study_dir: Path, db: ResultsDB) -> tuple[dict, dict]:
     """Run one task (resuming its folder if an earlier attempt left one); returns (metrics, timings)."""
     from .analysis import analyze
-    from .train import distill, fit
-    from .teachers import Teacher
+    from .trainer import distill, fit
 
     out = study_dir / task["path"]
     heartbeat = lambda _record: db.heartbeat(task["run_id"])
     cfg = copy.deepcopy(task["config"])
     if task["kind"] == "analyze":
         result = analyze(out, seed=cfg["seed"], temperature=cfg["temperature"], quiet=True)
-        return ({"selected_epoch": result["selected"]["epoch"],
-                 "analysis": str(Path(task["path"]) / "analysis.json")}, {})
-    resume = out.exists()
+        return analysis_metrics(result, Path(task["path"])), {}
     if task["kind"] == "train":
-        run = fit(cfg, out, resume=resume, quiet=True, on_epoch=heartbeat)
+        run = fit(cfg, out, resume=True, quiet=True, on_epoch=heartbeat)
     else:
         cfg["kd"]["teachers"] = [str(study_dir / reference) for reference in cfg["kd"]["teachers"]]
-        run = distill(cfg, out=out, resume=resume, quiet=True, on_epoch=heartbeat)
+        run = distill(cfg, out=out, resume=True, quiet=True, on_epoch=heartbeat)
     manifest = run.manifest
-    metrics = {k: manifest["final"][k] for k in ("test_acc", "val_acc", "train_acc", "best_val_acc",
-                                                 "best_val_epoch", "train_time_s")}
+    final = manifest.final
+    metrics = {"test_acc": final.test_acc, "val_acc": final.val_acc, "train_acc": final.train_acc,
+               "best_val_acc": final.best_val_acc, "best_val_epoch": final.best_val_epoch,
+               "train_time_s": final.train_time_s, "test_acc_last_k": final.test_acc_last_k, "last_k": final.last_k,
+               "health": manifest.health}
     if task["kind"] == "distill":
-        ensemble = manifest.get("teacher_ensemble") or {}
+        ensemble = manifest.teacher_ensemble or {}
         metrics.update(teacher_val_acc=ensemble.get("val_acc"), teacher_test_acc=ensemble.get("test_acc"),
-                       teachers=[t["reference"] for t in manifest["teachers"]],
-                       teacher_epochs=[t["epoch"] for t in manifest["teachers"]],
+                       teachers=[t["reference"] for t in manifest.teachers],
+                       teacher_epochs=[t["epoch"] for t in manifest.teachers],
                        teacher_cache=ensemble.get("cache"))
-    return metrics, {"train_time_s": manifest["final"]["train_time_s"]}
+    return metrics, {"train_time_s": final.train_time_s}
+
+
+def analysis_metrics(analysis: dict, path: Path) -> dict:
+    """What the study database keeps of an analysis: enough to rebuild the report's trajectory section even when
+    the run folders are gone (they are not committed with a study's results)."""
+    keep = ("epoch", "fraction", "val_acc", "confidence", "nontarget_entropy", "i_xf", "i_yf", "score")
+    return {"selected_epoch": analysis["selected"]["epoch"], "analysis": str(path / "analysis.json"),
+            "trajectory": [{k: r.get(k) for k in keep} for r in analysis["checkpoints"]],
+            "agreement": analysis.get("agreement")}
 
 
 def run_study(source: str | Path | dict, out: str | Path | None = None, *, overrides: list | dict | None = None,
               quiet: bool = False, report: bool = True, poll_s: float = 2.0, max_tasks: int | None = None) -> Path:
-    """Run (or continue) the study into `out`; returns the study folder. `max_tasks` stops after that many tasks."""
+    """Run (or continue) the study into `out`; returns the study folder. `max_tasks` stops after that many tasks.
+
+    A task that fails, with any error, is recorded with the error and retried until it has made `max_attempts`
+    attempts (a worker killed mid-task counts as one); the tasks that depend on it are then blocked."""
     study = resolve_study(source, overrides)
     study_dir = Path(out) if out is not None else Path("studies") / study["name"]
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -286,7 +296,7 @@ def run_study(source: str | Path | dict, out: str | Path | None = None, *, overr
     if not saved.is_file() or saved.read_text() != text_:
         atomic_write_text(saved, text_)
     tasks = plan(study)
-    db = ResultsDB(study_dir / "results.sqlite", stale_after_s=3600.0)
+    db = ResultsDB(study_dir / "results.sqlite", stale_after_s=3600.0, max_attempts=study["max_attempts"])
     for task in tasks:
         db.add(task.run_id, kind=task.kind, name=task.name, config=task.config, path=task.path,
                depends_on=task.depends_on, group=task.group)
@@ -303,19 +313,28 @@ def run_study(source: str | Path | dict, out: str | Path | None = None, *, overr
                 time.sleep(poll_s)  # another process holds the tasks ours depend on
                 continue
             finished = total - db.pending_count()
-            say(f"[{finished + 1}/{total}] {row['kind']:<8} {row['name']} ...")
+            say(f"[{finished + 1}/{total}] {row['kind']:<8} {row['name']} (attempt {row['attempts']}) ...")
             started = time.perf_counter()
             try:
                 metrics, timings = _execute(row, study_dir, db)
-            except UserError as error:
-                db.fail(row["run_id"], error=str(error))
-                say(f"    failed: {error}")
+            except KeyboardInterrupt:
+                db.release(row["run_id"])  # not the task's fault: it keeps its attempts and is claimed again
+                raise
+            except ClaimLost as lost:  # judged stale and taken over by another worker, which now owns it
+                say(f"    given up: {lost}")
+                continue
+            except Exception as error:  # noqa: BLE001 - any failure of one task is recorded, the study goes on
+                message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+                db.fail(row["run_id"], error=message)
+                say(f"    failed: {message.splitlines()[0] if message else type(error).__name__}")
                 continue
             db.complete(row["run_id"], metrics=metrics, timings=timings)
             done += 1
             outcome = (f"T* = epoch {metrics['selected_epoch']}" if row["kind"] == "analyze"
                        else f"test {100 * metrics['test_acc']:.2f}%")
-            say(f"    {outcome} ({time.perf_counter() - started:.1f} s)")
+            flags = [] if row["kind"] == "analyze" else metrics["health"]["flags"]
+            flagged = f"  warning: {', '.join(f['flag'] for f in flags)}" if flags else ""
+            say(f"    {outcome} ({time.perf_counter() - started:.1f} s){flagged}")
     finally:
         db.close()
     if report and (max_tasks is None or done < max_tasks):

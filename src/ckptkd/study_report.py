@@ -25,6 +25,7 @@ from rich.text import Text
 from .config import read_yaml
 from .errors import UserError
 from .plots import plt, save
+from . import variants as variants_mod
 from .results import ResultsDB
 from .report import terminal_console
 from .storage import atomic_write_bytes, atomic_write_text
@@ -33,49 +34,26 @@ EMPTY = "—"
 CSV_COLUMNS = ("run_id", "kind", "name", "status", "pair", "role", "variant", "seed", "teacher_seed", "test_acc",
                "val_acc", "best_val_acc", "best_val_epoch", "teacher_test_acc", "duration_s", "path")
 TEACHER_FIGURES = ("information_plane", "class_correlation", "trajectory")
-_INTERMEDIATE = re.compile(r"T(\d*\.\d+)")
 
 Cell = tuple[str, bool]  # (text, bold)
 
 
 def _fraction(variant: str) -> float | None:
     """The fraction of training an intermediate-teacher variant (T0.5) names; None for every other variant."""
-    m = _INTERMEDIATE.fullmatch(variant)
-    return float(m.group(1)) if m and float(m.group(1)) < 1.0 else None
+    v = variants_mod.parse(variant)
+    return v.fraction if v.base == "fraction" and v.table == "table3" and v.temperature is None else None
 
 
-def _variant_order(variant: str) -> tuple[int, float, str]:
-    fixed = {"none": 0, "Tfull": 2, "Tstar": 3, "snapshot": 4, "full_ensemble": 5}
-    fraction = _fraction(variant)
-    if fraction is not None:
-        return 1, fraction, variant
-    return fixed.get(variant, 6), 0.0, variant
+def _variant_order(variant: str) -> tuple:
+    return variants_mod.parse(variant).order
 
 
 def _label(variant: str) -> str:
-    names = {"none": "no KD", "Tfull": "T^full", "Tstar": "T*", "snapshot": "snapshot ensemble",
-             "full_ensemble": "full ensemble"}
-    fraction = _fraction(variant)
-    return f"T^{fraction:g}" if fraction is not None else names.get(variant, variant)
+    return variants_mod.parse(variant).label
 
 
 def _meaning(variant: str, study: dict) -> str:
-    m = study.get("ensemble_size", "M")
-    fraction = _fraction(variant)
-    if fraction is not None:
-        return f"KD from the teacher's checkpoint at {fraction:g} of its training"
-    snapshot = study.get("snapshot")
-    if isinstance(snapshot, list):
-        members = f"the checkpoints at {', '.join(f'{f:g}' for f in snapshot)} of training"
-    else:
-        members = f"the top {m} checkpoints by the information criterion"
-    return {
-        "none": "no teacher: the student trained with cross-entropy only (the baseline)",
-        "Tfull": "KD from the fully trained teacher (last epoch)",
-        "Tstar": "KD from T*, the checkpoint that maximises normalised I(X;F) + I(Y;F) on the validation split",
-        "snapshot": f"KD from a snapshot ensemble of one teacher's trajectory: {members}",
-        "full_ensemble": f"KD from an ensemble of M = {m} fully trained teachers from independent seeds",
-    }.get(variant, "a variant this report does not describe")
+    return variants_mod.parse(variant).meaning(study)
 
 
 def _slug(name: str) -> str:
@@ -203,7 +181,7 @@ def _bold_best(cells: list[str], means: list[float | None]) -> list[Cell]:
 
 
 def _table3(pairs: list[_Pair], variants: list[str], seeds: int) -> _Table:
-    columns = [v for v in variants if v in ("none", "Tfull", "Tstar") or _fraction(v) is not None]
+    columns = [v for v in variants if variants_mod.parse(v).table == "table3"]
     header = ["Teacher", "Student", "Teacher acc."] + [("Student (no KD)" if v == "none" else _label(v))
                                                        for v in columns]
     rows, per_pair_means = [], []

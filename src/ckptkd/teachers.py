@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoints import Checkpoint, resolve_all
+from . import distributed
 from .data import Batch, Data
 from .data.augment import apply_views
 from .ensemble import EnsembleForward, fold_batchnorm
 from .errors import UserError
+from .run import Checkpoint, resolve_all
 from .storage import load_tensors, read_metadata, save_tensors
 
 # Bump when the bank or the stored logits change meaning, so old cache files are not reused.
@@ -45,12 +46,13 @@ class Teacher:
     frozen models compute; BatchNorm layers that follow a convolution are folded into it either way."""
 
     def __init__(self, checkpoints: list[Checkpoint], *, quiet: bool = False, channels_last: bool | str = "auto",
-                 autocast: str = "none"):
+                 autocast: str = "none", allow_incomplete: bool = False):
         if not checkpoints:
             raise UserError("no teacher checkpoints given")
         if autocast not in AUTOCAST_DTYPES:
             raise UserError(f"config: kd.autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {autocast!r}")
         self.checkpoints = checkpoints
+        self.allow_incomplete = allow_incomplete
         self.models = [c.build_model("cpu") for c in checkpoints]  # sha256 verified while loading
         for model in self.models:
             model.eval()
@@ -72,8 +74,10 @@ class Teacher:
 
     @classmethod
     def from_references(cls, references: list[str], *, quiet: bool = False, channels_last: bool | str = "auto",
-                        autocast: str = "none") -> "Teacher":
-        return cls(resolve_all(references), quiet=quiet, channels_last=channels_last, autocast=autocast)
+                        autocast: str = "none", allow_incomplete: bool = False) -> "Teacher":
+        """`allow_incomplete`: accept runs that did not complete (interrupted, failed), which are refused otherwise."""
+        return cls(resolve_all(references, allow_incomplete=allow_incomplete), quiet=quiet,
+                   channels_last=channels_last, autocast=autocast, allow_incomplete=allow_incomplete)
 
     def _ensemble_of(self, models: list[torch.nn.Module]) -> EnsembleForward:
         return EnsembleForward(models, channels_last=self.numerics["channels_last"],
@@ -92,10 +96,28 @@ class Teacher:
             model.eval()
         return self
 
+    def prepare(self, data: Data, *, cache: dict | None = None, quiet: bool = False) -> "Teacher":
+        """Everything a teacher needs before a student's first step, in one call: check it fits the data, move it
+        to the data's device, match each model's input normalisation, measure its accuracy, and attach the output
+        cache (`cache`: {"views", "cache_dir"}; None runs the teacher online). Under torchrun rank 0 builds the
+        cache files while the other ranks wait, then reads them."""
+        self.quiet = self.quiet or quiet
+        self.check_compatible(data)
+        self.to(data.train_x.device)
+        self.match_normalisation(data)
+        self.measure(data)
+        if cache is not None:
+            if distributed.is_main():
+                self.attach_cache(data, **cache)
+            distributed.barrier()
+            if not distributed.is_main():
+                self.attach_cache(data, **cache)
+        return self
+
     def check_compatible(self, data: Data) -> None:
         channels, height, width = data.image_shape
         for ckpt in self.checkpoints:
-            spec = ckpt.manifest["model"]
+            spec = ckpt.manifest.model
             if spec["num_classes"] != data.num_classes:
                 raise UserError(f"teacher {ckpt.reference} predicts {spec['num_classes']} classes but "
                                 f"{data.name} has {data.num_classes}")
@@ -106,10 +128,10 @@ class Teacher:
                 raise UserError(f"teacher {ckpt.reference} was trained on {spec['image_size'][0]}x"
                                 f"{spec['image_size'][1]} images but {data.name} has {height}x{width}")
 
-    def prepare(self, data: Data) -> None:
-        """Match each model's input normalisation to the data, then measure and log validation accuracy."""
+    def match_normalisation(self, data: Data) -> None:
+        """Each model sees its inputs normalised with the statistics it was trained with, whatever the data's are."""
         for i, ckpt in enumerate(self.checkpoints):
-            trained = ckpt.manifest["data"]
+            trained = ckpt.manifest.data
             mean_t = torch.tensor(trained["mean"], dtype=torch.float32)
             std_t = torch.tensor(trained["std"], dtype=torch.float32)
             if torch.allclose(mean_t, data.mean, atol=1e-6) and torch.allclose(std_t, data.std, atol=1e-6):
@@ -118,7 +140,6 @@ class Teacher:
             scale = (data.std / std_t).view(1, -1, 1, 1).to(data.val_x.device)
             shift = ((data.mean - mean_t) / std_t).view(1, -1, 1, 1).to(data.val_x.device)
             self._affine[i] = (scale, shift)
-        self.measure(data)
 
     def _forward(self, x: torch.Tensor, ensemble: EnsembleForward | None = None,
                  indices: list[int] | None = None) -> torch.Tensor:
@@ -236,7 +257,7 @@ class Teacher:
             return None
         ckpt = self.checkpoints[0]
         metrics = ckpt.metrics
-        if ckpt.manifest["data"].get("fingerprint") != data.fingerprint or "test_acc" not in metrics:
+        if ckpt.manifest.data.get("fingerprint") != data.fingerprint or "test_acc" not in metrics:
             return None
         return [metrics["val_acc"]] * 2, [metrics["test_acc"]] * 2
 
@@ -250,8 +271,8 @@ class Teacher:
         described = []
         for i, ckpt in enumerate(self.checkpoints):
             described.append({"reference": ckpt.reference, "sha256": ckpt.sha256, "epoch": ckpt.epoch,
-                              "fraction": ckpt.fraction, "model": ckpt.manifest["model"]["name"],
-                              "seed": ckpt.manifest.get("seed"),
+                              "fraction": ckpt.fraction, "model": ckpt.manifest.model["name"],
+                              "seed": ckpt.manifest.seed, "status": ckpt.manifest.status,
                               "val_acc": self.val_acc[i] if i < len(self.val_acc) else None,
                               "test_acc": self.test_acc[i] if i < len(self.test_acc) else None})
         return described

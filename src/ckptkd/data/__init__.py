@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -80,6 +81,9 @@ class Data:
             return sample_views(n, pad=self.pad, hflip=self.hflip, generator=epoch_gen)
         return identity_views(n, pad=self.pad)
 
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return max(1, self.train_x.shape[0] // batch_size)  # the ragged tail is dropped
+
     def distinct_views(self) -> int:
         if not self.augment:
             return 1
@@ -125,7 +129,7 @@ class Data:
         order, views = order.to(device), views.to(device)
         view_ids = None if view_ids is None else view_ids.to(device)
         per_rank = batch_size // world_size
-        num_batches = max(1, n // batch_size)  # drop the ragged tail (a different one each epoch)
+        num_batches = self.steps_per_epoch(batch_size)  # drop the ragged tail (a different one each epoch)
         for b in range(num_batches):
             idx = order[b * batch_size:(b + 1) * batch_size][rank * per_rank:(rank + 1) * per_rank]
             view = views[idx]
@@ -144,7 +148,7 @@ class Data:
                 "image_shape": list(self.image_shape), "train": int(self.train_x.shape[0]),
                 "val": int(self.val_x.shape[0]), "test": int(self.test_x.shape[0]),
                 "mean": [round(float(v), 6) for v in self.mean], "std": [round(float(v), 6) for v in self.std],
-                "class_names": self.class_names}
+                "class_names": self.class_names, "label": self.info.get("label", self.name)}
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -234,5 +238,7 @@ def build(data_cfg: dict, device: torch.device | str = "cpu") -> Data:
         test_x=raw.test_x, test_y=raw.test_y,
         mean=mean, std=std, pad=pad, hflip=hflip, augment=data_cfg["augment"],
         fingerprint=_fingerprint(raw, settings),
+        # Titles name the user's own data by its file or folder, not by the reader ("npz").
+        info={"label": Path(data_cfg["root"]).name if data_cfg["name"] in ("npz", "folder") else raw.name},
     )
     return data.to(torch.device(device))

@@ -52,6 +52,10 @@ class RawData:
 def _raw(name, train_x, train_y, test_x, test_y, class_names, hflip, where) -> RawData:
     """Check labels and image shapes, then wrap numpy arrays as RawData; `where` names the source in errors."""
     k = len(class_names)
+    present = np.unique(train_y)
+    if k < 2 or len(present) < 2:
+        raise UserError(f"{where}: the training images hold {len(present)} class"
+                        f"{'es' if len(present) != 1 else ''} ({k} named); classification needs at least 2")
     for split, y in (("train", train_y), ("test", test_y)):
         bad = y[(y < 0) | (y >= k)]
         if bad.size:

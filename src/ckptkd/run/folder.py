@@ -1,0 +1,268 @@
+"""The run folder and its one owner.
+
+```
+RUN/
+  config.yaml                          the resolved config
+  manifest.json                        the typed index (`Manifest`), rewritten atomically after every epoch
+  checkpoints/epoch-0030.safetensors   weights (state_dict incl. BatchNorm buffers)
+  state/last.safetensors               what --resume needs (`state.Progress` + tensors); no pickle
+  metrics.jsonl                        one JSON object per epoch
+  analysis.json, analysis-cache/, plots/   written by `ckptkd analyze`
+  cache/                               teacher-output caches of this run's checkpoints
+```
+
+`Run` reads a folder; `RunWriter` is how a training run writes one; `write_run` writes a whole run at once (imports,
+benchmarks). Nothing else touches these paths.
+
+The create/resume policy: without --resume an existing, non-empty folder is refused. With --resume, a folder that
+holds the resume state continues from it; a folder with no resume state is fresh, whatever else a kill left in it
+(a config, an empty metrics file, a manifest temporary), so a kill at any moment, start-up included, resumes.
+After every epoch the writer saves, in this order, the checkpoint (if one is due), the resume state, metrics.jsonl
+and the manifest; the state is the source of truth and the other two are rewritten from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import UserError
+from ..health import assess
+from ..storage import (atomic_write_json, atomic_write_text, read_json, remove_stale_temporaries, save_tensors,
+                       shared_permissions)
+from .manifest import CheckpointEntry, Final, Manifest
+from .state import Progress, load_state, save_state
+
+MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
+STATE = "state/last.safetensors"
+METRICS = "metrics.jsonl"
+ANALYSIS = "analysis.json"
+# Everything a run (or a kill of one) may leave in its folder; anything else belongs to somebody else.
+_OWNED = {CONFIG, MANIFEST, METRICS, ANALYSIS, "checkpoints", "state", "tensorboard", "analysis-cache", "plots",
+          "cache"}
+
+
+def checkpoint_path(epoch: int) -> str:
+    return f"checkpoints/epoch-{epoch:04d}.safetensors"
+
+
+class Run:
+    """A run folder, read side: its manifest, config, analysis and checkpoint references."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def manifest(self) -> Manifest:
+        if not self.path.is_dir():
+            raise UserError(f"run folder not found: {self.path}")
+        path = self.path / MANIFEST
+        if not path.is_file():
+            raise UserError(f"{self.path} is not a ckptkd run (no {MANIFEST})")
+        return Manifest.from_dict(read_json(path, "manifest"), str(path))
+
+    @property
+    def final(self) -> Final | None:
+        return self.manifest.final
+
+    def ref(self, selector: str = "last") -> str:
+        return f"{self.path}@{selector}"
+
+    def config(self) -> dict:
+        from .. import config as config_mod
+
+        return config_mod.resolve(self.path / CONFIG)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.path / "cache"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def analysis_cache_dir(self) -> Path:
+        return self.path / "analysis-cache"
+
+    def has_analysis(self) -> bool:
+        return (self.path / ANALYSIS).is_file()
+
+    def analysis(self, what: str | None = None) -> dict:
+        path = self.path / ANALYSIS
+        if not path.is_file():
+            raise UserError(f"{what or self.path}: {self.path} has not been analysed; run `ckptkd analyze "
+                            f"{self.path}` first")
+        analysis = read_json(path, "analysis")
+        if not isinstance(analysis, dict) or not isinstance(analysis.get("checkpoints"), list):
+            raise UserError(f"{path} is not a ckptkd analysis; rerun `ckptkd analyze {self.path}`")
+        return analysis
+
+    def write_analysis(self, analysis: dict) -> Path:
+        atomic_write_json(self.path / ANALYSIS, analysis)
+        return self.path / ANALYSIS
+
+    def ranking(self, what: str) -> list[int]:
+        """Epochs best first by the information criterion, T* first (what `ckptkd analyze` selected)."""
+        ranking = self.analysis(what).get("ranking")
+        if not ranking or not all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in ranking):
+            raise UserError(f"{what}: {self.path / ANALYSIS} has no ranking; rerun `ckptkd analyze {self.path}`")
+        return [r["epoch"] for r in ranking]
+
+
+def _owned_only(path: Path) -> bool:
+    return all(p.name in _OWNED or (p.name.startswith(".") and p.name.endswith(".tmp")) for p in path.iterdir())
+
+
+def _same_config(path: Path, cfg: dict) -> None:
+    from .. import config as config_mod
+
+    saved = config_mod.flatten(config_mod.read_yaml(path / CONFIG))
+    wanted = config_mod.flatten(cfg)
+    changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    if changed:
+        raise UserError(f"--resume: the config differs from the one {path} was started with "
+                        f"(changed: {', '.join(changed[:5])})")
+
+
+class RunWriter:
+    """A training run's folder, write side. Under torchrun every rank opens one; only `writes=True` (rank 0) writes."""
+
+    def __init__(self, run: Run, cfg: dict, *, writes: bool, resumable: bool, complete: bool):
+        self.run, self.cfg, self.writes = run, cfg, writes
+        self.resumable, self.complete = resumable, complete
+        self.manifest: Manifest | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    @classmethod
+    def open(cls, out: str | Path, cfg: dict, *, resume: bool, writes: bool = True) -> "RunWriter":
+        """Apply the create/resume policy to `out` (see the module docstring); writes nothing yet."""
+        run = Run(out)
+        path = run.path
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {path} is a file, not a folder")
+        empty = not path.exists() or not any(path.iterdir())
+        if not resume:
+            if not empty:
+                raise UserError(f"run folder {path} already exists; use --resume to continue it or choose another "
+                                "--out")
+            return cls(run, cfg, writes=writes, resumable=False, complete=False)
+        if empty:
+            return cls(run, cfg, writes=writes, resumable=False, complete=False)
+        has_state = (path / STATE).is_file()
+        complete = (path / MANIFEST).is_file() and run.manifest.complete
+        if has_state or complete:
+            if (path / CONFIG).is_file():
+                _same_config(path, cfg)
+            return cls(run, cfg, writes=writes, resumable=has_state, complete=complete)
+        if not _owned_only(path):
+            raise UserError(f"--resume: {path} holds no ckptkd run state ({STATE}) and files that are not a run's; "
+                            "it cannot be continued (choose another --out)")
+        return cls(run, cfg, writes=writes, resumable=False, complete=False)  # a kill before the first state
+
+    def begin(self, manifest: Manifest, model, optimizer) -> Progress:
+        """Restore the resume state into model and optimizer (or start fresh) and write the first views."""
+        self.manifest = manifest
+        if self.resumable:
+            progress = load_state(self.path / STATE, model, optimizer)
+            manifest.checkpoints = [CheckpointEntry(**c) for c in progress.checkpoints]
+        else:
+            progress = Progress()
+        manifest.health = assess(progress.history)
+        if self.writes:
+            # What writes killed half-way left here; only this run's writer writes these folders (not cache/).
+            for folder in (self.path, self.path / "checkpoints", self.path / "state"):
+                remove_stale_temporaries(folder)
+            if not self.resumable:
+                from .. import config as config_mod
+
+                self.path.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.path / CONFIG, config_mod.dump(self.cfg))
+            self._write_views(progress)
+        return progress
+
+    def end_epoch(self, record: dict, model, optimizer, progress: Progress, *, checkpoint: bool,
+                  health: dict) -> CheckpointEntry | None:
+        """Record a finished epoch: its checkpoint if one is due, then the resume state, then the views."""
+        entry = None
+        if checkpoint:
+            epoch = record["epoch"]
+            sha = save_tensors(self.path / checkpoint_path(epoch), model.state_dict(),
+                               metadata={"epoch": epoch, "model": self.manifest.model["name"]})
+            entry = CheckpointEntry(epoch=epoch, step=progress.step, fraction=round(epoch / self.manifest.epochs, 6),
+                                    lr=record["lr"], path=checkpoint_path(epoch), sha256=sha,
+                                    metrics={k: record[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc",
+                                                                    "test_acc")})
+            progress.checkpoints = [c for c in progress.checkpoints if c["epoch"] != epoch] + [dataclasses.asdict(entry)]
+        progress.history = [h for h in progress.history if h["epoch"] < record["epoch"]] + [record]
+        progress.epoch = record["epoch"]
+        save_state(self.path / STATE, model, optimizer, progress)
+        self.manifest.checkpoints = [CheckpointEntry(**c) for c in progress.checkpoints]
+        self.manifest.health = health
+        self._write_views(progress)
+        return entry
+
+    def fail(self, progress: Progress, error: str) -> None:
+        self.manifest.status, self.manifest.error = "failed", error
+        self._write_views(progress)
+
+    def finish(self, progress: Progress, final: Final) -> Run:
+        self.manifest.status, self.manifest.final, self.manifest.error = "complete", final, None
+        self._write_views(progress)
+        return self.run
+
+    def _write_views(self, progress: Progress) -> None:
+        atomic_write_text(self.path / METRICS, "".join(json.dumps(h) + "\n" for h in progress.history))
+        atomic_write_json(self.path / MANIFEST, self.manifest.to_dict())
+
+
+def write_run(out: str | Path, cfg: dict, manifest: Manifest, checkpoints: list[tuple[dict, dict]],
+              history: list[dict] | None = None) -> Run:
+    """Write a whole run at once: `checkpoints` is a list of (entry fields but path and sha256, state_dict).
+
+    The folder is built under a hidden temporary name beside `out` and renamed into place, so it appears complete
+    or not at all (an import that fails half-way leaves nothing behind).
+    """
+    from .. import config as config_mod
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"run folder {out} already exists; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        shared_permissions(building, directory=True)
+        atomic_write_text(building / CONFIG, config_mod.dump(cfg))
+        entries = []
+        for fields, state in checkpoints:
+            path = checkpoint_path(fields["epoch"])
+            sha = save_tensors(building / path, state, metadata={"epoch": fields["epoch"],
+                                                                 "model": manifest.model["name"]})
+            entries.append(CheckpointEntry(**fields, path=path, sha256=sha))
+        manifest.checkpoints = entries
+        atomic_write_text(building / METRICS, "".join(json.dumps(h) + "\n" for h in history or []))
+        atomic_write_json(building / MANIFEST, manifest.to_dict())
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(building, out)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return Run(out)

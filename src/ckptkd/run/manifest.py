@@ -1,0 +1,172 @@
+"""The typed manifest of a run folder: what every command reads to know what a run holds.
+
+`manifest.json` is the JSON form of `Manifest`; `Manifest.read` validates it and names the file at fault. Keys that
+this version does not know are kept in `extra` and written back unchanged, so rewriting a manifest never loses them.
+Accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+FORMAT = 1
+KINDS = ("train", "distill", "import")
+STATUSES = ("running", "complete", "failed")
+
+
+@dataclass
+class CheckpointEntry:
+    """One saved checkpoint: where it is, its sha256, and the metrics measured when it was saved."""
+    epoch: int
+    step: int
+    fraction: float
+    lr: float
+    path: str
+    sha256: str
+    metrics: dict[str, float]
+    source: dict | None = None  # imported checkpoints: the file it came from and that file's sha256
+
+
+@dataclass
+class Final:
+    """The numbers of a finished run. `test_acc_last_k` is the mean test accuracy of the last `last_k` epochs:
+    the honest counterpart of the paper's "best of the last 10 epochs", which selects on the test set."""
+    epoch: int
+    train_acc: float
+    val_acc: float
+    test_acc: float
+    best_val_acc: float
+    best_val_epoch: int
+    train_time_s: float
+    test_acc_last_k: float | None = None
+    last_k: int | None = None
+
+
+@dataclass
+class Manifest:
+    kind: str
+    name: str
+    model: dict                  # the spec `models.from_spec` builds from: name, classes, channels, image size, kwargs
+    data: dict                   # `Data.describe()`: name, fingerprint, split sizes, statistics, class names
+    seed: int | None
+    epochs: int
+    status: str = "running"
+    steps_per_epoch: int = 0
+    teachers: list[dict] = field(default_factory=list)
+    teacher_ensemble: dict | None = None
+    allow_incomplete: bool = False  # a teacher that had not completed was used on purpose
+    checkpoints: list[CheckpointEntry] = field(default_factory=list)
+    final: Final | None = None
+    health: dict = field(default_factory=lambda: {"ok": True, "flags": []})
+    error: str | None = None
+    source: dict | None = None
+    device: str | None = None
+    precision: str | None = None
+    torch: str | None = None
+    threads: int | None = None
+    distributed: dict | None = None
+    ckptkd: dict = field(default_factory=lambda: provenance())
+    format: int = FORMAT
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    def checkpoint(self, epoch: int) -> CheckpointEntry:
+        return next(c for c in self.checkpoints if c.epoch == epoch)
+
+    def to_dict(self) -> dict:
+        out = {"format": self.format}
+        for f in dataclasses.fields(self):
+            if f.name in ("format", "extra"):
+                continue
+            value = getattr(self, f.name)
+            if f.name == "checkpoints":
+                value = [_drop_none(dataclasses.asdict(c), "source") for c in value]
+            elif f.name == "final" and value is not None:
+                value = dataclasses.asdict(value)
+            out[f.name] = value
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str) -> "Manifest":
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise UserError(f"{where} is not a ckptkd manifest (format {FORMAT})")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        for key in ("kind", "name", "model", "data", "epochs", "checkpoints", "status"):
+            if key not in raw:
+                raise UserError(f"{where}: the manifest has no '{key}'")
+        _expect(raw["kind"] in KINDS, where, "kind", raw["kind"], f"one of {', '.join(KINDS)}")
+        _expect(raw["status"] in STATUSES, where, "status", raw["status"], f"one of {', '.join(STATUSES)}")
+        _expect(isinstance(raw["epochs"], int) and raw["epochs"] >= 1, where, "epochs", raw["epochs"],
+                "an integer >= 1")
+        _expect(isinstance(raw["model"], dict) and isinstance(raw["model"].get("name"), str), where, "model",
+                raw["model"], "a mapping with a name")
+        _expect(isinstance(raw["checkpoints"], list), where, "checkpoints", raw["checkpoints"], "a list")
+        values = {k: raw[k] for k in known if k in raw}
+        values["checkpoints"] = [_entry(c, where, i) for i, c in enumerate(raw["checkpoints"])]
+        if raw.get("final") is not None:
+            try:
+                values["final"] = Final(**raw["final"])
+            except TypeError:
+                raise UserError(f"{where}: 'final' is not a ckptkd final record") from None
+        values.setdefault("ckptkd", {})  # written before versions were recorded
+        return cls(**values, extra={k: v for k, v in raw.items() if k not in known})
+
+
+def _entry(raw: Any, where: str, i: int) -> CheckpointEntry:
+    try:
+        entry = CheckpointEntry(**raw)
+    except TypeError:
+        raise UserError(f"{where}: checkpoints[{i}] is not a checkpoint entry (epoch, step, fraction, lr, path, "
+                        f"sha256, metrics)") from None
+    _expect(isinstance(entry.epoch, int) and entry.epoch >= 1, where, f"checkpoints[{i}].epoch", entry.epoch,
+            "an integer >= 1")
+    _expect(isinstance(entry.sha256, str) and len(entry.sha256) == 64, where, f"checkpoints[{i}].sha256",
+            entry.sha256, "a sha256 hex digest")
+    _expect(isinstance(entry.path, str) and not Path(entry.path).is_absolute() and ".." not in Path(entry.path).parts,
+            where, f"checkpoints[{i}].path", entry.path, "a path inside the run folder")
+    _expect(isinstance(entry.metrics, dict), where, f"checkpoints[{i}].metrics", entry.metrics, "a mapping")
+    return entry
+
+
+def _expect(ok: bool, where: str, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise UserError(f"{where}: {key} must be {expected}, got {value!r}")
+
+
+def _drop_none(d: dict, key: str) -> dict:
+    if d.get(key) is None:
+        d.pop(key, None)
+    return d
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict:
+    """The ckptkd version and, when the package runs from a git checkout, its commit (and whether it was modified)."""
+    from .. import __version__
+
+    found = {"version": __version__}
+    package = Path(__file__).resolve().parents[1]
+    try:
+        top = subprocess.run(["git", "-C", str(package), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        if top.returncode == 0:
+            root, commit = top.stdout.split()
+            # Only this project's own checkout: an installed copy inside someone else's repository has no commit.
+            if (Path(root) / "src" / "ckptkd").resolve() == package:
+                dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                       capture_output=True, text=True, timeout=5)
+                found["commit"] = commit
+                found["dirty"] = bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass  # no git here: the version alone
+    return found
