@@ -1,69 +1,97 @@
 import json
+import math
 import shutil
+import statistics
 
 import pytest
 import torch
 
 from ckptkd import distill
-from ckptkd.analysis import analyze, class_matrices, expected_calibration_error, nontarget_entropy, select
-from ckptkd.run import resolve
+from ckptkd.analysis import (analyze, class_matrices, estimator_subset, expected_calibration_error, nc1,
+                             nontarget_entropy, p_target, select)
 from ckptkd.errors import UserError
+from ckptkd.run import resolve
+from ckptkd.selection import CRITERIA, evaluate, ranking
 
 from conftest import run_cli, tiny_config
 
-REQUIRED = {"epoch", "fraction", "val_acc", "val_nll", "ece", "confidence", "entropy_t", "nontarget_entropy",
-            "nontarget_entropy_t", "i_xf", "i_yf", "i_xf_norm", "i_yf_norm", "score", "knn_i_xf", "knn_i_yf",
-            "soft_matrix", "class_correlation"}
+SPLIT_KEYS = {"n", "acc", "nll", "ece", "confidence", "entropy_t", "nontarget_entropy", "nontarget_entropy_t",
+              "p_target_t", "nc1", "soft_matrix", "class_correlation", "seeds", "estimates", "notes"}
 
 
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory, teacher_run):
     run = tmp_path_factory.mktemp("analysed") / "t"
     shutil.copytree(teacher_run.path, run)
-    return run, analyze(run, quiet=True)
+    return run, analyze(run, quiet=True, seeds=3)
 
 
-def test_analysis_has_a_record_per_checkpoint_and_selects_the_max_score(analysed):
+def test_analysis_has_both_splits_per_checkpoint_with_seeded_estimates(analysed):
     run, analysis = analysed
     on_disk = json.loads((run / "analysis.json").read_text())
-    assert on_disk["selected"] == analysis["selected"]
+    assert on_disk["selected"] == analysis["selected"] and on_disk["format"] == 2
     records = analysis["checkpoints"]
     assert [r["epoch"] for r in records] == [2, 3, 4, 6]
     for r in records:
-        assert REQUIRED <= set(r)
-        assert r["i_yf"] >= 0.0 and r["i_xf"] >= 0.0
-        assert 0.0 <= r["i_xf_norm"] <= 1.0 and 0.0 <= r["i_yf_norm"] <= 1.0
-        assert len(r["soft_matrix"]) == 10 and abs(sum(r["soft_matrix"][0]) - 1.0) < 1e-4
-    best = max(records, key=lambda r: (r["score"], r["epoch"]))
-    assert analysis["selected"]["epoch"] == best["epoch"]
-    assert analysis["selected"]["reference"] == f"{run}@epoch={best['epoch']}"
-    assert analysis["split"] == "val" and analysis["n_val"] == 143
-    assert set(analysis["agreement"]) == {"spearman_i_xf", "spearman_i_yf", "spearman_score"}
+        for split in ("train", "val"):
+            assert SPLIT_KEYS <= set(r[split])
+            assert len(r[split]["seeds"]) == 3
+            for quantity in ("i_xf", "i_yf", "knn_i_xf", "knn_i_yf", "p_target_t", "nc1"):
+                estimate = r[split]["estimates"][quantity]
+                values = [s[quantity] for s in r[split]["seeds"]]
+                assert estimate["n"] == 3 and estimate["mean"] == pytest.approx(sum(values) / 3)
+                assert estimate["se"] == pytest.approx(statistics.stdev(values) / math.sqrt(3))
+            assert len(r[split]["soft_matrix"]) == 10 and abs(sum(r[split]["soft_matrix"][0]) - 1.0) < 1e-4
+    assert analysis["split"] == "train" and analysis["splits"]["val"]["n"] == 143
+    assert analysis["selected"]["criterion"] == "info@train"
+    assert analysis["selected"]["epoch"] in analysis["selected"]["ties"]
+    assert set(analysis["criteria"]) == {f"{c}@{s}" for c in CRITERIA for s in ("train", "val")}
     for name in ("information_plane", "trajectory", "class_correlation"):
         png = run / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_recorded_checkpoint_accuracy_is_that_checkpoints_validation_accuracy(analysed):
+    """Recording the training accuracy (or another epoch's) as a checkpoint's val_acc breaks this."""
+    _, analysis = analysed
+    for r in analysis["checkpoints"]:
+        assert r["val_acc"] == pytest.approx(r["val"]["acc"], abs=1e-12)  # the manifest's number, re-measured
+
+
 def test_second_analysis_comes_from_the_cache(analysed):
     run, first = analysed
-    again = analyze(run, plots=False, quiet=True)
+    again = analyze(run, plots=False, quiet=True, seeds=3)
     assert again["timing_s"]["computed"] == 0 and again["timing_s"]["cached"] == 4
     assert again["checkpoints"] == first["checkpoints"]
 
 
-def test_info_references_and_select(analysed, tmp_path):
+def test_info_references_and_select_json(analysed, tmp_path):
     run, analysis = analysed
-    ranking = [r["epoch"] for r in analysis["ranking"]]
-    assert [c.epoch for c in resolve(f"{run}@best-info")] == ranking[:1]
-    assert [c.epoch for c in resolve(f"{run}@top-info:3")] == ranking[:3]
+    order = [r["epoch"] for r in analysis["ranking"]]
+    assert order[0] == analysis["selected"]["epoch"]
+    assert [c.epoch for c in resolve(f"{run}@best-info")] == order[:1]
+    assert [c.epoch for c in resolve(f"{run}@top-info:3")] == order[:3]
     result = run_cli("select", str(run), "--k", "3")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [f"{run}@epoch={e}" for e in ranking[:3]]
-    by_val = select(run, k=2, by="val")
-    assert len(by_val) == 2
+    assert result.stdout.split() == [f"{run}@epoch={e}" for e in order[:3]]
+    as_json = run_cli("select", str(run), "--json")
+    picked = json.loads(as_json.stdout)
+    assert picked["t_star"] == order[0] and picked["criterion"] == "info@train"
+    assert picked["ties"] == analysis["selected"]["ties"]
+    assert [c["epoch"] for c in picked["checkpoints"]] == [2, 3, 4, 6]
+    assert all({"score", "se"} <= set(c) for c in picked["checkpoints"])
     student = distill(tiny_config(model={"name": "mlp", "widths": [16]}, schedule={"epochs": 1}),
                       teachers=[f"{run}@best-info"], out=tmp_path / "s", quiet=True).manifest.to_dict()
-    assert student["teachers"][0]["epoch"] == ranking[0]
+    assert student["teachers"][0]["epoch"] == order[0]
+
+
+def test_select_by_val_puts_the_best_validation_checkpoint_first(teacher_run):
+    """Returning the worst first (a reversed sort) breaks this."""
+    picked = select(teacher_run.path, k=4, by="val")
+    val = {c.epoch: c.metrics["val_acc"] for c in resolve(f"{teacher_run.path}@all")}
+    epochs = [int(r.rsplit("=", 1)[1]) for r in picked["references"]]
+    assert [val[e] for e in epochs] == sorted(val.values(), reverse=True)
+    assert epochs[0] == resolve(f"{teacher_run.path}@best-val")[0].epoch
 
 
 def test_select_before_analyze_says_what_to_do(teacher_run):
@@ -71,13 +99,109 @@ def test_select_before_analyze_says_what_to_do(teacher_run):
     assert result.returncode == 2 and "ckptkd analyze" in result.stderr
 
 
-def test_calibration_and_entropy_helpers_on_known_values():
+def _checkpoints(scores: dict[int, list[float]], val: dict[int, float] | None = None) -> list[dict]:
+    return [{"epoch": e, "val_acc": (val or {}).get(e, 0.5), "train": {"seeds": [{"i_xf": v, "i_yf": v}
+                                                                               for v in values]}}
+            for e, values in scores.items()]
+
+
+def test_ties_within_two_standard_errors_are_broken_by_validation_accuracy():
+    # epoch 20 is best on average; 30 is within noise of it (paired differences -0.05 +- 0.03, 1.7 SE); 10 is far
+    # below.
+    scores = {10: [0.0, 0.1, 0.0, 0.1], 20: [1.0, 1.2, 0.9, 1.1], 30: [0.9, 1.2, 0.8, 1.1]}
+    result = evaluate(_checkpoints(scores, val={20: 0.90, 30: 0.95}), CRITERIA["info"], "train")
+    assert result["best"] == 20 and result["ties"] == [20, 30]
+    assert result["t_star"] == 30  # the tie set's best validation accuracy
+    assert evaluate(_checkpoints(scores, val={20: 0.96, 30: 0.95}), CRITERIA["info"], "train")["t_star"] == 20
+    assert ranking(result) == [30, 20, 10]
+
+
+def test_a_term_whose_range_is_within_its_noise_is_not_normalised():
+    # i_xf carries the signal; i_yf wanders by less than its noise and must not get equal weight.
+    checkpoints = [{"epoch": e, "val_acc": 0.5, "train": {"seeds": [{"i_xf": x + d, "i_yf": 1.0 + n}
+                                                                    for d, n in zip((0, .01, -.01), noise)]}}
+                   for e, x, noise in ((1, 0.0, (.3, -.3, .1)), (2, 5.0, (-.2, .25, .0)), (3, 2.0, (.1, .2, -.3)))]
+    result = evaluate(checkpoints, CRITERIA["info"], "train")
+    assert result["terms"] == {"i_xf": "normalised", "i_yf": "flat"}
+    assert result["t_star"] == 2 and result["ties"] == [2]
+
+
+def test_failed_estimates_are_skipped_and_named():
+    checkpoints = _checkpoints({1: [0.1, 0.2], 2: [0.9, 0.8]})
+    for seed in checkpoints[1]["train"]["seeds"]:
+        seed["i_xf"] = None
+    result = evaluate(checkpoints, CRITERIA["info"], "train")
+    assert result["t_star"] == 1 and result["skipped"] == [{"epoch": 2, "why": "no split seed gave a valid estimate"}]
+
+
+def test_estimator_subset_keeps_every_class_share():
+    """A plain random subset (not stratified) breaks this: the rare class would not keep its 10 %."""
+    labels = torch.tensor([0] * 900 + [1] * 100)
+    sub = estimator_subset(labels, 200, seed=0)
+    assert len(sub) == 200 and int((labels[sub] == 1).sum()) == 20
+    assert len(set(sub.tolist())) == 200
+
+
+def test_t_star_is_stable_across_estimator_seeds_on_the_digits_teacher(tmp_path):
+    """configs/digits_teacher.yaml's trajectory: T* of 5 estimator seeds lies in one tie set at least 4 times."""
+    from ckptkd import train
+
+    from conftest import REPO
+
+    run = train(str(REPO / "configs" / "digits_teacher.yaml"), out=tmp_path / "t", quiet=True,
+                overrides={"log.progress": False, "log.tensorboard": False, "device": "cpu"})
+    picks = [analyze(run.path, seed=seed, plots=False, quiet=True)["selected"] for seed in range(5)]
+    agreeing = max(sum(p["epoch"] in reference["ties"] for p in picks) for reference in picks)
+    assert agreeing >= 4, [(p["epoch"], p["ties"]) for p in picks]
+
+
+def test_degenerate_features_are_reported_not_fatal(tmp_path, teacher_run):
+    """A checkpoint whose features are NaN: its estimates fail with a note, the others are still analysed."""
+    from ckptkd.run import Run
+    from ckptkd.storage import save_tensors
+
+    run = tmp_path / "t"
+    shutil.copytree(teacher_run.path, run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    entry = manifest["checkpoints"][0]
+    weights = resolve(f"{run}@epoch={entry['epoch']}")[0].state_dict()
+    weights = {k: (torch.full_like(v, math.nan) if k.startswith("layer3") and v.is_floating_point() else v)
+               for k, v in weights.items()}
+    entry["sha256"] = save_tensors(run / entry["path"], weights)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    analysis = analyze(run, plots=True, quiet=True, seeds=2)
+    first = analysis["checkpoints"][0]["train"]
+    assert first["estimates"]["i_xf"]["mean"] is None and first["estimates"]["i_xf"]["failed"] == 2
+    assert any("NaN" in note for note in first["notes"])
+    assert analysis["selected"]["epoch"] != entry["epoch"]
+    assert {"epoch": entry["epoch"], "why": "no split seed gave a valid estimate"} in \
+        analysis["criteria"]["info@train"]["skipped"]
+    json.dumps(analysis, allow_nan=False)
+    assert Run(run).has_analysis()
+
+
+def test_a_trajectory_of_one_checkpoint_is_analysed_with_a_note(tmp_path):
+    from ckptkd import train
+
+    run = train(tiny_config(schedule={"epochs": 1}, checkpoints={"fractions": [1.0]}), out=tmp_path / "one",
+                quiet=True)
+    analysis = analyze(run.path, plots=True, quiet=True, seeds=2)
+    assert analysis["selected"]["epoch"] == 1 and any("1 checkpoint" in n for n in analysis["notes"])
+
+
+def test_measure_helpers_on_known_values():
     probs = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
     labels = torch.tensor([0, 1])
     # the confident row is right (gap 0); the 0.5/0.5 row predicts class 0, wrongly: gap 0.5, half the weight
     assert expected_calibration_error(probs, labels) == pytest.approx(0.5 * 0.5)
     logits = torch.tensor([[10.0, 0.0, 0.0]])
-    assert nontarget_entropy(logits, torch.tensor([0]), 1.0).item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    assert nontarget_entropy(logits, torch.tensor([0]), 1.0).item() == pytest.approx(math.log(2.0))
+    assert p_target(torch.tensor([[2.0, 0.0]]), torch.tensor([0]), 2.0).item() == pytest.approx(1 / (1 + math.e ** -1))
     mean, corr = class_matrices(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]]), torch.tensor([0, 1, 0]), 2)
     assert mean[0] == pytest.approx([0.8, 0.2]) and mean[1] == pytest.approx([0.2, 0.8])
     assert corr[0][1] == pytest.approx(-1.0)
+    # NC1: class means at +-1 on one axis (S_B = 1 there), within-class spread 0.1 on that axis only.
+    features = torch.tensor([[1.1, 0.0], [0.9, 0.0], [-1.1, 0.0], [-0.9, 0.0]])
+    assert nc1(features, torch.tensor([0, 0, 1, 1])) == pytest.approx(0.01 / 2)
+    collapsed = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]])
+    assert nc1(collapsed, torch.tensor([0, 0, 1, 1])) == pytest.approx(0.0)

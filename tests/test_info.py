@@ -80,8 +80,9 @@ def test_constant_features_carry_no_information_and_clipping_is_flagged():
     # The probe falls back to the label prior, whose held-out cross-entropy is at least H(Y).
     assert result["probe_decay"] is None and result["i_yf"] == 0.0
     assert result["i_yf_raw"] < 0.0 and result["i_yf_clipped"] is True
-    assert result["decoder_ridge"] is None and result["i_xf"] == 0.0
+    assert result["decoded_components"] == 0 and result["i_xf"] == 0.0 and result["i_xf_status"] == "ok"
     assert result["recon_mse"] == result["recon_mse_const"]
+    assert result["features"]["dropped_constant"] == 16 and result["features"]["kept_components"] == 0
     knn = info.knn_mi(constant, images, labels)
     assert knn["dim_f"] == 0 and knn["i_xf"] < 0.1 and knn["i_yf"] < 0.1
 
@@ -145,3 +146,36 @@ def test_spearman():
     assert type(info.spearman([1, 2], [1, 2])) is float
     with pytest.raises(ValueError):
         info.spearman([1, 2, 3], [1, 2])
+
+
+@pytest.mark.parametrize("where", ["fit", "held-out"])
+def test_a_unit_active_on_a_single_image_neither_blows_up_nor_is_silently_clipped(where):
+    """A ReLU unit that fires on one image once scaled a held-out image to |z| ~ 10^4 and sent I(X;F) to a large
+    negative raw value that was then reported as 0. Now the unit is dropped and both estimates are unchanged."""
+    images = _images(7)
+    flat = images.reshape(N, -1)
+    gen = torch.Generator().manual_seed(8)
+    labels = (flat @ torch.randn(64, CLASSES, generator=gen)).argmax(1)   # labels that the image determines
+    features = torch.relu(flat @ torch.randn(64, 24, generator=gen))      # features that see the image
+    clean = info.estimate_mi(features, images, labels, seed=0)
+    plan = info.plan_split(None, labels, seed=0)
+    rogue = torch.zeros(N, 1)
+    rogue[(plan.fit if where == "fit" else plan.held)[0]] = 1000.0
+    spiked = info.estimate_mi(torch.cat([features, rogue], 1), images, labels, seed=0)
+    dropped = spiked["features"]
+    # On the fit side it is a rarely-active unit; held out, it never varies where the estimators fit.
+    assert (dropped["dropped_rare"], dropped["dropped_constant"]) == ((1, 0) if where == "fit" else (0, 1))
+    for key in ("i_xf", "i_yf"):
+        assert clean[f"{key}_status"] == spiked[f"{key}_status"] == "ok"
+        assert spiked[key] == pytest.approx(clean[key], rel=1e-9)
+    assert spiked["i_xf"] > 1.0 and spiked["i_yf"] > 0.5
+
+
+def test_an_estimate_far_outside_its_range_is_failed_not_a_number():
+    from ckptkd.info.estimators import judged
+
+    assert judged("i_yf", -5.0, -0.2) == {"i_yf": None, "i_yf_raw": -5.0, "i_yf_status": "failed",
+                                          "i_yf_clipped": False}
+    assert judged("i_yf", -0.01, -0.2)["i_yf"] == 0.0 and judged("i_yf", -0.01, -0.2)["i_yf_status"] == "clipped"
+    assert judged("i_xf", math.nan, -1.0)["i_xf_status"] == "failed"
+    assert judged("i_xf", 3.0, -1.0) == {"i_xf": 3.0, "i_xf_raw": 3.0, "i_xf_status": "ok", "i_xf_clipped": False}

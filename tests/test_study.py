@@ -34,16 +34,19 @@ def test_plan_covers_the_paper_grid():
     kinds = [t.kind for t in tasks]
     assert kinds.count("train") == 2 and kinds.count("analyze") == 1 and kinds.count("distill") == 2 * len(VARIANTS)
     students = {(t.group["variant"], t.group["seed"]): t for t in tasks if t.kind == "distill"}
-    assert students[("T0.5", 0)].config["kd"]["teachers"][0].endswith("-s0@0.5")
-    assert students[("snapshot", 1)].config["kd"]["teachers"][0].endswith("-s0@0.3,0.5,0.7")
+    teacher = next(t for t in tasks if t.kind == "train" and t.group["role"] == "teacher")
+    # Fixed checkpoints are named by epoch (of 4): 0.5 -> 2; 0.3, 0.5, 0.7 -> 1, 2, 3.
+    assert students[("T0.5", 0)].config["kd"]["teachers"] == [f"{teacher.path}@epoch=2"]
+    assert students[("snapshot", 1)].config["kd"]["teachers"] == [f"{teacher.path}@epoch={e}" for e in (1, 2, 3)]
     assert len(students[("full_ensemble", 0)].config["kd"]["teachers"]) == 2
     analysis = next(t for t in tasks if t.kind == "analyze")
     assert analysis.run_id in students[("Tstar", 1)].depends_on
     assert students[("none", 0)].depends_on == []
-    teacher = next(t for t in tasks if t.kind == "train")
     assert {0.3, 0.5, 0.7, 1.0} <= set(teacher.config["checkpoints"]["fractions"])
     per_seed = plan(resolve_study(tiny_study(teacher_per_seed=True)))
-    assert sum(t.kind == "train" for t in per_seed) == 4
+    # one trajectory per student seed; with 2 of them the full ensemble of M = 2 needs no extra members
+    assert sum(t.kind == "train" for t in per_seed) == 2
+    assert sum(t.kind == "train" for t in plan(resolve_study(tiny_study(teacher_per_seed=True, seeds=1)))) == 2
 
 
 @pytest.mark.parametrize("change, needle", [
@@ -155,3 +158,36 @@ def test_cifar100_table3_grid_runs_one_epoch_on_fixture_cifar_data(tmp_path):
     report = (study / "report.md").read_text()
     for pair in ("WRN-40-2->WRN-40-1", "WRN-40-2->MobileNetV2", "ResNet-110->ResNet-32", "ResNet-110->MobileNetV2"):
         assert pair in report
+
+
+def test_trajectories_pair_every_seed_with_every_teacher_and_share_what_is_identical():
+    """3 trajectories x 2 seeds: the full ensemble is the trajectories' last checkpoints (no extra members), the
+    no-KD student of a seed serves every trajectory, T0.5 and the curve's epoch2 are one student."""
+    study = tiny_study(trajectories=3, ensemble_size=3, variants=["none", "T0.5", "Tfull", "full_ensemble"],
+                       curve=True)
+    tasks = plan(resolve_study(study))
+    assert sum(t.kind == "train" for t in tasks) == 3 and sum(t.kind == "analyze" for t in tasks) == 3
+    students = [t for t in tasks if t.kind == "distill"]
+    cells = [tuple(c) for t in students for c in t.group["serves"]]
+    assert len(cells) == len(set(cells))
+    by_cell = {c[1:]: t for t in students for c in map(tuple, t.group["serves"])}
+    for seed in (0, 1):
+        assert len({by_cell[("none", t, seed)].run_id for t in (0, 1, 2)}) == 1
+        assert len({by_cell[("full_ensemble", t, seed)].run_id for t in (0, 1, 2)}) == 1
+        for t in (0, 1, 2):
+            assert by_cell[("T0.5", t, seed)] is by_cell[("epoch2", t, seed)]
+            assert by_cell[("Tfull", t, seed)] is by_cell[("epoch4", t, seed)]
+    members = by_cell[("full_ensemble", 0, 0)].config["kd"]["teachers"]
+    assert len(members) == 3 and all(m.endswith("@epoch=4") for m in members)
+    # curve (4 epochs) + none + T0.5/Tfull (shared with the curve) + full ensemble, per seed
+    assert len(students) == 2 * (3 * 4 + 1 + 1)
+
+
+def test_a_pair_may_have_its_own_variants_and_label_noise():
+    study = tiny_study()
+    study["pairs"].append({**study["pairs"][0], "name": "noisy", "variants": ["none", "T0.5"],
+                           "teacher_set": {"data.label_noise": 0.2}, "student_set": {"data.label_noise": 0.2}})
+    tasks = plan(resolve_study(study))
+    noisy = [t for t in tasks if t.kind == "distill" and t.group["pair"] == "noisy"]
+    assert {t.group["variant"] for t in noisy} == {"none", "T0.5"}
+    assert all(t.config["data"]["label_noise"] == 0.2 for t in noisy)

@@ -50,16 +50,21 @@ def cmd_analyze(args) -> None:
     from .analysis import analyze
     from .report import analysis_table
 
-    result = analyze(args.run, temperature=args.temperature, seed=args.seed, plots=not args.no_plots,
-                     allow_incomplete=args.allow_incomplete)
+    result = analyze(args.run, temperature=args.temperature, seed=args.seed, seeds=args.seeds, split=args.split,
+                     plots=not args.no_plots, allow_incomplete=args.allow_incomplete)
     analysis_table(result)
 
 
 def cmd_select(args) -> None:
+    import json
+
     from .analysis import select
 
-    for reference in select(args.run, k=args.k, by=args.by, allow_incomplete=args.allow_incomplete):
-        print(reference)
+    result = select(args.run, k=args.k, by=args.by, split=args.split, allow_incomplete=args.allow_incomplete)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("\n".join(result["references"]))
 
 
 def cmd_study(args) -> None:
@@ -127,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="measure every checkpoint's dark knowledge and I(X;F), I(Y;F); select T*")
     p.add_argument("run")
     p.add_argument("--temperature", type=float, default=None, help="tau for tempered outputs (default: the run's kd.temperature)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the estimators' probes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the estimators' splits and probes")
+    p.add_argument("--seeds", type=int, default=5, help="split seeds per estimate (mean and standard error)")
+    p.add_argument("--split", choices=["train", "val"], default="train",
+                   help="where T* is selected: the training inputs the student sees (default) or validation")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     add_allow_incomplete(p)
     p.set_defaults(func=cmd_analyze)
@@ -135,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("select", help="print references to T* (or the top K checkpoints: a snapshot ensemble)")
     p.add_argument("run")
     p.add_argument("--k", type=int, default=1, help="how many checkpoints (default 1)")
-    p.add_argument("--by", choices=["info", "val"], default="info", help="information criterion or val accuracy")
+    p.add_argument("--by", choices=["info", "knn-info", "val", "p_target", "nontarget_entropy", "nc1"],
+                   default="info", help="the selection criterion (default: the information criterion)")
+    p.add_argument("--split", choices=["train", "val"], default=None,
+                   help="the split the criterion is read on (default: the criterion's own)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: t_star, ties, criterion, per-checkpoint score and se")
     add_allow_incomplete(p)
     p.set_defaults(func=cmd_select)
 

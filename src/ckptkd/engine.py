@@ -17,7 +17,7 @@ from .data import Batch, Data
 from .errors import UserError
 from .losses import kd_loss
 from .run.state import Progress
-from .schedules import cycle_ends, epoch_at_fraction, lr_at
+from .schedules import checkpoint_epochs, lr_at
 
 
 def pick_device(name: str) -> torch.device:
@@ -52,19 +52,6 @@ def make_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"],
                                nesterov=o["nesterov"] and o["momentum"] > 0, weight_decay=o["weight_decay"])
     return torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
-
-
-def checkpoint_epochs(cfg: dict) -> list[int]:
-    epochs = cfg["schedule"]["epochs"]
-    chosen = {epoch_at_fraction(f, epochs) for f in cfg["checkpoints"]["fractions"]}
-    chosen.update(cfg["checkpoints"]["epochs"])
-    every = cfg["checkpoints"]["every"]
-    if every:
-        chosen.update(range(every, epochs + 1, every))
-    if cfg["schedule"]["name"] == "snapshot":
-        chosen.update(cycle_ends(epochs, cfg["schedule"]["cycles"]))
-    chosen.add(epochs)  # the last weights are always kept: `RUN@last` must exist
-    return sorted(chosen)
 
 
 def test_epochs(cfg: dict) -> set[int]:

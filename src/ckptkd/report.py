@@ -60,22 +60,47 @@ def trajectory_table(run: str | Path, console: Console | None = None) -> Table:
     return table
 
 
+def estimate_text(estimate: dict, digits: int) -> str:
+    """mean±SE of a per-seed estimate; "failed" when no seed gave a value, with how many seeds failed otherwise."""
+    if estimate["mean"] is None:
+        return "failed"
+    text = f"{estimate['mean']:.{digits}f}"
+    if estimate["se"] is not None:
+        text += f"±{estimate['se']:.{digits}f}"
+    return text + (f" ({estimate['failed']} failed)" if estimate["failed"] else "")
+
+
 def analysis_table(analysis: dict, console: Console | None = None) -> Table:
-    """One row per checkpoint: accuracy, confidence, dark knowledge, both estimators; T* marked."""
-    table = Table(title=f"{analysis['run']}: checkpoints on the validation split (n = {analysis['n_val']}, "
-                        f"tau = {analysis['temperature']})")
-    for column in ("epoch", "val%", "conf%", "H_nt", "I(X;F)", "I(Y;F)", "score", "kNN", ""):
+    """One row per checkpoint on the selection split: accuracy, soft labels, geometry, both estimators, the score;
+    T* and its ties marked."""
+    split = analysis["split"]
+    selected = analysis["selected"]
+    criterion = analysis["criteria"][selected["criterion"]]
+    scores = {row["epoch"]: row for row in criterion["scores"]}
+    knn = {row["epoch"]: row for row in analysis["criteria"][f"knn-info@{split}"]["scores"]}
+    table = Table(title=f"{analysis['run']}: {split} split (n = {analysis['splits'][split]['n']}), tau = "
+                        f"{analysis['temperature']}, {analysis['seeds']} split seeds")
+    for column in ("epoch", "val%", "conf%", "p_t", "H_nt", "NC1", "I(X;F)", "I(Y;F)", "score", "kNN", ""):
         table.add_column(column, justify="right", no_wrap=True)
-    selected = analysis["selected"]["epoch"]
     for r in analysis["checkpoints"]:
-        table.add_row(str(r["epoch"]), _pct(r["val_acc"]), _pct(r["confidence"]), f"{r['nontarget_entropy']:.3f}",
-                      f"{r['i_xf']:.2f}", f"{r['i_yf']:.3f}", f"{r['score']:.2f}", f"{r['knn_score']:.2f}",
-                      "T*" if r["epoch"] == selected else "")
+        m, est = r[split], r[split]["estimates"]
+        row = scores.get(r["epoch"])
+        score = "skipped" if row is None else estimate_text({"mean": row["score"], "se": row["se"], "failed": 0}, 2)
+        knn_row = knn.get(r["epoch"])
+        mark = "T*" if r["epoch"] == selected["epoch"] else ("tie" if r["epoch"] in selected["ties"] else "")
+        table.add_row(str(r["epoch"]), _pct(r["val"]["acc"]), _pct(m["confidence"]), _num(m["p_target_t"], ".3f"),
+                      _num(m["nontarget_entropy_t"], ".3f"), _num(m["nc1"], ".3g"), estimate_text(est["i_xf"], 2),
+                      estimate_text(est["i_yf"], 3), score, "—" if knn_row is None else f"{knn_row['score']:.2f}",
+                      mark)
     agreement = analysis["agreement"]
-    table.caption = (f"H_nt: non-target entropy (nats); score: normalised I(X;F) + I(Y;F); kNN: the same score from "
-                     f"the kNN estimator.\nT* = {analysis['selected']['reference']};  Spearman(probe, kNN): I(X;F) "
-                     f"{agreement['spearman_i_xf']}, I(Y;F) {agreement['spearman_i_yf']}, score "
-                     f"{agreement['spearman_score']};  {analysis['timing_s']['measure']:.1f} s "
-                     f"({analysis['timing_s']['cached']} cached)")
+    lines = [f"conf: mean max-probability; p_t: tempered probability of the true class; H_nt: tempered non-target "
+             f"entropy (nats); NC1: within-class variability; I: nats, mean±SE over split seeds.",
+             f"T* = {selected['reference']} by {selected['criterion']} ({selected['description']}); ties: "
+             f"{', '.join(map(str, selected['ties']))}.",
+             f"Spearman(probe, kNN) across checkpoints: I(X;F) {agreement['spearman_i_xf']}, I(Y;F) "
+             f"{agreement['spearman_i_yf']}, score {agreement['spearman_score']}; {analysis['timing_s']['measure']:.1f}"
+             f" s ({analysis['timing_s']['cached']} cached)."]
+    lines += [f"note: {note}" for note in analysis.get("notes", [])]
+    table.caption = "\n".join(lines)
     (console or terminal_console()).print(table)
     return table

@@ -53,3 +53,16 @@ def lr_at(sched: dict, base_lr: float, step: int, steps_per_epoch: int) -> float
         t = (step - start * steps_per_epoch) / ((end - start) * steps_per_epoch)
         return low + (base_lr - low) * 0.5 * (1.0 + math.cos(math.pi * t))
     raise ValueError(f"unknown schedule {name!r}")
+
+
+def checkpoint_epochs(cfg: dict) -> list[int]:
+    epochs = cfg["schedule"]["epochs"]
+    chosen = {epoch_at_fraction(f, epochs) for f in cfg["checkpoints"]["fractions"]}
+    chosen.update(cfg["checkpoints"]["epochs"])
+    every = cfg["checkpoints"]["every"]
+    if every:
+        chosen.update(range(every, epochs + 1, every))
+    if cfg["schedule"]["name"] == "snapshot":
+        chosen.update(cycle_ends(epochs, cfg["schedule"]["cycles"]))
+    chosen.add(epochs)  # the last weights are always kept: `RUN@last` must exist
+    return sorted(chosen)

@@ -38,7 +38,9 @@ STUDY_DEFAULTS: dict[str, Any] = {
     "snapshot": [0.3, 0.5, 0.7],
     "common": {},
     "kd": {},
-    "analysis": {"seed": 0, "temperature": None},
+    "analysis": {"seed": 0, "temperature": None, "split": "train", "seeds": 5},
+    "trajectories": 1,
+    "curve": False,
     "compare_online": [],
     "max_attempts": 3,
     "pairs": [],
@@ -63,6 +65,8 @@ STUDY_FIELDS = {
     "seeds": _seeds,
     "ensemble_size": integer(2, 16),
     "teacher_per_seed": boolean(),
+    "trajectories": integer(1, 100),
+    "curve": boolean(),
     "variants": list_of(variants_mod.check, min_len=1),
     "snapshot": _snapshot,
     "compare_online": list_of(lambda v: "a variant other than none" if v == "none" else variants_mod.check(v)),
@@ -130,20 +134,32 @@ def resolve_study(source: str | Path | dict, overrides: list[str] | dict | None 
     for section in ("common", "kd", "analysis"):
         if not isinstance(study[section], dict):
             raise UserError(f"study: {section} must be a mapping")
+    study["analysis"] = {**STUDY_DEFAULTS["analysis"], **study["analysis"]}
+    unknown = set(study["analysis"]) - set(STUDY_DEFAULTS["analysis"])
+    if unknown or study["analysis"]["split"] not in ("train", "val"):
+        raise UserError(f"study: analysis takes seed, temperature, split (train or val) and seeds, got "
+                        f"{study['analysis']}")
+    if study["teacher_per_seed"] and study["trajectories"] != 1:
+        raise UserError("study: teacher_per_seed (one trajectory per student seed) and trajectories are exclusive")
     resolved_pairs = []
     for i, pair in enumerate(study["pairs"]):
         if not isinstance(pair, dict) or not {"teacher", "student"} <= set(pair):
             raise UserError(f"study: pairs[{i}] must have a teacher and a student config")
-        unknown = set(pair) - {"teacher", "student", "teacher_set", "student_set", "name"}
+        unknown = set(pair) - {"teacher", "student", "teacher_set", "student_set", "name", "variants", "curve"}
         if unknown:
             raise UserError(f"study: pairs[{i}] has unknown key(s) {sorted(unknown)}")
+        variants = pair.get("variants", study["variants"])
+        expected = STUDY_FIELDS["variants"](variants) or (None if isinstance(pair.get("curve", False), bool)
+                                                          else "curve must be true or false")
+        if expected:
+            raise UserError(f"study: pairs[{i}].variants must be {expected}, got {variants!r}")
         teacher = config_mod.resolve(_load_run_config(pair["teacher"], f"pairs[{i}].teacher", base_dir),
                                      {**study["common"], **pair.get("teacher_set", {})})
         student = config_mod.resolve(_load_run_config(pair["student"], f"pairs[{i}].student", base_dir),
                                      {**study["common"], **{f"kd.{k}": v for k, v in study["kd"].items()},
                                       **pair.get("student_set", {})})
         # The teacher must keep every checkpoint a variant refers to.
-        chosen = [variants_mod.parse(v) for v in study["variants"]]
+        chosen = [variants_mod.parse(v) for v in variants]
         wanted = {v.fraction for v in chosen if v.base == "fraction"} | {1.0}
         if any(v.base == "snapshot" for v in chosen) and study["snapshot"] != "top-info":
             wanted |= set(study["snapshot"])
@@ -155,7 +171,12 @@ def resolve_study(source: str | Path | dict, overrides: list[str] | dict | None 
                             f"{teacher['schedule']['epochs']} epochs (pairs[{i}])")
         teacher["checkpoints"]["epochs"] = sorted(set(teacher["checkpoints"]["epochs"]) | epochs)
         name = pair.get("name") or f"{teacher['model']['name']}->{student['model']['name']}"
-        resolved_pairs.append({"name": name, "teacher": teacher, "student": student})
+        if pair.get("curve", study["curve"]):  # the selection benchmark: a student from every saved checkpoint
+            from .schedules import checkpoint_epochs
+
+            variants = variants + [f"epoch{e}" for e in checkpoint_epochs(teacher)]
+        resolved_pairs.append({"name": name, "teacher": teacher, "student": student,
+                               "variants": variants_mod.ordered(variants)})
     names = [p["name"] for p in resolved_pairs]
     if len(set(names)) != len(names):
         raise UserError(f"study: two pairs share a name ({names}); give each pair a distinct name")
@@ -170,83 +191,104 @@ def _slug(text_: str) -> str:
 def plan(study: dict) -> list[Task]:
     """Every task of the grid, teachers first, with the dependencies that order them.
 
-    Pairs whose teacher configs are identical share the teacher runs and their analysis (as the paper's grid shares
-    WRN-40-2 between its students)."""
+    Each pair has `trajectories` independent teacher trajectories (or one per student seed with teacher_per_seed),
+    and every student seed runs under every trajectory, paired across variants. Tasks whose configs are identical
+    are one task serving several (pair, variant, trajectory, seed) cells, listed in its group's "serves": pairs with
+    identical teachers share the teacher runs (as the paper's grid shares WRN-40-2), a student without a teacher
+    serves every trajectory, and T0.5 of a 60-epoch teacher is the same student as epoch30 of the curve."""
     tasks: dict[str, Task] = {}
     runs = Path("runs")
     # References stay relative to the study folder, so a task's id does not depend on how the folder is spelled.
     m = study["ensemble_size"]
 
-    def add(task: Task, pair_name: str) -> Task:
+    def add(task: Task, serves: list) -> Task:
         task = tasks.setdefault(task.run_id, task)
-        if pair_name not in task.group["pairs"]:
-            task.group["pairs"].append(pair_name)
+        for cell in serves:
+            if cell not in task.group["serves"]:
+                task.group["serves"].append(cell)
+        pair = cell[0]
+        if pair not in task.group["pairs"]:
+            task.group["pairs"].append(pair)
         return task
+
+    def train_task(cfg: dict, group: dict, pair: str) -> Task:
+        return add(Task(task_id("train", cfg), "train", cfg["name"], cfg, str(runs / cfg["name"]),
+                        group={**group, "pairs": [], "serves": []}), [[pair]])
 
     for pair in study["pairs"]:
         teacher_model, student_model = pair["teacher"]["model"]["name"], pair["student"]["model"]["name"]
         identity = {k: v for k, v in pair["teacher"].items() if k not in ("name", "seed")}
         teacher_slug = f"teacher-{_slug(teacher_model)}-{task_id('teacher', identity)[:6]}"
-        base_group = {"pair": pair["name"], "pairs": [], "teacher_model": teacher_model,
-                      "student_model": student_model}
-        teacher_seeds = study["seeds"] if study["teacher_per_seed"] else study["seeds"][:1]
-        trajectories: dict[int, dict] = {}
-        # Independent teachers are trained only when a full ensemble needs them.
-        full = any(variants_mod.parse(v).base == "full_ensemble" for v in study["variants"] + study["compare_online"])
-        members_per_teacher = m if full else 1
+        base = {"pair": pair["name"], "teacher_model": teacher_model, "student_model": student_model}
+        parsed = [variants_mod.parse(v) for v in pair["variants"] + study["compare_online"]]
+        if study["teacher_per_seed"]:
+            teacher_seeds = list(study["seeds"])
+        else:
+            teacher_seeds = [study["seeds"][0] + t for t in range(study["trajectories"])]
+        # A full ensemble takes the last checkpoints of other trajectories when there are enough of them;
+        # otherwise independent members are trained for it.
+        full = any(v.base == "full_ensemble" for v in parsed)
+        extra_members = full and len(teacher_seeds) < m
+        leads, analyses, members = {}, {}, {}
         for t_seed in teacher_seeds:
-            members = []
-            for k in range(members_per_teacher):
+            own = []
+            for k in range(m if extra_members else 1):
                 seed = t_seed + 1000 * k  # independent runs for the full ensemble, never colliding with student seeds
                 cfg = copy.deepcopy(pair["teacher"])
                 cfg["seed"] = seed
                 cfg["name"] = f"{teacher_slug}-s{t_seed}" + (f"-m{k}" if k else "")
-                role = "teacher" if k == 0 else "ensemble_member"
-                members.append(add(Task(task_id("train", cfg), "train", cfg["name"], cfg, str(runs / cfg["name"]),
-                                        group={**base_group, "role": role, "teacher_seed": t_seed, "seed": seed}),
-                                   pair["name"]))
-            analysis_cfg = {"run": members[0].path, **study["analysis"]}
-            analysis = add(Task(task_id("analyze", analysis_cfg), "analyze", f"{members[0].name}-analysis",
-                                analysis_cfg, members[0].path, depends_on=[members[0].run_id],
-                                group={**base_group, "role": "analysis", "teacher_seed": t_seed, "seed": t_seed}),
-                           pair["name"])
-            trajectories[t_seed] = {"members": members, "analysis": analysis}
+                own.append(train_task(cfg, {**base, "role": "teacher" if k == 0 else "ensemble_member",
+                                            "teacher_seed": t_seed, "seed": seed}, pair["name"]))
+            leads[t_seed], members[t_seed] = own[0], own
+            analysis_cfg = {"run": own[0].path, **study["analysis"]}
+            analyses[t_seed] = add(Task(task_id("analyze", analysis_cfg), "analyze", f"{own[0].name}-analysis",
+                                        analysis_cfg, own[0].path, depends_on=[own[0].run_id],
+                                        group={**base, "role": "analysis", "teacher_seed": t_seed, "seed": t_seed,
+                                               "pairs": [], "serves": []}), [[pair["name"]]])
+        if not extra_members:
+            for i, t_seed in enumerate(teacher_seeds):  # this trajectory and the next M - 1, in a fixed order
+                picked = sorted(teacher_seeds[(i + j) % len(teacher_seeds)] for j in range(min(m, len(teacher_seeds))))
+                members[t_seed] = [leads[s] for s in picked]
         slug = _slug(pair["name"])
-        names = list(study["variants"]) + [f"{v}@online" for v in study["compare_online"]]
-        for seed in study["seeds"]:
-            t_seed = seed if study["teacher_per_seed"] else teacher_seeds[0]
-            members, analysis = trajectories[t_seed]["members"], trajectories[t_seed]["analysis"]
-            ctx = variants_mod.Context(lead=members[0].path, members=[t.path for t in members],
-                                       lead_id=members[0].run_id, member_ids=[t.run_id for t in members],
-                                       analysis_id=analysis.run_id, snapshot=study["snapshot"], ensemble_size=m)
-            for name in names:
-                variant = variants_mod.parse(name)
-                teachers, depends = variant.teachers(ctx)
-                cfg = copy.deepcopy(pair["student"])
-                cfg["seed"] = seed
-                cfg["kd"]["teachers"] = teachers
-                if variant.online:  # the same student with teachers run on every batch, to check the cache
-                    cfg["kd"]["cache"] = "off"
-                if variant.temperature is not None:
-                    cfg["kd"]["temperature"] = variant.temperature
-                cfg["name"] = f"{slug}-student-{_slug(name)}-s{seed}"
-                add(Task(task_id("distill", cfg), "distill", cfg["name"], cfg, str(runs / cfg["name"]),
-                         depends_on=depends, group={**base_group, "role": "student", "variant": name, "seed": seed,
-                                                    "teacher_seed": t_seed}), pair["name"])
+        names = list(pair["variants"]) + [f"{v}@online" for v in study["compare_online"]]
+        for t_seed in teacher_seeds:
+            ctx = variants_mod.Context(lead=leads[t_seed].path, members=[t.path for t in members[t_seed]],
+                                       lead_id=leads[t_seed].run_id, member_ids=[t.run_id for t in members[t_seed]],
+                                       analysis_id=analyses[t_seed].run_id, snapshot=study["snapshot"],
+                                       ensemble_size=m, epochs=pair["teacher"]["schedule"]["epochs"])
+            for seed in ([t_seed] if study["teacher_per_seed"] else study["seeds"]):
+                for name in names:
+                    variant = variants_mod.parse(name)
+                    teachers, depends = variant.teachers(ctx)
+                    cfg = copy.deepcopy(pair["student"])
+                    cfg["seed"] = seed
+                    cfg["kd"]["teachers"] = teachers
+                    if variant.online:  # the same student with teachers run on every batch, to check the cache
+                        cfg["kd"]["cache"] = "off"
+                    if variant.temperature is not None:
+                        cfg["kd"]["temperature"] = variant.temperature
+                    cfg["name"] = f"{slug}-student-{task_id('student', cfg)[:8]}-s{seed}"
+                    add(Task(task_id("distill", cfg), "distill", cfg["name"], cfg, str(runs / cfg["name"]),
+                             depends_on=depends, group={**base, "role": "student", "variant": name, "seed": seed,
+                                                        "teacher_seed": t_seed, "pairs": [], "serves": []}),
+                        [[pair["name"], name, t_seed, seed]])
     return list(tasks.values())
 
 
 def _execute(task: dict, study_dir: Path, db: ResultsDB) -> tuple[dict, dict]:
     """Run one task (resuming its folder if an earlier attempt left one); returns (metrics, timings)."""
     from .analysis import analyze
+    from .run import Run
     from .trainer import distill, fit
 
     out = study_dir / task["path"]
     heartbeat = lambda _record: db.heartbeat(task["run_id"])
     cfg = copy.deepcopy(task["config"])
     if task["kind"] == "analyze":
-        result = analyze(out, seed=cfg["seed"], temperature=cfg["temperature"], quiet=True)
-        return analysis_metrics(result, Path(task["path"])), {}
+        result = analyze(out, seed=cfg["seed"], temperature=cfg["temperature"], split=cfg["split"],
+                         seeds=cfg["seeds"], quiet=True)
+        recorded = {c.epoch: c.metrics for c in Run(out).manifest.checkpoints}
+        return analysis_metrics(result, Path(task["path"]), recorded), {}
     if task["kind"] == "train":
         run = fit(cfg, out, resume=True, quiet=True, on_epoch=heartbeat)
     else:
@@ -267,13 +309,27 @@ def _execute(task: dict, study_dir: Path, db: ResultsDB) -> tuple[dict, dict]:
     return metrics, {"train_time_s": final.train_time_s}
 
 
-def analysis_metrics(analysis: dict, path: Path) -> dict:
+def analysis_metrics(analysis: dict, path: Path, recorded: dict[int, dict] | None = None) -> dict:
     """What the study database keeps of an analysis: enough to rebuild the report's trajectory section even when
     the run folders are gone (they are not committed with a study's results)."""
-    keep = ("epoch", "fraction", "val_acc", "confidence", "nontarget_entropy", "i_xf", "i_yf", "score")
+    split = analysis["split"]
+    scores = {row["epoch"]: row for row in analysis["criteria"][analysis["selected"]["criterion"]]["scores"]}
+    trajectory = []
+    for r in analysis["checkpoints"]:
+        m, est = r[split], r[split]["estimates"]
+        row = scores.get(r["epoch"], {})
+        trajectory.append({"epoch": r["epoch"], "fraction": r["fraction"], "val_acc": r["val"]["acc"],
+                           "train_acc": r["train"]["acc"], "test_acc": (recorded or {}).get(r["epoch"], {}).get(
+                               "test_acc"),
+                           "confidence": m["confidence"], "p_target_t": m["p_target_t"],
+                           "nontarget_entropy_t": m["nontarget_entropy_t"], "nc1": m["nc1"],
+                           **{q: [est[q]["mean"], est[q]["se"]] for q in ("i_xf", "i_yf")},
+                           "score": [row.get("score"), row.get("se")]})
     return {"selected_epoch": analysis["selected"]["epoch"], "analysis": str(path / "analysis.json"),
-            "trajectory": [{k: r.get(k) for k in keep} for r in analysis["checkpoints"]],
-            "agreement": analysis.get("agreement")}
+            "split": split, "criterion": analysis["selected"]["criterion"], "ties": analysis["selected"]["ties"],
+            "trajectory": trajectory, "agreement": analysis.get("agreement"),
+            "picks": {key: {"t_star": c["t_star"], "ties": c["ties"], "flat": c["flat"]}
+                      for key, c in analysis["criteria"].items()}}
 
 
 def run_study(source: str | Path | dict, out: str | Path | None = None, *, overrides: list | dict | None = None,

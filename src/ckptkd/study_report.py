@@ -1,92 +1,85 @@
-"""`ckptkd report STUDY`: the study's results as the paper presents them, in report.md, results.csv and plots/.
+"""`ckptkd report STUDY`: the study's results as the paper presents them, with the statistics it lacks, in
+report.md, results.csv and plots/.
 
-Everything is read from results.sqlite, study.yaml and the teachers' run folders; the report has no timestamps, so
-identical results give identical files apart from the measured wall times. Accuracies are last-epoch test
-accuracies; ± is the sample standard deviation (ddof = 1), so it is undefined for a single seed.
+Everything is rebuilt from results.sqlite (opened read-only) and study.yaml; the teacher trajectories from the
+analysis summaries the database keeps (or the teachers' run folders). A section that cannot be rebuilt because its
+run folders are not here (they are not committed with a study) is carried over from the previous report, marked as
+such, never dropped. The report has no timestamps and every resampling is seeded, so the same results give the
+same files.
+
+Accuracy: the mean test accuracy of each student's last k epochs (the run's `eval.last_k`, default 5), or the
+last-epoch accuracy for studies run before it was recorded; never the best test epoch, which would select on the
+test set (the paper reports the best of the last 10). Students are paired by (trajectory, seed).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from . import stats
+from . import variants as variants_mod
 from .config import read_yaml
 from .errors import UserError
-from .plots import plt, save
-from . import variants as variants_mod
 from .results import ResultsDB
 from .report import terminal_console
-from .storage import atomic_write_bytes, atomic_write_text
+from .schedules import epoch_at_fraction
+from .storage import atomic_write_bytes, atomic_write_text, read_json
 
 EMPTY = "—"
 CSV_COLUMNS = ("run_id", "kind", "name", "status", "pair", "role", "variant", "seed", "teacher_seed", "test_acc",
-               "val_acc", "best_val_acc", "best_val_epoch", "teacher_test_acc", "duration_s", "path")
+               "test_acc_last_k", "val_acc", "best_val_acc", "best_val_epoch", "teacher_test_acc", "health",
+               "duration_s", "path")
 TEACHER_FIGURES = ("information_plane", "class_correlation", "trajectory")
-
-Cell = tuple[str, bool]  # (text, bold)
-
-
-def _fraction(variant: str) -> float | None:
-    """The fraction of training an intermediate-teacher variant (T0.5) names; None for every other variant."""
-    v = variants_mod.parse(variant)
-    return v.fraction if v.base == "fraction" and v.table == "table3" and v.temperature is None else None
-
-
-def _variant_order(variant: str) -> tuple:
-    return variants_mod.parse(variant).order
+GATE_POINTS = 0.5          # T^full must beat no KD by this much (CI above 0) before teachers are ranked
+CARRIED = "*Carried over from the previous report: the run folders it was built from are not here.*"
+Cell = tuple[str, bool]    # (text, bold)
 
 
 def _label(variant: str) -> str:
     return variants_mod.parse(variant).label
 
 
-def _meaning(variant: str, study: dict) -> str:
-    return variants_mod.parse(variant).meaning(study)
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^\w.]+", "-", name).strip("-")
-
-
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) >= 2 else None)
-
-
 def _pct(value: float) -> str:
     return f"{100 * value:.2f}"
 
 
-def _signed(value: float) -> str:
+def _points(value: float) -> str:
     if round(value, 2) == 0:
         return "0.00"
     return f"{value:+.2f}".replace("-", "−")
 
 
-def _cell(values: list[float], expected: int | None = None) -> str:
-    """mean ± std in %; `expected` (the study's seed count) marks cells with fewer completed runs or a single one."""
-    if not values:
-        return EMPTY
-    mean, std = _mean_std(values)
-    text = _pct(mean) if std is None else f"{_pct(mean)} ± {_pct(std)}"
-    if expected is not None and (len(values) < expected or len(values) == 1):
-        text += f" (n={len(values)})"
-    return text
-
-
 def _done(row: dict) -> bool:
     return row["status"] == "complete" and bool(row["metrics"]) and row["metrics"].get("test_acc") is not None
+
+
+def _accuracy(metrics: dict) -> float:
+    last_k = metrics.get("test_acc_last_k")
+    return last_k if last_k is not None else metrics["test_acc"]
+
+
+def _flags(row: dict) -> list[str]:
+    return [f["flag"] for f in ((row.get("metrics") or {}).get("health") or {}).get("flags", [])]
+
+
+def _serves(row: dict) -> list[list]:
+    """The (pair, variant, trajectory, seed) cells a student serves; older databases name one in the group."""
+    group = row["group"] or {}
+    if group.get("serves"):
+        return [c for c in group["serves"] if len(c) == 4]
+    pairs = group.get("pairs") or ([group["pair"]] if group.get("pair") else [])
+    return [[p, group.get("variant"), group.get("teacher_seed", 0), group.get("seed")] for p in pairs]
 
 
 @dataclass
@@ -94,33 +87,42 @@ class _Pair:
     name: str
     teacher_model: str
     student_model: str
+    variants: list[str]
+    teacher_epochs: int | None
     teachers: list[dict] = field(default_factory=list)
-    analyses: list[dict] = field(default_factory=list)
-    students: dict[str, list[dict]] = field(default_factory=dict)
+    analyses: dict[int, dict] = field(default_factory=dict)
+    students: dict[str, dict[tuple[int, int], dict]] = field(default_factory=dict)  # variant -> (t, s) -> row
 
-    def accuracy(self, variant: str) -> dict[int, float]:
-        """Completed students' test accuracy by seed: students with the same seed are paired across variants."""
-        done = (r for r in self.students.get(variant, []) if _done(r))
-        return {r["group"]["seed"]: r["metrics"]["test_acc"] for r in sorted(done, key=lambda r: r["group"]["seed"])}
+    def accuracy(self, variant: str) -> dict[tuple[int, int], float]:
+        return {k: _accuracy(r["metrics"]) for k, r in sorted(self.students.get(variant, {}).items()) if _done(r)}
 
     def values(self, variant: str) -> list[float]:
-        return list(self.accuracy(variant).values())
+        """One value per distinct run (a run serving several trajectories counts once)."""
+        seen = {}
+        for r in self.students.get(variant, {}).values():
+            if _done(r):
+                seen[r["run_id"]] = _accuracy(r["metrics"])
+        return list(seen.values())
+
+    def flagged(self, variant: str) -> int:
+        return len({r["run_id"] for r in self.students.get(variant, {}).values() if _done(r) and _flags(r)})
 
     def teacher_accuracy(self) -> list[float]:
         return [r["metrics"]["test_acc"] for r in self.teachers if _done(r)]
 
     def ensemble_teacher_accuracy(self, variant: str) -> list[float]:
-        """The teacher (ensemble) accuracy once per distinct teacher set: every student of a set reports the same."""
         by_set = {}
-        for r in self.students.get(variant, []):
+        for r in self.students.get(variant, {}).values():
             if _done(r) and r["metrics"].get("teacher_test_acc") is not None:
-                key = tuple(r["metrics"].get("teachers") or [r["group"].get("teacher_seed")])
-                by_set[key] = r["metrics"]["teacher_test_acc"]
+                by_set[tuple(r["metrics"].get("teachers") or [])] = r["metrics"]["teacher_test_acc"]
         return list(by_set.values())
 
-    def teacher_epochs(self, variant: str) -> dict[Any, tuple[int, ...]]:
-        done = (r for r in self.students.get(variant, []) if _done(r) and r["metrics"].get("teacher_epochs"))
-        return {r["group"].get("teacher_seed"): tuple(r["metrics"]["teacher_epochs"]) for r in done}
+    def teacher_epochs_of(self, variant: str) -> dict[int, tuple[int, ...]]:
+        out = {}
+        for (t, _s), r in self.students.get(variant, {}).items():
+            if _done(r) and r["metrics"].get("teacher_epochs"):
+                out[t] = tuple(r["metrics"]["teacher_epochs"])
+        return out
 
 
 def _pairs(study: dict, rows: list[dict]) -> list[_Pair]:
@@ -128,25 +130,33 @@ def _pairs(study: dict, rows: list[dict]) -> list[_Pair]:
     for spec in study.get("pairs") or []:
         teacher, student = spec.get("teacher") or {}, spec.get("student") or {}
         pairs[spec["name"]] = _Pair(spec["name"], (teacher.get("model") or {}).get("name", "?"),
-                                    (student.get("model") or {}).get("name", "?"))
+                                    (student.get("model") or {}).get("name", "?"),
+                                    list(spec.get("variants") or study.get("variants") or []),
+                                    (teacher.get("schedule") or {}).get("epochs"))
+
+    def pair(name: str, group: dict) -> _Pair:
+        if name not in pairs:
+            teacher_model, _, student_model = name.partition("->")
+            pairs[name] = _Pair(name, group.get("teacher_model", teacher_model),
+                                group.get("student_model", student_model or "?"), [], None)
+        return pairs[name]
+
     for row in rows:
         group = row["group"] or {}
-        # A teacher shared by several pairs (identical teacher configs) lists them all under "pairs".
+        role = group.get("role")
+        if role == "student":
+            for name, variant, trajectory, seed in _serves(row):
+                pair(name, group).students.setdefault(variant, {})[(trajectory, seed)] = row
+            continue
         for name in group.get("pairs") or ([group["pair"]] if group.get("pair") else []):
-            if name not in pairs:
-                teacher_model, _, student_model = name.partition("->")
-                pairs[name] = _Pair(name, group.get("teacher_model", teacher_model),
-                                    group.get("student_model", student_model or "?"))
-            pair = pairs[name]
-            role = group.get("role")
             if role == "teacher":
-                pair.teachers.append(row)
+                pair(name, group).teachers.append(row)
             elif role == "analysis":
-                pair.analyses.append(row)
-            elif role == "student":
-                pair.students.setdefault(group.get("variant"), []).append(row)
-    for pair in pairs.values():
-        pair.teachers.sort(key=lambda r: r["group"].get("teacher_seed", 0))
+                pair(name, group).analyses[group.get("teacher_seed", 0)] = row
+    for p in pairs.values():
+        p.teachers.sort(key=lambda r: r["group"].get("teacher_seed", 0))
+        seen = {v for v in p.students if v}
+        p.variants = variants_mod.ordered(set(p.variants) | {v for v in seen if not v.endswith("@online")})
     return list(pairs.values())
 
 
@@ -164,12 +174,22 @@ class _Table:
             lines.append("| " + " | ".join(f"**{text}**" if bold else text for text, bold in row) + " |")
         return lines
 
-    def rich(self) -> Table:
+    def rich(self, transpose: bool = False) -> Table:
+        """For a terminal: rows as columns when the table is wide (one column per variant breaks words at 80)."""
+        if not transpose:
+            table = Table(title=self.title)
+            for i, column in enumerate(self.header):
+                table.add_column(column, justify="left" if i < self.text_columns else "right", no_wrap=True)
+            for row in self.rows:
+                table.add_row(*(Text(text, style="bold" if bold else "") for text, bold in row))
+            return table
         table = Table(title=self.title)
-        for i, column in enumerate(self.header):
-            table.add_column(column, justify="left" if i < self.text_columns else "right", overflow="fold")
+        table.add_column("", no_wrap=True)
         for row in self.rows:
-            table.add_row(*(Text(text, style="bold" if bold else "") for text, bold in row))
+            table.add_column(" ".join(text for text, _ in row[:self.text_columns]).strip() or EMPTY,
+                             justify="right", no_wrap=True)
+        for i, column in enumerate(self.header[self.text_columns:], start=self.text_columns):
+            table.add_row(column, *(Text(row[i][0], style="bold" if row[i][1] else "") for row in self.rows))
         return table
 
 
@@ -180,15 +200,27 @@ def _bold_best(cells: list[str], means: list[float | None]) -> list[Cell]:
     return [(text, best is not None and s == best) for text, s in zip(cells, shown)]
 
 
-def _table3(pairs: list[_Pair], variants: list[str], seeds: int) -> _Table:
-    columns = [v for v in variants if variants_mod.parse(v).table == "table3"]
+def _cell(values: list[float], expected: int | None = None, flagged: int = 0) -> str:
+    """mean ± sample std in %; (n=k) when fewer runs completed than expected; ⚠k for runs with a health flag."""
+    if not values:
+        return EMPTY
+    mean, std = stats.mean_std(values)
+    text = _pct(mean) if std is None else f"{_pct(mean)} ± {_pct(std)}"
+    if expected is not None and (len(values) < expected or len(values) == 1):
+        text += f" (n={len(values)})"
+    return text + (f" ⚠{flagged}" if flagged else "")
+
+
+def _table3(pairs: list[_Pair], expected: dict[str, dict[str, int]]) -> _Table:
+    columns = variants_mod.ordered({v for p in pairs for v in p.variants if variants_mod.parse(v).table == "table3"})
     header = ["Teacher", "Student", "Teacher acc."] + [("Student (no KD)" if v == "none" else _label(v))
                                                        for v in columns]
     rows, per_pair_means = [], []
     for pair in pairs:
         means = [statistics.mean(pair.values(v)) if pair.values(v) else None for v in columns]
         per_pair_means.append([statistics.mean(pair.teacher_accuracy()) if pair.teacher_accuracy() else None] + means)
-        cells = _bold_best([_cell(pair.values(v), seeds) for v in columns], means)
+        cells = _bold_best([_cell(pair.values(v), expected[pair.name].get(v), pair.flagged(v)) for v in columns],
+                           means)
         rows.append([(pair.teacher_model, False), (pair.student_model, False),
                      (_cell(pair.teacher_accuracy()), False)] + cells)
     # The average of a column is only shown when every pair has a number in it: a partial mean would mislead.
@@ -197,75 +229,203 @@ def _table3(pairs: list[_Pair], variants: list[str], seeds: int) -> _Table:
     average_cells = [EMPTY if a is None else _pct(a) for a in averages]
     rows.append([("Average", True), ("", False), (average_cells[0], False)]
                 + _bold_best(average_cells[1:], averages[1:]))
-    return _Table("Table 3: student test accuracy (%), mean ± sample std over seeds", header, rows, 2)
+    return _Table("Table 3: student test accuracy (%), mean ± sample std", header, rows, 2)
 
 
-def _ensemble_table(pairs: list[_Pair], seeds: int) -> _Table:
+@dataclass
+class _Comparison:
+    """a − b over paired students, in points."""
+    a: str
+    b: str
+    diffs: dict
+    ci: tuple[float, float] | None
+    p: float
+    holm: float | None = None
+
+    @property
+    def mean(self) -> float | None:
+        return 100 * statistics.mean(self.diffs.values()) if self.diffs else None
+
+    @property
+    def ci_points(self) -> tuple[float, float] | None:
+        return None if self.ci is None else (100 * self.ci[0], 100 * self.ci[1])
+
+    def ci_text(self) -> str:
+        return EMPTY if self.ci is None else f"[{_points(100 * self.ci[0])}, {_points(100 * self.ci[1])}]"
+
+    def sentence(self) -> str:
+        if not self.diffs:
+            return f"{_label(self.a)} and {_label(self.b)} cannot be compared: no paired students completed"
+        wins, ties, losses = stats.sign_counts(list(self.diffs.values()))
+        held = f", Holm-adjusted p = {self.holm:.3f}" if self.holm is not None else ""
+        plural = lambda n, word: f"{n} {word}" + ("" if n == 1 else ("es" if word.endswith("s") else "s"))
+        return (f"{_label(self.a)} − {_label(self.b)} = {_points(self.mean)} points (95 % CI {self.ci_text()}, "
+                f"{plural(wins, 'win')} / {plural(losses, 'loss')} in {len(self.diffs)} pairs, p = {self.p:.3f}"
+                f"{held})")
+
+
+def _compare(pair: _Pair, a: str, b: str) -> _Comparison:
+    diffs = stats.paired_differences(pair.accuracy(a), pair.accuracy(b))
+    return _Comparison(a, b, diffs, stats.hierarchical_bootstrap(diffs), stats.sign_flip_p(list(diffs.values())))
+
+
+def _comparisons(pair: _Pair) -> dict[str, _Comparison]:
+    """The study's questions, each as a paired comparison; the intermediate teachers vs T^full share one Holm
+    correction (the family the paper's claim is about)."""
+    have = set(pair.variants)
+    out: dict[str, _Comparison] = {}
+    if {"Tfull", "none"} <= have:
+        out["gate"] = _compare(pair, "Tfull", "none")
+    intermediate = [v for v in pair.variants if variants_mod.parse(v).base == "fraction"
+                    and variants_mod.parse(v).table == "table3" and variants_mod.parse(v).temperature is None]
+    if "Tfull" in have:
+        family = {v: _compare(pair, v, "Tfull") for v in intermediate}
+        adjusted = stats.holm({v: c.p for v, c in family.items() if c.diffs})
+        for v, c in family.items():
+            c.holm = adjusted.get(v)
+            out[v] = c
+        for v in pair.variants:
+            parsed = variants_mod.parse(v)
+            if v != "Tfull" and parsed.table == "table3" and v not in out and parsed.base != "none":
+                out[v] = _compare(pair, v, "Tfull")  # T*, softness controls
+    if {"snapshot", "full_ensemble"} <= have:
+        out["snapshot"] = _compare(pair, "snapshot", "full_ensemble")
+    return out
+
+
+def _comparison_table(pairs: list[_Pair], comparisons: dict[str, dict[str, _Comparison]]) -> _Table:
+    header = ["Pair", "Comparison", "Pairs", "Mean Δ (points)", "95 % CI", "Wins / ties / losses", "p", "Holm p"]
+    rows = []
+    for pair in pairs:
+        for key, c in comparisons[pair.name].items():
+            what = f"{_label(c.a)} − {_label(c.b)}" + (" (gate)" if key == "gate" else "")
+            if not c.diffs:
+                rows.append([(pair.name, False), (what, False)] + [(EMPTY, False)] * 6)
+                continue
+            wins, ties, losses = stats.sign_counts(list(c.diffs.values()))
+            rows.append([(pair.name, False), (what, False), (str(len(c.diffs)), False), (_points(c.mean), False),
+                         (c.ci_text(), False), (f"{wins} / {ties} / {losses}", False), (f"{c.p:.3f}", False),
+                         (EMPTY if c.holm is None else f"{c.holm:.3f}", False)])
+    return _Table("Paired comparisons: student accuracy differences", header, rows, 2)
+
+
+def _claim(c: _Comparison) -> str:
+    """confirmed / refuted at this scale / inconclusive, for a comparison whose claim is 'a beats b'."""
+    if not c.diffs or c.ci is None:
+        return "inconclusive"
+    p = c.holm if c.holm is not None else c.p
+    low, high = c.ci_points
+    if p < 0.05 and low > 0:
+        return "confirmed"
+    if high < GATE_POINTS:
+        return "refuted at this scale"
+    return "inconclusive"
+
+
+def _findings(pair: _Pair, comparisons: dict[str, _Comparison]) -> tuple[str, str]:
+    """(verdict, paragraph) for one pair."""
+    gate = comparisons.get("gate")
+    if gate is None:
+        return "inconclusive", (f"**{pair.name}: inconclusive.** The study has no no-KD and T^full students to "
+                                "compare, so whether KD helped at all is unknown; no teacher is ranked.")
+    passed = gate.diffs and gate.ci is not None and gate.mean >= GATE_POINTS and gate.ci_points[0] > 0
+    if not passed:
+        return "inconclusive", (f"**{pair.name}: inconclusive: KD itself did not help here.** {gate.sentence()}; the "
+                                f"gate needs at least +{GATE_POINTS:g} points with the interval above 0, so the "
+                                "teacher variants are not ranked (their numbers are in the tables).")
+    sentences = [f"KD helped: {gate.sentence()}."]
+    intermediate = [comparisons[v] for v in pair.variants if v in comparisons
+                    and variants_mod.parse(v).base == "fraction" and comparisons[v].holm is not None]
+    verdict = "inconclusive"
+    if intermediate:
+        claims = [_claim(c) for c in intermediate]
+        best = max(intermediate, key=lambda c: c.mean)
+        if "confirmed" in claims:
+            verdict = "confirmed"
+            winners = [_label(c.a) for c, claim in zip(intermediate, claims) if claim == "confirmed"]
+            sentences.append(f"An intermediate checkpoint is the better teacher: {', '.join(winners)} beat T^full "
+                             f"after Holm's correction over the {len(intermediate)} intermediate teachers; the "
+                             f"largest gain: {best.sentence()}.")
+        elif all(claim == "refuted at this scale" for claim in claims):
+            verdict = "refuted at this scale"
+            sentences.append(f"No intermediate checkpoint beat T^full, and every interval rules out a gain of "
+                             f"{GATE_POINTS:g} points or more; the closest: {best.sentence()}.")
+        else:
+            sentences.append(f"No intermediate checkpoint beat T^full significantly, but the data cannot rule out a "
+                             f"gain of {GATE_POINTS:g} points; the best: {best.sentence()}.")
+    for v in pair.variants:
+        parsed = variants_mod.parse(v)
+        if v in comparisons and parsed.base == "Tstar":
+            sentences.append(f"T* (the information criterion's pick) against T^full: {_claim(comparisons[v])}; "
+                             f"{comparisons[v].sentence()}.")
+        elif v in comparisons and parsed.temperature is not None:
+            sentences.append(f"The softness control {_label(v)} against T^full: {comparisons[v].sentence()}; if "
+                             "softer targets alone explained a gain of the intermediate teachers, this would gain "
+                             "as much.")
+    if "snapshot" in comparisons:
+        c = comparisons["snapshot"]
+        sentences.append(f"Snapshot vs full ensemble: {_claim(c)}; {c.sentence()}.")
+    return verdict, f"**{pair.name}: {verdict}.** " + " ".join(sentences)
+
+
+def _ensemble_table(pairs: list[_Pair], expected: dict) -> _Table:
     header = ["Pair", "Snapshot teachers", "Student (snapshot)", "Full-ensemble teachers", "Student (full ens.)",
               "Δ snapshot − full", "Snapshot better"]
     rows = []
     for pair in pairs:
-        snap, full = pair.accuracy("snapshot"), pair.accuracy("full_ensemble")
-        means = [statistics.mean(snap.values()) if snap else None, statistics.mean(full.values()) if full else None]
-        students = _bold_best([_cell(list(snap.values()), seeds), _cell(list(full.values()), seeds)], means)
-        paired = sorted(snap.keys() & full.keys())
-        wins = f"{sum(snap[s] > full[s] for s in paired)} of {len(paired)}" if paired else EMPTY
-        diff = EMPTY if None in means else _signed(100 * (means[0] - means[1]))
+        if not {"snapshot", "full_ensemble"} <= set(pair.variants):
+            continue
+        snap, full = pair.values("snapshot"), pair.values("full_ensemble")
+        means = [statistics.mean(snap) if snap else None, statistics.mean(full) if full else None]
+        students = _bold_best([_cell(snap, expected[pair.name].get("snapshot"), pair.flagged("snapshot")),
+                               _cell(full, expected[pair.name].get("full_ensemble"), pair.flagged("full_ensemble"))],
+                              means)
+        diffs = list(stats.paired_differences(pair.accuracy("snapshot"), pair.accuracy("full_ensemble")).values())
+        wins = f"{sum(d > 0 for d in diffs)} of {len(diffs)}" if diffs else EMPTY
+        diff = EMPTY if None in means else _points(100 * (means[0] - means[1]))
         teachers = [_cell(pair.ensemble_teacher_accuracy(v)) for v in ("snapshot", "full_ensemble")]
         rows.append([(pair.name, False), (teachers[0], False), students[0], (teachers[1], False), students[1],
                      (diff, False), (wins, False)])
     return _Table("Full ensemble vs snapshot ensemble: test accuracy (%)", header, rows, 1)
 
 
-ONLINE = "@online"
-
-
 def _duration(row: dict) -> float | None:
     return (row.get("timings") or {}).get("duration_s") if row["status"] == "complete" else None
 
 
-def _mean_seconds(rows: list[dict]) -> str:
+def _mean_seconds(rows) -> str:
     seconds = [d for d in map(_duration, rows) if d is not None]
     return f"{statistics.mean(seconds):.1f}" if seconds else EMPTY
 
 
-def _cache_table(pairs: list[_Pair], online: list[str], seeds: int) -> _Table:
+def _cache_table(pairs: list[_Pair], online: list[str], expected: dict) -> _Table:
     header = ["Pair", "Teacher", "Student (cached)", "Student (online)", "Δ cached − online", "Δ / pooled std",
               "Cached better", "Within seed noise", "Time cached (s)", "Time online (s)"]
     rows = []
     for pair in pairs:
         for variant in online:
-            base = variant[: -len(ONLINE)]
+            base = variants_mod.parse(variant).plain.name
             cached, live = pair.accuracy(base), pair.accuracy(variant)
-            diff = ratio = EMPTY
-            noise = EMPTY
+            diff = ratio = noise = wins = EMPTY
             if cached and live:
-                (mean_c, std_c), (mean_o, std_o) = _mean_std(list(cached.values())), _mean_std(list(live.values()))
-                diff = _signed(100 * (mean_c - mean_o))
+                (mean_c, std_c), (mean_o, std_o) = stats.mean_std(list(cached.values())), stats.mean_std(
+                    list(live.values()))
+                diff = _points(100 * (mean_c - mean_o))
                 if std_c is not None and std_o is not None and std_c + std_o > 0:
                     pooled = math.sqrt((std_c ** 2 + std_o ** 2) / 2)
-                    ratio = _signed((mean_c - mean_o) / pooled)
+                    ratio = _points((mean_c - mean_o) / pooled)
                     noise = "yes" if abs(mean_c - mean_o) <= pooled else "no"
-            paired = sorted(cached.keys() & live.keys())
-            wins = EMPTY
+            paired = stats.paired_differences(cached, live)
             if paired:
-                better = sum(cached[s] > live[s] for s in paired)
-                worse = sum(cached[s] < live[s] for s in paired)
-                wins = f"{better} of {len(paired)} (sign test p = {_sign_test(better, worse):.2f})"
-            rows.append([(pair.name, False), (_label(base), False), (_cell(list(cached.values()), seeds), False),
-                         (_cell(list(live.values()), seeds), False), (diff, False), (ratio, False), (wins, False),
-                         (noise, False), (_mean_seconds(pair.students.get(base, [])), False),
-                         (_mean_seconds(pair.students.get(variant, [])), False)])
+                better, _, worse = stats.sign_counts(list(paired.values()))
+                wins = f"{better} of {len(paired)} (sign test p = {stats.sign_test(better, worse):.2f})"
+            rows.append([(pair.name, False), (_label(base), False),
+                         (_cell(pair.values(base), expected[pair.name].get(base)), False),
+                         (_cell(pair.values(variant), expected[pair.name].get(variant)), False), (diff, False),
+                         (ratio, False), (wins, False), (noise, False),
+                         (_mean_seconds(pair.students.get(base, {}).values()), False),
+                         (_mean_seconds(pair.students.get(variant, {}).values()), False)])
     return _Table("Teacher cache: student test accuracy (%), cached vs online teachers", header, rows, 2)
-
-
-def _sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test of paired wins against losses (ties left out): 1.0 when there is nothing to test."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 
 def _time_table(rows: list[dict]) -> tuple[_Table, str]:
@@ -305,163 +465,244 @@ def _time_table(rows: list[dict]) -> tuple[_Table, str]:
                   table_rows, 1), note
 
 
-def _comparison(a: str, a_acc: dict[int, float], b: str, b_acc: dict[int, float]) -> tuple[str, float | None]:
-    """A sentence comparing two variants' students, and the difference of their means in points (None: no numbers)."""
-    if not a_acc or not b_acc:
-        missing = a if not a_acc else b
-        return f"{a} and {b} cannot be compared: {missing} has no completed students", None
-    (mean_a, std_a), (mean_b, std_b) = _mean_std(list(a_acc.values())), _mean_std(list(b_acc.values()))
-    diff = 100 * (mean_a - mean_b)
-    details = [f"{_signed(diff)} points"]
-    if std_a is None or std_b is None:
-        details.append("pooled std undefined with fewer than 2 seeds")
-    else:
-        pooled = 100 * math.sqrt((std_a ** 2 + std_b ** 2) / 2)
-        details.append(f"{_signed(diff / pooled)} pooled std" if pooled > 0 else "pooled std is 0")
-    paired = a_acc.keys() & b_acc.keys()
-    wins = sum(a_acc[s] > b_acc[s] for s in paired)
+# ---- the selection benchmark: one student per saved checkpoint, and how much each selector loses ----
 
-    def summary(mean: float, std: float | None) -> str:
-        return f"{_pct(mean)} % (n=1, std undefined)" if std is None else f"{_pct(mean)} ± {_pct(std)} %"
-
-    return (f"{a} reached {summary(mean_a, std_a)} vs {summary(mean_b, std_b)} for {b} "
-            f"({', '.join(details)}; better on {wins} of {len(paired)} paired seeds)"), diff
+SELECTORS = (("T* (info, train)", "info@train"), ("info, val", "info@val"), ("kNN info, train", "knn-info@train"),
+             ("p_target, train", "p_target@train"), ("non-target entropy, train", "nontarget_entropy@train"),
+             ("NC1, train", "nc1@train"), ("best val accuracy", "best-val"), ("T^0.5", "T0.5"), ("T^full", "Tfull"))
 
 
-def _relation(diff: float) -> str:
-    return "equal to" if round(diff, 2) == 0 else ("above" if diff > 0 else "below")
+def _curve(pair: _Pair) -> dict[int, dict[int, dict[int, float]]]:
+    """trajectory -> teacher epoch -> seed -> student accuracy, from the epoch<N> students."""
+    out: dict[int, dict[int, dict[int, float]]] = {}
+    for variant in pair.variants:
+        parsed = variants_mod.parse(variant)
+        if parsed.base != "epoch":
+            continue
+        for (t, s), acc in pair.accuracy(variant).items():
+            out.setdefault(t, {}).setdefault(parsed.epoch, {})[s] = acc
+    return out
 
 
-def _epoch_text(epochs: dict[Any, tuple[int, ...]]) -> str:
-    distinct = set(epochs.values())
-    if len(distinct) == 1:
-        return "epoch " + ", ".join(map(str, distinct.pop()))
-    seeds = sorted(epochs)
-    return (f"epochs {', '.join('+'.join(map(str, epochs[s])) for s in seeds)} for teacher seeds "
-            f"{', '.join(map(str, seeds))}")
+def _picks(pair: _Pair, trajectory: int, epochs: list[int]) -> dict[str, int | None]:
+    row = pair.analyses.get(trajectory)
+    metrics = (row or {}).get("metrics") or {}
+    picks = metrics.get("picks") or {}
+    out = {}
+    for label, key in SELECTORS:
+        if key == "best-val":
+            rows = metrics.get("trajectory") or []
+            best = max(rows, key=lambda r: (r.get("val_acc") or -1, r["epoch"]), default=None)
+            out[label] = best["epoch"] if best else None
+        elif key == "T0.5":
+            out[label] = epoch_at_fraction(0.5, pair.teacher_epochs) if pair.teacher_epochs else None
+        elif key == "Tfull":
+            out[label] = max(epochs) if epochs else None
+        else:
+            out[label] = (picks.get(key) or {}).get("t_star")
+    return out
 
 
-def _same_checkpoint(star: dict[Any, tuple[int, ...]], other: dict[Any, tuple[int, ...]], label: str) -> str:
-    """Whether T* picked the checkpoint another variant uses, teacher by teacher (each teacher has its own T*)."""
-    common = star.keys() & other.keys()
-    same = sum(star[s] == other[s] for s in common)
-    if same == len(common):
-        return f"the same checkpoint as {label}"
-    if same == 0:
-        return f"a different checkpoint from {label}"
-    return f"the same checkpoint as {label} for {same} of {len(common)} teachers"
+def _selection_section(pair: _Pair, plots_dir: Path) -> tuple[list[str], str | None]:
+    curve = _curve(pair)
+    if not curve:
+        return [], None
+    regrets: dict[str, list[float]] = {label: [] for label, _ in SELECTORS}
+    gains: dict[str, list[float]] = {label: [] for label, _ in SELECTORS}
+    chosen: dict[str, dict[int, int | None]] = {label: {} for label, _ in SELECTORS}
+    for t, by_epoch in sorted(curve.items()):
+        epochs = sorted(by_epoch)
+        best = max(epochs, key=lambda e: (statistics.mean(by_epoch[e].values()), e))
+        last = max(epochs)
+        for label, pick in _picks(pair, t, epochs).items():
+            chosen[label][t] = pick
+            if pick not in by_epoch:
+                continue
+            for s, acc in by_epoch[pick].items():
+                if s in by_epoch[best]:
+                    regrets[label].append(100 * (acc - by_epoch[best][s]))
+                if s in by_epoch[last]:
+                    gains[label].append(100 * (acc - by_epoch[last][s]))
+
+    def mean_se(values: list[float]) -> str:
+        if not values:
+            return EMPTY
+        mean, se = stats.mean_se(values)
+        return _points(mean) + ("" if se is None else f" ± {se:.2f}")
+
+    header = ["Selector", "Picked epoch (per trajectory)", "Regret (points)", "Gain over T^full (points)", "n"]
+    rows = [[(label, False), (", ".join(EMPTY if chosen[label].get(t) is None else str(chosen[label][t])
+                                       for t in sorted(curve)), False),
+             (mean_se(regrets[label]), False), (mean_se(gains[label]), False), (str(len(regrets[label])), False)]
+            for label, _ in SELECTORS]
+    table = _Table(f"Selection benchmark, {pair.name}", header, rows, 2)
+    lines = [f"Every saved checkpoint of each trajectory taught a student (the `epoch<N>` variants), so the best "
+             f"teacher in hindsight is known: the epoch whose students have the highest mean accuracy over seeds, "
+             f"per trajectory. Regret: the accuracy of the student of a selector's pick minus that of the best "
+             f"epoch's student with the same seed (0 is perfect, negative is lost); gain: minus T^full's student. "
+             f"Mean ± SE over (trajectory, seed).", ""] + table.markdown()
+    path = plots_dir / f"selection_{_slug(pair.name)}.png"
+    _selection_plot(pair, curve, chosen, path)
+    lines += ["", f"![Student accuracy against teacher epoch, {pair.name}](plots/{path.name})", "",
+              "Student accuracy against the epoch of the checkpoint that taught it (mean ± SE over seeds, one line "
+              "per trajectory), with each selector's pick marked on its trajectory's line.", ""]
+    return lines, str(path)
 
 
-def _paragraph(pair: _Pair, variants: list[str]) -> str:
-    sentences = []
-    intermediate = [v for v in variants if _fraction(v) is not None and pair.values(v)]
-    best = max(intermediate, key=lambda v: statistics.mean(pair.values(v)), default=None)
-    if best is not None:
-        sentences.append(f"Of the intermediate teachers ({', '.join(_label(v) for v in intermediate)}), "
-                         f"{_label(best)} gave the highest mean student accuracy.")
-        if "Tfull" in variants:
-            text, diff = _comparison(_label(best), pair.accuracy(best), "T^full", pair.accuracy("Tfull"))
-            sentences.append(text + (f", so its mean is {_relation(diff)} that of T^full." if diff is not None
-                                     else "."))
-        if "Tstar" in variants:
-            star, chosen = pair.teacher_epochs("Tstar"), pair.teacher_epochs(best)
-            if star.keys() & chosen.keys():
-                sentences.append(f"T*, the checkpoint selected by the information criterion, is "
-                                 f"{_same_checkpoint(star, chosen, _label(best))} (T*: {_epoch_text(star)}; "
-                                 f"{_label(best)}: {_epoch_text(chosen)}).")
-            text, diff = _comparison("T*", pair.accuracy("Tstar"), _label(best), pair.accuracy(best))
-            sentences.append(text + (f", so its mean is {_relation(diff)} that of the best intermediate teacher."
-                                     if diff is not None else "."))
-    elif any(_fraction(v) is not None for v in variants):
-        sentences.append("No intermediate-teacher student has completed yet.")
-    if "snapshot" in variants and "full_ensemble" in variants:
-        text, diff = _comparison("the snapshot ensemble", pair.accuracy("snapshot"), "the full ensemble",
-                                 pair.accuracy("full_ensemble"))
-        sentences.append(text[0].upper() + text[1:] + (f", so its mean is {_relation(diff)} that of the full "
-                                                       f"ensemble." if diff is not None else "."))
-    return f"**{pair.name}.** " + " ".join(sentences)
+def _selection_plot(pair: _Pair, curve: dict, chosen: dict, path: Path) -> str:
+    from .plots import plt, save
+
+    markers = "*^vsDPXo<>"
+    fig, ax = plt.subplots(figsize=(8, 4.4), layout="constrained")
+    for i, (t, by_epoch) in enumerate(sorted(curve.items())):
+        epochs = sorted(by_epoch)
+        means = [100 * statistics.mean(by_epoch[e].values()) for e in epochs]
+        ses = [100 * (stats.mean_se(list(by_epoch[e].values()))[1] or 0.0) for e in epochs]
+        color = f"C{i}"
+        ax.errorbar(epochs, means, yerr=ses, fmt="-", color=color, capsize=2, lw=1.2, label=f"trajectory {t}")
+        for j, (label, _) in enumerate(SELECTORS):
+            pick = chosen[label].get(t)
+            if pick in by_epoch:
+                ax.scatter([pick], [means[epochs.index(pick)]], marker=markers[j % len(markers)], s=70,
+                           facecolor="none", edgecolor=color, lw=1.1, zorder=3,
+                           label=label if i == 0 else None)
+    ax.set_xlabel("teacher epoch (the checkpoint that taught the student)")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.set_title(f"selection benchmark — {pair.teacher_model} → {pair.student_model}")
+    fig.legend(loc="outside right center", fontsize=7, frameon=False)
+    return save(fig, path)
 
 
-def _trajectory(study: Path, pair: _Pair) -> tuple[list[str], Path | None]:
-    """The trajectory section of one pair, and the teacher run folder it came from (None when not trained yet)."""
-    teacher = next((r for r in pair.teachers if r["status"] == "complete"), None)
-    if teacher is None:
-        return [f"{pair.name}: the trajectory teacher has not completed yet."], None
-    run = study / teacher["path"]
-    teacher_seed = teacher["group"].get("teacher_seed")
-    analysis_row = next((r for r in pair.analyses if r["status"] == "complete"
-                         and r["group"].get("teacher_seed") == teacher_seed), None)
-    analysis_path = run / "analysis.json"
-    if analysis_row and (analysis_row["metrics"] or {}).get("analysis"):
-        analysis_path = study / analysis_row["metrics"]["analysis"]
-    manifest_path = run / "manifest.json"
-    if not analysis_path.is_file() or not manifest_path.is_file():
-        return [f"{pair.name}: the teacher {teacher['name']} has not been analysed yet."], run
-    analysis = json.loads(analysis_path.read_text(encoding="utf-8"))
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    recorded = {c["epoch"]: c["metrics"] for c in manifest["checkpoints"]}
-    selected = analysis["selected"]["epoch"]
-    header = ["Epoch", "Fraction", "Train %", "Val %", "Test %", "Confidence %", "Non-target entropy", "I(X;F)",
-              "I(Y;F)", "Score", ""]
+# ---- teacher trajectories ----
+
+def _trajectory_rows(pair: _Pair, study: Path, t: int) -> tuple[dict | None, str | None]:
+    """The analysis summary of trajectory t: from the database, else from the teacher's analysis.json."""
+    row = pair.analyses.get(t)
+    if row is None or row["status"] != "complete":
+        return None, None
+    metrics = row["metrics"] or {}
+    if metrics.get("trajectory") and isinstance(metrics["trajectory"][0].get("i_xf"), list):
+        return metrics, row["path"]
+    path = study / (metrics.get("analysis") or f"{row['path']}/analysis.json")
+    if path.is_file():
+        from .study import analysis_metrics
+
+        analysis = read_json(path, "analysis")
+        if analysis.get("format") == 2:
+            manifest = study / row["path"] / "manifest.json"
+            recorded = ({c["epoch"]: c["metrics"] for c in read_json(manifest, "manifest")["checkpoints"]}
+                        if manifest.is_file() else None)
+            return analysis_metrics(analysis, Path(row["path"]), recorded), row["path"]
+    return None, row["path"]
+
+
+def _pm(pair_value, digits: int) -> str:
+    mean, se = pair_value if isinstance(pair_value, list) else (pair_value, None)
+    if mean is None:
+        return "failed"
+    return f"{mean:.{digits}f}" + ("" if se is None else f" ± {se:.{digits}f}")
+
+
+def _trajectory_section(pair: _Pair, study: Path, t: int) -> list[str] | None:
+    metrics, path = _trajectory_rows(pair, study, t)
+    if metrics is None:
+        return None
+    header = ["Epoch", "Fraction", "Train %", "Val %", "Test %", "Confidence %", "p_t@τ", "Non-target entropy",
+              "NC1", "I(X;F)", "I(Y;F)", "Score", ""]
     rows = []
-    for r in analysis["checkpoints"]:
-        test = recorded.get(r["epoch"], {}).get("test_acc")
-        train = recorded.get(r["epoch"], {}).get("train_acc")
+    selected, ties = metrics["selected_epoch"], metrics.get("ties") or []
+    for r in metrics["trajectory"]:
+        num = lambda key, spec: EMPTY if r.get(key) is None else format(r[key], spec)
         rows.append([(str(r["epoch"]), False), (f"{r['fraction']:.2f}", False),
-                     (EMPTY if train is None else _pct(train), False), (_pct(r["val_acc"]), False),
-                     (EMPTY if test is None else _pct(test), False), (_pct(r["confidence"]), False),
-                     (f"{r['nontarget_entropy']:.3f}", False), (f"{r['i_xf']:.3f}", False),
-                     (f"{r['i_yf']:.3f}", False), (f"{r['score']:.3f}", False),
-                     ("T*" if r["epoch"] == selected else "", False)])
-    agreement = analysis.get("agreement") or {}
-
-    def rho(key: str) -> str:
-        value = agreement.get(key)
-        return "undefined" if value is None else f"{value:.3f}"
-
-    lines = [f"Teacher {teacher['name']} (teacher seed {teacher_seed}, `{teacher['path']}`); T* = epoch {selected}. "
-             "Train %: accuracy on the training batches of that epoch (augmented when the run augments); val, "
-             "confidence, entropy and the information estimates: the validation split.", ""]
+                     (EMPTY if r.get("train_acc") is None else _pct(r["train_acc"]), False),
+                     (_pct(r["val_acc"]), False), (EMPTY if r.get("test_acc") is None else _pct(r["test_acc"]), False),
+                     (_pct(r["confidence"]), False), (num("p_target_t", ".3f"), False),
+                     (num("nontarget_entropy_t", ".3f"), False), (num("nc1", ".3g"), False),
+                     (_pm(r["i_xf"], 2), False), (_pm(r["i_yf"], 3), False),
+                     ("skipped" if r["score"][0] is None else _pm(r["score"], 2), False),
+                     ("T*" if r["epoch"] == selected else ("tie" if r["epoch"] in ties else ""), False)])
+    agreement = metrics.get("agreement") or {}
+    rho = lambda key: "undefined" if agreement.get(key) is None else f"{agreement[key]:.3f}"
+    lines = [f"Trajectory {t} (`{path}`): T* = epoch {selected} by {metrics.get('criterion')}, tied with "
+             f"{', '.join(str(e) for e in ties if e != selected) or 'none'}. Train %: the un-augmented training "
+             f"images in eval mode; confidence, p_t@τ (the tempered probability of the true class), non-target "
+             f"entropy (nats, at τ) and NC1 on the {metrics.get('split')} split; I(X;F), I(Y;F) and the score: "
+             "mean ± SE over split seeds.", ""]
     lines += _Table("", header, rows, 0).markdown()
-    lines += ["", f"Spearman rank agreement of the probe/decoder and kNN estimators across checkpoints: "
-                  f"I(X;F) {rho('spearman_i_xf')}, I(Y;F) {rho('spearman_i_yf')}, score {rho('spearman_score')}."]
-    return lines, run
+    lines += ["", f"Spearman rank agreement of the probe/decoder and kNN estimators across checkpoints: I(X;F) "
+                  f"{rho('spearman_i_xf')}, I(Y;F) {rho('spearman_i_yf')}, score {rho('spearman_score')}."]
+    return lines
 
 
-def _accuracy_plot(pairs: list[_Pair], variants: list[str], path: Path) -> str:
-    shown = [v for v in variants if v != "none"]
-    fig, axes = plt.subplots(1, len(pairs), figsize=((1.5 + 0.65 * len(shown)) * len(pairs), 3.6), squeeze=False)
+def _previous_sections(report: Path) -> dict[str, list[str]]:
+    """A previous report's sections by heading ("## X" or "### X"), body lines without the heading."""
+    if not report.is_file():
+        return {}
+    sections, current = {}, None
+    for line in report.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## ") or line.startswith("### "):
+            current = line
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+    for body in sections.values():
+        while body and not body[-1].strip():
+            body.pop()
+    return sections
+
+
+def _carry(previous: dict[str, list[str]], heading: str) -> list[str] | None:
+    body = previous.get(heading)
+    if body is None:
+        return None
+    body = [line for line in body if line != CARRIED]
+    while body and not body[0].strip():
+        body.pop(0)
+    return [CARRIED, ""] + body
+
+
+def _accuracy_plot(pairs: list[_Pair], path: Path) -> str:
+    from .plots import plt, save
+
+    shown = {p.name: [v for v in p.variants if v != "none" and variants_mod.parse(v).table in ("table3", "ensembles")]
+             for p in pairs}
+    width = max(len(v) for v in shown.values()) if shown else 1
+    fig, axes = plt.subplots(1, len(pairs), figsize=((1.5 + 0.65 * width) * len(pairs), 3.8), squeeze=False)
     for ax, pair in zip(axes[0], pairs):
-        for x, variant in enumerate(shown):
+        for x, variant in enumerate(shown[pair.name]):
             values = [100 * v for v in pair.values(variant)]
             if not values:
                 continue
             ax.scatter(x + np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else [x], values, s=12,
                        color="0.55", zorder=2)
-            mean, std = _mean_std(values)
+            mean, std = stats.mean_std(values)
             ax.errorbar([x], [mean], yerr=[std or 0.0], fmt="o", color="C0", capsize=4, zorder=3)
         baseline = [100 * v for v in pair.values("none")]
         if baseline:
-            mean, std = _mean_std(baseline)
+            mean, std = stats.mean_std(baseline)
             ax.axhline(mean, color="crimson", ls="--", lw=1, label="no KD (mean ± std)")
             if std:
                 ax.axhspan(mean - std, mean + std, color="crimson", alpha=0.08, lw=0)
-            ax.legend(fontsize=7, frameon=False, loc="lower right")
-        ax.set_xticks(range(len(shown)), [_label(v) for v in shown], rotation=30, ha="right")
+            ax.legend(fontsize=7, frameon=False, loc="best")
+        ax.set_xticks(range(len(shown[pair.name])), [_label(v) for v in shown[pair.name]], rotation=30, ha="right")
         ax.set_ylabel("student test accuracy (%)")
-        ax.set_title(f"{pair.teacher_model} → {pair.student_model}")
+        ax.set_title(pair.name, fontsize=9)
     fig.tight_layout()
     return save(fig, path)
 
 
-def _load(study: Path) -> tuple[dict, list[dict]]:
+def _slug(name: str) -> str:
+    return re.sub(r"[^\w.]+", "-", name).strip("-")
+
+
+def _load(study: Path) -> tuple[dict, list[dict], ResultsDB]:
     if not study.is_dir():
         raise UserError(f"study folder not found: {study}")
     if not (study / "results.sqlite").is_file() or not (study / "study.yaml").is_file():
         raise UserError(f"{study} is not a ckptkd study (it needs results.sqlite and study.yaml)")
     config = read_yaml(study / "study.yaml")
-    with ResultsDB(study / "results.sqlite") as db:
-        return config, db.rows()
+    db = ResultsDB(study / "results.sqlite", readonly=True, max_attempts=config.get("max_attempts", 2))
+    return config, db.rows(), db
 
 
 def _csv(rows: list[dict]) -> str:
@@ -472,36 +713,47 @@ def _csv(rows: list[dict]) -> str:
         group, metrics, timings = row["group"] or {}, row["metrics"] or {}, row["timings"] or {}
         values = {**{k: row[k] for k in ("run_id", "kind", "name", "status", "path")},
                   **{k: group.get(k) for k in ("pair", "role", "variant", "seed", "teacher_seed")},
-                  **{k: metrics.get(k) for k in ("test_acc", "val_acc", "best_val_acc", "best_val_epoch",
-                                                 "teacher_test_acc")},
-                  "duration_s": timings.get("duration_s")}
+                  **{k: metrics.get(k) for k in ("test_acc", "test_acc_last_k", "val_acc", "best_val_acc",
+                                                 "best_val_epoch", "teacher_test_acc")},
+                  "health": " ".join(_flags(row)), "duration_s": timings.get("duration_s")}
         writer.writerow(["" if values[k] is None else values[k] for k in CSV_COLUMNS])
     return buffer.getvalue()
 
 
 def _dataset(config: dict) -> str:
-    names = [((p.get("teacher") or {}).get("data") or {}).get("name") for p in config.get("pairs") or []]
-    if isinstance(config.get("data"), dict):
-        names.insert(0, config["data"].get("name"))
-    names = list(dict.fromkeys(n for n in names if n))
-    return ", ".join(names) or "unknown"
+    names = []
+    for p in config.get("pairs") or []:
+        data = (p.get("teacher") or {}).get("data") or {}
+        if data.get("name"):
+            noise = data.get("label_noise") or 0
+            names.append(data["name"] + (f" ({100 * noise:g} % label noise)" if noise else ""))
+    return ", ".join(dict.fromkeys(names)) or "unknown"
 
 
-def _header(config: dict, study: Path, rows: list[dict], pairs: list[_Pair], variants: list[str],
-            seeds: list) -> list[str]:
-    teacher_seeds = sorted({r["group"].get("teacher_seed") for p in pairs for v in p.students.values() for r in v}
-                           - {None})
-    sharing = {0: "no students yet", 1: "one trajectory teacher per pair, shared by all student seeds"}.get(
-        len(teacher_seeds), "each student learned from the trajectory teacher of its teacher seed")
+def _expected(config: dict, pairs: list[_Pair]) -> dict[str, dict[str, int]]:
+    """How many distinct students each cell should have once complete (from the planned rows)."""
+    return {p.name: {v: len({r["run_id"] for r in cells.values()}) for v, cells in p.students.items()}
+            for p in pairs}
+
+
+def _header(config: dict, study: Path, rows: list[dict], pairs: list[_Pair], metric: str) -> list[str]:
+    trajectories = sorted({t for p in pairs for cells in p.students.values() for (t, _s) in cells})
+    seeds = sorted({s for p in pairs for cells in p.students.values() for (_t, s) in cells})
     complete = sum(r["status"] == "complete" for r in rows)
     lines = [f"# Study report: {config.get('name', study.name)}", "",
              f"- Data set: {_dataset(config)}",
-             f"- Student seeds: {', '.join(map(str, seeds))}",
-             f"- Teacher seeds used by students: {', '.join(map(str, teacher_seeds)) or EMPTY} ({sharing})",
+             f"- Teacher trajectories: {', '.join(map(str, trajectories)) or EMPTY}; student seeds: "
+             f"{', '.join(map(str, seeds)) or EMPTY} (students are paired by trajectory and seed: the same teacher "
+             "run, initial weights and batch order across variants)",
              f"- Ensemble size M = {config.get('ensemble_size', EMPTY)}",
-             "- Accuracies are last-epoch test accuracies in %. ± is the sample standard deviation (ddof = 1) over "
-             "student seeds (over trajectory teachers for teacher accuracy); (n=k) marks a cell with fewer completed "
-             "runs than seeds, and with n=1 the std is undefined.",
+             f"- Accuracy: {metric} in %. ± in tables is the sample standard deviation (ddof = 1) over the students "
+             "of a cell (over trajectories for teacher accuracy); (n=k) marks a cell with fewer completed runs than "
+             "planned, and with n=1 the std is undefined; ⚠k counts students whose run was flagged unhealthy "
+             "(see Run health), which are kept in the numbers, not hidden.",
+             f"- Paired comparisons: mean of the paired differences, a 95 % hierarchical bootstrap interval "
+             f"(trajectories, then seeds within them, resampled; 10,000 draws), a two-sided sign-flip randomisation "
+             f"test, and Holm's correction over the intermediate teachers. Gate: unless T^full beats no KD by at "
+             f"least {GATE_POINTS:g} points with its interval above 0, no teacher is ranked.",
              f"- Runs: {len(rows)} in results.sqlite, {complete} complete.", ""]
     if config.get("description"):
         lines += [str(config["description"]).strip(), ""]
@@ -510,49 +762,98 @@ def _header(config: dict, study: Path, rows: list[dict], pairs: list[_Pair], var
         lines += [f"**{len(rows) - complete} of {len(rows)} runs are not complete** ("
                   + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
                   + "); cells use the completed runs only and show — where none completed.", ""]
-    return lines + ["Variants:", ""] + [f"- **{_label(v)}** (`{v}`): {_meaning(v, config)}" for v in variants] + [""]
+    variants = variants_mod.ordered({v for p in pairs for v in p.variants if variants_mod.parse(v).base != "epoch"})
+    curve = any(variants_mod.parse(v).base == "epoch" for p in pairs for v in p.variants)
+    lines += ["Variants:", ""] + [f"- **{_label(v)}** (`{v}`): {variants_mod.parse(v).meaning(config)}"
+                                  for v in variants]
+    if curve:
+        lines.append("- **T@N** (`epoch<N>`): KD from the teacher's checkpoint at epoch N, for every saved "
+                     "checkpoint (the selection benchmark)")
+    return lines + [""]
 
 
 def write_report(study: str | Path, *, console: Console | None = None,
                  quiet: bool = False) -> dict[str, str | list[str]]:
-    """Write STUDY/report.md, STUDY/results.csv and STUDY/plots/*.png; print Table 3 and the ensemble table.
+    """Write STUDY/report.md, STUDY/results.csv and STUDY/plots/*.png; print the findings and the main tables.
 
-    Returns {"report": path, "csv": path, "plots": [paths]}.
+    Returns {"report": path, "csv": path, "plots": [paths], "carried_over": [headings], "verdicts": {pair: ...}}.
     """
     study = Path(study)
-    config, rows = _load(study)
+    config, rows, db = _load(study)
+    try:
+        blocked = {r["run_id"]: r["blocked_by"] for r in db.blocked()}
+    finally:
+        db.close()
+    report = study / "report.md"
+    previous = _previous_sections(report)
     pairs = _pairs(config, rows)
-    seen = {(r["group"] or {}).get("variant") for r in rows if (r["group"] or {}).get("role") == "student"}
-    online = sorted({v for v in seen if v and v.endswith(ONLINE)}, key=_variant_order)
-    variants = sorted(set(config.get("variants") or []) | (seen - {None} - set(online)), key=_variant_order)
-    seeds = config.get("seeds") or sorted({r["group"]["seed"] for p in pairs for v in p.students.values() for r in v})
-    lines = _header(config, study, rows, pairs, variants, seeds)
+    expected = _expected(config, pairs)
+    students = [r for r in rows if (r["group"] or {}).get("role") == "student" and _done(r)]
+    have_last_k = any((r["metrics"] or {}).get("test_acc_last_k") is not None for r in students)
+    metric = ("the mean test accuracy of each student's last k epochs (k = `eval.last_k`, default 5)" if have_last_k
+              else "last-epoch test accuracy (this study predates the last-k mean)")
+    lines = _header(config, study, rows, pairs, metric)
+    plots_dir = study / "plots"
+    plots, carried = [], []
 
-    table3 = _table3(pairs, variants, len(seeds))
+    comparisons = {p.name: _comparisons(p) for p in pairs}
+    verdicts, paragraphs = {}, []
+    for pair in pairs:
+        verdicts[pair.name], text = _findings(pair, comparisons[pair.name])
+        paragraphs += [text, ""]
+    lines += ["## Findings", ""] + paragraphs
+
+    table3 = _table3(pairs, expected)
     tables = [table3]
     lines += ["## Table 3: teacher checkpoints as teachers", "", "Best student accuracy of each row in bold; the "
               "Average row is the mean of the per-pair means (shown only when every pair has a number).", ""]
     lines += table3.markdown() + [""]
-    if "snapshot" in variants and "full_ensemble" in variants:
-        ensembles = _ensemble_table(pairs, len(seeds))
+    compared = _comparison_table(pairs, comparisons)
+    if compared.rows:
+        tables.append(compared)
+        lines += ["## Paired comparisons", "", "Δ: first minus second variant, in points, over students paired by "
+                  "(trajectory, seed). Holm p: adjusted over the intermediate teachers of a pair.", ""]
+        lines += compared.markdown() + [""]
+    ensembles = _ensemble_table(pairs, expected)
+    if ensembles.rows:
         tables.append(ensembles)
         lines += ["## Full ensemble vs snapshot ensemble", "",
                   "Teachers: the accuracy of the teacher ensemble, averaged over distinct teacher sets. Δ: difference "
-                  "of the student means in points; Snapshot better: paired seeds on which the snapshot student won.",
-                  ""]
+                  "of the student means in points; Snapshot better: paired students for which the snapshot won.", ""]
         lines += ensembles.markdown() + [""]
-
+    online = variants_mod.ordered({v for p in pairs for v in p.students if v and v.endswith("@online")})
     if online:
-        cache_table = _cache_table(pairs, online, len(seeds))
+        cache_table = _cache_table(pairs, online, expected)
         tables.append(cache_table)
         lines += ["## Teacher cache: cached vs online teachers", "",
                   "The same students (same seeds, so the same initial weights and batch order; the augmentation draws "
                   "differ, since cached students draw among each image's banked views) distilled from teacher "
                   "outputs looked up in the view-bank cache and from teachers run on every batch. Δ: cached − online "
                   "in points and in pooled standard deviations; within seed noise when |Δ| is at most one pooled "
-                  "standard deviation. Cached better: paired seeds on which the cached student won, with the "
+                  "standard deviation. Cached better: paired students for which the cached one won, with the "
                   "two-sided sign test of wins against losses.", ""]
         lines += cache_table.markdown() + [""]
+
+    for pair in pairs:
+        section, plot = _selection_section(pair, plots_dir)
+        if section:
+            lines += [f"## Selection benchmark: {pair.name}", ""] + section
+            plots.append(plot)
+
+    flagged = [r for r in rows if _done(r) and _flags(r)]
+    lines += ["## Run health", ""]
+    if flagged:
+        lines += [f"{len(flagged)} completed runs were flagged (kept in every number above, marked ⚠):", ""]
+        for r in flagged:
+            details = "; ".join(f"{f['flag']} at epoch {f['epoch']}: {f['detail']}"
+                                for f in r["metrics"]["health"]["flags"])
+            lines.append(f"- `{r['name']}` ({(r['group'] or {}).get('variant') or r['kind']}): {details}")
+    elif any("health" in (r["metrics"] or {}) for r in rows if _done(r)):
+        lines.append("No run was flagged: no training loss rose for several epochs and no training accuracy "
+                     "collapsed.")
+    else:
+        lines.append("This study predates run health checks: its runs were not assessed.")
+    lines.append("")
 
     time_table, cache_note = _time_table(rows)
     lines += ["## Compute time", "", "Wall time of each completed run as the study measured it (this machine, "
@@ -560,48 +861,64 @@ def write_report(study: str | Path, *, console: Console | None = None,
               "it and reused by every later one.", ""]
     lines += time_table.markdown() + ["", cache_note, ""]
 
-    plots_dir = study / "plots"
-    plots, figures = [], []
+    figures = []
     lines += ["## Teacher trajectories", ""]
     for pair in pairs:
-        section, run = _trajectory(study, pair)
-        lines += [f"### {pair.name}", ""] + section + [""]
+        trajectories = sorted(pair.analyses) or sorted({r["group"].get("teacher_seed", 0) for r in pair.teachers})
+        if not trajectories:
+            lines += [f"### {pair.name}", "", f"{pair.name}: the trajectory teacher has not completed yet.", ""]
+            continue
+        for t in trajectories:
+            heading = f"### {pair.name}" if len(trajectories) == 1 else f"### {pair.name}, trajectory {t}"
+            section = _trajectory_section(pair, study, t)
+            if section is None:
+                section = _carry(previous, heading)
+                if section is not None:
+                    carried.append(heading)
+                else:
+                    section = [f"{pair.name}: the teacher of trajectory {t} has not been analysed yet."]
+            lines += [heading, ""] + section + [""]
+        lead = next((r for r in pair.teachers if r["status"] == "complete"), None)
         for figure in TEACHER_FIGURES:
-            source = run / "plots" / f"{figure}.png" if run is not None else None
+            target = plots_dir / f"{figure}_{_slug(pair.name)}.png"
+            source = study / lead["path"] / "plots" / f"{figure}.png" if lead is not None else None
             if source is not None and source.is_file():
-                target = plots_dir / f"{figure}_{_slug(pair.name)}.png"
                 atomic_write_bytes(target, source.read_bytes())
+            if target.is_file():  # rebuilt, or kept from an earlier report when the run folder is not here
                 plots.append(str(target))
                 figures += [f"![{figure.replace('_', ' ')}, {pair.name}](plots/{target.name})", ""]
 
     lines += ["## Plots", ""]
     if pairs:
-        plots.insert(0, _accuracy_plot(pairs, variants, plots_dir / "accuracy_by_variant.png"))
+        plots.insert(0, _accuracy_plot(pairs, plots_dir / "accuracy_by_variant.png"))
         lines += ["![Student accuracy by variant](plots/accuracy_by_variant.png)", "",
-                  "Student test accuracy by variant: mean ± std (error bars), one dot per seed; the dashed line and "
-                  "band are the no-KD baseline's mean ± std.", ""]
+                  "Student test accuracy by variant: mean ± std (error bars), one dot per student; the dashed line "
+                  "and band are the no-KD baseline's mean ± std.", ""]
     lines += figures
-    lines += ["## Findings", ""] + [line for pair in pairs for line in (_paragraph(pair, variants), "")]
 
     not_complete = [r for r in rows if r["status"] != "complete"]
     if not_complete:
-        # Whether a failed run will be retried depends on the study's max_attempts, which only its runner knows.
-        failed = {r["run_id"] for r in rows if r["status"] == "failed"}
         lines += ["## Runs not complete", ""]
         for r in not_complete:
             error = f": {r['error'].splitlines()[0]}" if r["error"] else ""
-            culprits = [dep for dep in r["depends_on"] if dep in failed]
-            waits = f"; depends on failed {', '.join(culprits)}" if culprits else ""
+            culprits = blocked.get(r["run_id"], [])
+            waits = f"; blocked by failed {', '.join(culprits)}" if culprits else ""
             lines.append(f"- `{r['name']}` ({r['kind']}, {r['status']}, attempts: {r['attempts']}{waits}){error}")
         lines.append("")
 
-    report, csv_path = study / "report.md", study / "results.csv"
+    csv_path = study / "results.csv"
     atomic_write_text(report, "\n".join(lines))
     atomic_write_text(csv_path, _csv(rows))
     if not quiet:
         console = console or terminal_console()
+        for text in paragraphs:
+            if text:
+                console.print(text.replace("**", ""))
         for table in tables:
-            console.print(table.rich())
+            console.print(table.rich(transpose=table is table3 and console.width < 160))
+        if carried:
+            console.print(f"carried over from the previous report (run folders not here): {', '.join(carried)}")
         if not_complete:
             console.print(f"{len(not_complete)} of {len(rows)} runs are not complete; see {report}")
-    return {"report": str(report), "csv": str(csv_path), "plots": plots}
+    return {"report": str(report), "csv": str(csv_path), "plots": plots, "carried_over": carried,
+            "verdicts": verdicts}

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .schedules import epoch_at_fraction
+
 
 @dataclass(frozen=True)
 class Context:
@@ -25,6 +27,8 @@ class Context:
     analysis_id: str
     snapshot: list | str      # study.snapshot: fractions or "top-info"
     ensemble_size: int
+    epochs: int               # the teacher's epochs: fixed checkpoints are named by epoch, so students that use
+                              # the same checkpoint (T0.5 and epoch30 of 60) have the same config and run once
 
 
 @dataclass(frozen=True)
@@ -78,22 +82,22 @@ class Variant:
 
     def teachers(self, ctx: Context) -> tuple[list[str], list[str]]:
         """(teacher references, task ids the student depends on) for one student."""
-        ref = lambda path, selector: f"{path}@{selector}"
+        at = lambda path, epoch: f"{path}@epoch={epoch}"
         if self.base == "none":
             return [], []
         if self.base == "fraction":
-            return [ref(ctx.lead, f"{self.fraction:g}")], [ctx.lead_id]
+            return [at(ctx.lead, epoch_at_fraction(self.fraction, ctx.epochs))], [ctx.lead_id]
         if self.base == "epoch":
-            return [ref(ctx.lead, f"epoch={self.epoch}")], [ctx.lead_id]
+            return [at(ctx.lead, self.epoch)], [ctx.lead_id]
         if self.base == "Tfull":
-            return [ref(ctx.lead, "last")], [ctx.lead_id]
+            return [at(ctx.lead, ctx.epochs)], [ctx.lead_id]
         if self.base == "Tstar":
-            return [ref(ctx.lead, "best-info")], [ctx.lead_id, ctx.analysis_id]
+            return [f"{ctx.lead}@best-info"], [ctx.lead_id, ctx.analysis_id]
         if self.base == "snapshot":
             if ctx.snapshot == "top-info":
-                return [ref(ctx.lead, f"top-info:{ctx.ensemble_size}")], [ctx.lead_id, ctx.analysis_id]
-            return [ref(ctx.lead, ",".join(f"{f:g}" for f in ctx.snapshot))], [ctx.lead_id]
-        return [ref(path, "last") for path in ctx.members], list(ctx.member_ids)  # full_ensemble
+                return [f"{ctx.lead}@top-info:{ctx.ensemble_size}"], [ctx.lead_id, ctx.analysis_id]
+            return [at(ctx.lead, epoch_at_fraction(f, ctx.epochs)) for f in ctx.snapshot], [ctx.lead_id]
+        return [at(path, ctx.epochs) for path in ctx.members], list(ctx.member_ids)  # full_ensemble
 
     def meaning(self, study: dict) -> str:
         m = study.get("ensemble_size", "M")

@@ -183,6 +183,13 @@ def _balanced_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor
     return torch.cat(chosen).sort().values
 
 
+def _flip_labels(labels: torch.Tensor, rate: float, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+    """Each label replaced, with probability `rate`, by one of the other classes drawn uniformly."""
+    flip = torch.rand(len(labels), generator=gen) < rate
+    shift = torch.randint(1, num_classes, (len(labels),), generator=gen)
+    return torch.where(flip, (labels + shift) % num_classes, labels)
+
+
 def _fingerprint(raw: RawData, settings: dict) -> str:
     digest = hashlib.sha256()
     digest.update(repr(sorted(settings.items())).encode())
@@ -216,6 +223,12 @@ def build(data_cfg: dict, device: torch.device | str = "cpu") -> Data:
         raise UserError(f"config: data.val_fraction={data_cfg['val_fraction']} leaves no validation images; "
                         "every choice needs a validation split")
     train_x, train_y = raw.train_x[train_idx], raw.train_y[train_idx]
+    val_y = raw.train_y[val_idx]
+    if data_cfg["label_noise"]:
+        # Symmetric noise on every label carved from the training set (the validation split included, as a user's
+        # noisy data set would have it); the test set stays clean, so it measures what was really learned.
+        gen = torch.Generator().manual_seed(data_cfg["split_seed"] + 9_001)
+        train_y, val_y = (_flip_labels(y, data_cfg["label_noise"], raw.num_classes, gen) for y in (train_y, val_y))
     channels = train_x.shape[1]
 
     if data_cfg["mean"] is not None:
@@ -229,12 +242,14 @@ def build(data_cfg: dict, device: torch.device | str = "cpu") -> Data:
         std = pixels.std(dim=1).clamp_min(1e-3).float()
 
     settings = {k: data_cfg[k] for k in ("name", "val_fraction", "split_seed", "subset")}
+    if data_cfg["label_noise"]:  # only when set, so the fingerprints (and caches) of clean data stay as they were
+        settings["label_noise"] = data_cfg["label_noise"]
     pad = data_cfg["pad"] if data_cfg["pad"] is not None else default_pad(train_x.shape[2])
     hflip = data_cfg["hflip"] if data_cfg["hflip"] is not None else raw.hflip
     data = Data(
         name=raw.name, class_names=list(raw.class_names),
         train_x=train_x.contiguous(), train_y=train_y.contiguous(),
-        val_x=raw.train_x[val_idx].contiguous(), val_y=raw.train_y[val_idx].contiguous(),
+        val_x=raw.train_x[val_idx].contiguous(), val_y=val_y.contiguous(),
         test_x=raw.test_x, test_y=raw.test_y,
         mean=mean, std=std, pad=pad, hflip=hflip, augment=data_cfg["augment"],
         fingerprint=_fingerprint(raw, settings),
