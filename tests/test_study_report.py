@@ -1,249 +1,918 @@
-"""The study report on a fabricated study: a results DB filled by hand, teacher folders with tiny files, no training."""
+"""The study report on fabricated studies: a results DB filled by hand (ResultsDB.add/claim/complete/fail), tiny run
+folders where a test needs them, no training. Every expected number is computed here, independently of the report's
+own helpers (statistics/numpy/itertools), and compared with what report.md, results.csv and the terminal show."""
 
 import csv
 import io
-import json
+import itertools
 import math
 import re
+import shutil
 import statistics
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import yaml
-from pathlib import Path
 from rich.console import Console
 
 from ckptkd.errors import UserError
 from ckptkd.results import ResultsDB
-from ckptkd.study_report import write_report
+from ckptkd.study_report import CARRIED, write_report
 
-VARIANTS = ["none", "T0.3", "T0.5", "T0.7", "Tfull", "Tstar", "snapshot", "full_ensemble"]
-TABLE3 = ["none", "T0.3", "T0.5", "T0.7", "Tfull", "Tstar"]
-EPOCHS = 20
-SAVED = [6, 10, 12, 14, 20]
-
-# Student test accuracy by seed 0, 1, 2. resnet8->mlp: T0.5 beats Tfull on every seed and the snapshot ensemble beats
-# the full ensemble on seeds 1 and 2; resnet14->resnet8: Tfull beats every intermediate teacher on every seed.
-STUDENTS = {
-    "resnet8->mlp": {
-        "none": [0.800, 0.805, 0.795], "T0.3": [0.812, 0.815, 0.808], "T0.5": [0.830, 0.834, 0.826],
-        "T0.7": [0.822, 0.827, 0.818], "Tfull": [0.818, 0.821, 0.815], "Tstar": [0.829, 0.836, 0.824],
-        "snapshot": [0.840, 0.838, 0.845], "full_ensemble": [0.842, 0.835, 0.841]},
-    "resnet14->resnet8": {
-        "none": [0.850, 0.846, 0.853], "T0.3": [0.852, 0.850, 0.851], "T0.5": [0.857, 0.855, 0.858],
-        "T0.7": [0.861, 0.859, 0.860], "Tfull": [0.866, 0.864, 0.867], "Tstar": [0.859, 0.862, 0.857],
-        "snapshot": [0.868, 0.865, 0.866], "full_ensemble": [0.872, 0.870, 0.869]},
-}
-# The shared-teacher pair has one trajectory teacher; the other has one per student seed.
-TEACHERS = {"resnet8->mlp": {0: 0.880}, "resnet14->resnet8": {0: 0.905, 1: 0.910, 2: 0.902}}
-# The epoch T* selected, by teacher seed.
-T_STAR = {"resnet8->mlp": {0: 10}, "resnet14->resnet8": {0: 12, 1: 14, 2: 14}}
-VARIANT_EPOCHS = {"T0.3": [6], "T0.5": [10], "T0.7": [14], "Tfull": [20], "snapshot": [6, 10, 14],
-                  "full_ensemble": [20, 20, 20]}
+EMPTY = "—"
+PNG = b"\x89PNG\r\n\x1a\n"
+FLAG = {"flag": "loss_rising", "epoch": 12, "detail": "training loss rose for 4 epochs (1.23 to 1.57)"}
 
 
-def _png() -> bytes:
-    buffer = io.BytesIO()
-    plt.imsave(buffer, np.zeros((1, 1, 3)), format="png")
-    return buffer.getvalue()
+# ---------------------------------------------------------------- formatting and statistics, written out here
 
-
-def _teacher_folder(folder, model: str, seed: int, selected: int) -> None:
-    (folder / "plots").mkdir(parents=True)
-    checkpoints = [{"epoch": e, "fraction": e / EPOCHS, "path": f"checkpoints/epoch-{e:04d}.safetensors",
-                    "metrics": {"train_acc": 0.6 + e / 50, "val_acc": 0.5 + e / 50, "test_acc": 0.49 + e / 50}}
-                   for e in SAVED]
-    (folder / "manifest.json").write_text(json.dumps({
-        "format": 1, "kind": "train", "status": "complete", "name": folder.name, "model": {"name": model},
-        "data": {"name": "digits"}, "seed": seed, "epochs": EPOCHS, "checkpoints": checkpoints}))
-    records = [{"epoch": e, "fraction": e / EPOCHS, "val_acc": 0.5 + e / 50, "confidence": 0.4 + e / 40,
-                "nontarget_entropy": 2.0 - e / 20, "nontarget_entropy_t": 2.1 - e / 25, "i_xf": 1.0 + e / 10,
-                "i_yf": 1.5 + e / 100, "score": 1.0 if e == selected else e / 25, "knn_score": e / 21} for e in SAVED]
-    (folder / "analysis.json").write_text(json.dumps({
-        "format": 1, "checkpoints": records,
-        "selected": {"epoch": selected, "reference": f"{folder}@epoch={selected}"},
-        "agreement": {"spearman_i_xf": 0.9, "spearman_i_yf": None, "spearman_score": 0.8}}))
-    for figure in ("information_plane", "class_correlation", "trajectory"):
-        (folder / "plots" / f"{figure}.png").write_bytes(_png())
-
-
-def make_study(root, *, seeds=(0, 1, 2), fail=()):
-    """A finished study of 2 pairs x len(seeds) seeds x 8 variants; the run_ids in `fail` fail (once, for good)."""
-    study = root / "study"
-    study.mkdir()
-    pairs = [{"name": name, "teacher": {"model": {"name": name.split("->")[0]}, "data": {"name": "digits"}},
-              "student": {"model": {"name": name.split("->")[1]}}} for name in STUDENTS]
-    (study / "study.yaml").write_text(yaml.safe_dump({
-        "name": "fabricated", "seeds": list(seeds), "ensemble_size": 3, "variants": VARIANTS, "pairs": pairs,
-        "snapshot": [0.3, 0.5, 0.7]}))
-    db = ResultsDB(study / "results.sqlite", max_attempts=1)
-    metrics = {}
-
-    def add(run_id, kind, group, result, depends_on=()):
-        db.add(run_id, kind=kind, name=run_id, config={}, path=f"runs/{run_id}", depends_on=depends_on,
-               group={"pair": group.pop("pair"), **group})
-        metrics[run_id] = result
-
-    for pair, accuracies in STUDENTS.items():
-        teacher_model, student_model = pair.split("->")
-        shared = len(TEACHERS[pair]) == 1
-        for teacher_seed, acc in TEACHERS[pair].items():
-            if not shared and teacher_seed not in seeds:
-                continue
-            teacher = f"{teacher_model}-t{teacher_seed}"
-            _teacher_folder(study / "runs" / teacher, teacher_model, teacher_seed, T_STAR[pair][teacher_seed])
-            add(teacher, "train", {"pair": pair, "role": "teacher", "teacher_model": teacher_model,
-                                   "student_model": student_model, "teacher_seed": teacher_seed, "seed": teacher_seed},
-                {"test_acc": acc, "val_acc": acc + 0.01, "best_val_acc": acc + 0.012, "best_val_epoch": 18})
-            add(f"{teacher}-analysis", "analyze", {"pair": pair, "role": "analysis", "seed": teacher_seed,
-                                                   "teacher_seed": teacher_seed},
-                {"selected_epoch": T_STAR[pair][teacher_seed], "analysis": f"runs/{teacher}/analysis.json"},
-                depends_on=[teacher])
-        for member in (1, 2):
-            add(f"{teacher_model}-{pair}-member{member}", "train",
-                {"pair": pair, "role": "ensemble_member", "teacher_seed": 10 + member, "seed": 10 + member},
-                {"test_acc": 0.87, "val_acc": 0.88, "best_val_acc": 0.89, "best_val_epoch": 19})
-        for variant in VARIANTS:
-            for seed in seeds:
-                teacher_seed = 0 if shared else seed
-                teacher = f"{teacher_model}-t{teacher_seed}"
-                epochs = [T_STAR[pair][teacher_seed]] if variant == "Tstar" else VARIANT_EPOCHS.get(variant, [])
-                acc = accuracies[variant][seed]
-                add(f"{pair}-{variant}-s{seed}", "train" if variant == "none" else "distill",
-                    {"pair": pair, "role": "student", "variant": variant, "seed": seed, "teacher_seed": teacher_seed},
-                    {"test_acc": acc, "val_acc": acc + 0.005, "train_acc": 0.95, "best_val_acc": acc + 0.008,
-                     "best_val_epoch": 17, "train_time_s": 3.0,
-                     "teacher_test_acc": None if variant == "none" else 0.88 + 0.001 * teacher_seed,
-                     "teacher_val_acc": None if variant == "none" else 0.89,
-                     "teachers": [f"runs/{teacher}@epoch={e}" for e in epochs], "teacher_epochs": epochs},
-                    depends_on=[] if variant == "none" else [f"{teacher}-analysis"])
-    while (run := db.claim()) is not None:
-        if run["run_id"] in fail:
-            db.fail(run["run_id"], error="RuntimeError: out of memory\nTraceback ...")
-        else:
-            db.complete(run["run_id"], metrics=metrics[run["run_id"]], timings={"train_s": 1.0})
-    db.close()
-    return study
-
-
-def table3_rows(report: str) -> dict[str, list[str]]:
-    """Table 3's rows by their first cell (the teacher model, or **Average**), without the leading/trailing pipes."""
-    section = report.split("## Table 3", 1)[1].split("\n## ", 1)[0]
-    rows = [line.strip("|").split(" | ") for line in section.splitlines() if line.startswith("| ")]
-    return {cells[0].strip(): [c.strip() for c in cells] for cells in rows[1:]}
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}"
 
 
 def summary(values) -> str:
-    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+    """mean ± sample std (ddof = 1) in %."""
+    values = list(values)
+    return f"{pct(statistics.mean(values))} ± {pct(statistics.stdev(values))}"
 
 
-def test_report_of_a_complete_study(tmp_path):
-    study = make_study(tmp_path)
-    terminal = io.StringIO()
-    paths = write_report(study, console=Console(file=terminal, width=220))
-    report = (study / "report.md").read_text()
+def points(x: float) -> str:
+    """A signed difference in points as the report writes it (U+2212 for minus, 0.00 unsigned)."""
+    if round(x, 2) == 0:
+        return "0.00"
+    return f"{x:+.2f}".replace("-", "−")
 
-    assert "| Teacher | Student | Teacher acc. | Student (no KD) | T^0.3 | T^0.5 | T^0.7 | T^full | T* |" in report
-    rows = table3_rows(report)
-    assert list(rows) == ["resnet8", "resnet14", "**Average**"]
-    for pair, teacher_model in (("resnet8->mlp", "resnet8"), ("resnet14->resnet8", "resnet14")):
-        cells = rows[teacher_model]
-        assert cells[1] == pair.split("->")[1]
-        teachers = list(TEACHERS[pair].values())
-        assert cells[2] == (summary(teachers) if len(teachers) > 1 else f"{100 * teachers[0]:.2f}")
-        students = [c.strip("*") for c in cells[3:]]
-        assert students == [summary(STUDENTS[pair][v]) for v in TABLE3]
-        means = [statistics.mean(STUDENTS[pair][v]) for v in TABLE3]
+
+def exact_sign_flip_p(diffs) -> float:
+    d = np.asarray(diffs, dtype=float)
+    observed = abs(d.mean())
+    flips = [abs((np.asarray(signs) * d).mean()) for signs in itertools.product((1, -1), repeat=len(d))]
+    return sum(f >= observed - 1e-12 for f in flips) / len(flips)
+
+
+def holm(pvalues: dict) -> dict:
+    keys = sorted(pvalues, key=pvalues.get)
+    out, running = {}, 0.0
+    for i, k in enumerate(keys):
+        running = max(running, min(1.0, (len(keys) - i) * pvalues[k]))
+        out[k] = running
+    return out
+
+
+def my_bootstrap(diffs: dict, draws: int = 4000) -> tuple[float, float]:
+    """An independent hierarchical bootstrap (trajectories, then seeds within them) of the mean, in points; the
+    report's uses another generator, so only agreement to a tolerance is expected."""
+    trajectories = sorted({t for t, _ in diffs})
+    table = np.array([[100 * diffs[(t, s)] for s in sorted({s for u, s in diffs if u == t})] for t in trajectories])
+    rng = np.random.default_rng(12345)
+    picked = rng.integers(0, len(trajectories), (draws, len(trajectories)))
+    seeds = rng.integers(0, table.shape[1], (draws, len(trajectories), table.shape[1]))
+    means = table[picked[:, :, None], seeds].mean(axis=(1, 2))
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def section(report: str, heading: str) -> str:
+    """The body of the '## heading...' section, up to the next '## ' heading."""
+    return report.split("\n" + heading, 1)[1].split("\n## ", 1)[0]
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The body rows of the markdown tables in text (header and alignment rows dropped), as stripped cells."""
+    rows, lines = [], text.splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith("| "):
+            continue
+        if i + 1 < len(lines) and lines[i + 1].startswith("|--") or line.startswith("|--"):
+            continue  # a header row
+        rows.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+    return rows
+
+
+def table3(report: str) -> dict[str, list[str]]:
+    """Table 3's rows by their first cell (the teacher model, or **Average**)."""
+    return {cells[0]: cells for cells in table_rows(section(report, "## Table 3"))}
+
+
+def header_row(report: str, heading: str) -> list[str]:
+    line = next(line for line in section(report, heading).splitlines() if line.startswith("| "))
+    return [c.strip() for c in line.strip().strip("|").split(" | ")]
+
+
+def png(shade: float = 0.0) -> bytes:
+    buffer = io.BytesIO()
+    plt.imsave(buffer, np.full((2, 2, 3), shade), format="png")
+    return buffer.getvalue()
+
+
+def files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- a fabricated study
+
+class Study:
+    """study.yaml and results.sqlite written by hand: runs are added in order, then claimed and completed (or
+    failed) as the DB hands them out; runs meant to stay pending are added after that."""
+
+    def __init__(self, root, name="fabricated", seeds=(0, 1, 2), trajectories=3, **extra):
+        self.dir = root / name
+        self.dir.mkdir()
+        self.config = {"name": name, "seeds": list(seeds), "trajectories": trajectories, "ensemble_size": 3,
+                       "max_attempts": 1, "snapshot": [0.3, 0.5, 0.7], "variants": [], "pairs": [], **extra}
+        self.runs, self.later = [], []
+
+    def pair(self, name, variants, epochs=20, data="cifar100"):
+        teacher, student = name.split("->")
+        self.config["pairs"].append({"name": name, "variants": list(variants),
+                                     "teacher": {"model": {"name": teacher}, "data": {"name": data},
+                                                 "schedule": {"epochs": epochs}},
+                                     "student": {"model": {"name": student}}})
+        self.config["variants"] = sorted(set(self.config["variants"]) | set(variants))
+
+    def add(self, run_id, kind, group, metrics=None, *, outcome="complete", depends_on=(), duration=1.0,
+            name=None, error="RuntimeError: CUDA out of memory\nTraceback (most recent call last): ..."):
+        run = dict(run_id=run_id, kind=kind, group=group, metrics=metrics, outcome=outcome,
+                   depends_on=list(depends_on), duration=duration, name=name or run_id, error=error)
+        (self.later if outcome == "pending" else self.runs).append(run)
+        return run_id
+
+    def teacher(self, pair, t, acc, *, outcome="complete", duration=10.0, run_id=None):
+        teacher_model, student_model = pair.split("->")
+        run_id = run_id or f"{teacher_model}-t{t}"
+        return self.add(run_id, "train", {"pair": pair, "pairs": [pair], "serves": [[pair]], "role": "teacher",
+                                          "teacher_model": teacher_model, "student_model": student_model,
+                                          "teacher_seed": t, "seed": t},
+                        {"test_acc": acc, "val_acc": acc + 0.01, "best_val_acc": acc + 0.012, "best_val_epoch": 18,
+                         "health": {"ok": True, "flags": []}},
+                        outcome=outcome, duration=duration, name=run_id.replace("id-", ""))
+
+    def analysis(self, pair, t, metrics, *, depends_on, outcome="complete", duration=5.0, run_id=None):
+        run_id = run_id or f"{pair.split('->')[0]}-t{t}-analysis"
+        return self.add(run_id, "analyze", {"pair": pair, "pairs": [pair], "serves": [[pair]], "role": "analysis",
+                                            "teacher_seed": t, "seed": t}, metrics,
+                        outcome=outcome, depends_on=depends_on, duration=duration, name=run_id.replace("id-", ""))
+
+    def student(self, pair, variant, cells, acc, *, depends_on=(), also=(), flags=(), cache=None, old=False,
+                outcome="complete", duration=3.0, run_id=None, teacher_epochs=(10,), teacher_acc=None):
+        """One student task serving (variant, t, s) for each (t, s) in cells, and every (variant, t, s) in also."""
+        teacher_model, student_model = pair.split("->")
+        t, s = cells[0]
+        run_id = run_id or f"{pair}-{variant}-t{t}s{s}"
+        group = {"pair": pair, "role": "student", "variant": variant, "seed": s, "teacher_seed": t,
+                 "teacher_model": teacher_model, "student_model": student_model}
+        if not old:
+            group.update(pairs=[pair], serves=[[pair, variant, u, v] for u, v in cells] + [[pair, *c] for c in also])
+        kd = variant != "none"
+        metrics = None if acc is None else {
+            "test_acc": round(acc + 0.0031, 6), "test_acc_last_k": acc, "val_acc": acc + 0.01,
+            "best_val_acc": acc + 0.012, "best_val_epoch": 17, "train_time_s": duration - 0.5,
+            "health": {"ok": not flags, "flags": list(flags)},
+            "teacher_test_acc": (teacher_acc or 0.75 + 0.001 * t) if kd else None,
+            "teacher_val_acc": 0.76 if kd else None,
+            "teachers": [f"runs/{teacher_model}-t{t}@epoch={e}" for e in teacher_epochs] if kd else [],
+            "teacher_epochs": list(teacher_epochs) if kd else [], "teacher_cache": cache if kd else None}
+        return self.add(run_id, "train" if not kd else "distill", group, metrics, outcome=outcome,
+                        depends_on=depends_on, duration=duration, name=run_id.replace("id-", ""))
+
+    def build(self):
+        (self.dir / "study.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
+        db = ResultsDB(self.dir / "results.sqlite", max_attempts=1)
+        by_id = {}
+        for run in self.runs:
+            db.add(run["run_id"], kind=run["kind"], name=run["name"], config={"id": run["run_id"]},
+                   path=f"runs/{run['name']}", depends_on=run["depends_on"], group=run["group"])
+            by_id[run["run_id"]] = run
+        while (claimed := db.claim()) is not None:
+            run = by_id[claimed["run_id"]]
+            if run["outcome"] == "fail":
+                db.fail(run["run_id"], error=run["error"])
+            else:
+                db.complete(run["run_id"], metrics=run["metrics"], timings={"duration_s": run["duration"]})
+        for run in self.later:
+            db.add(run["run_id"], kind=run["kind"], name=run["name"], config={"id": run["run_id"]},
+                   path=f"runs/{run['name']}", depends_on=run["depends_on"], group=run["group"])
+        db.close()
+        return self.dir
+
+
+def trajectory_metrics(epochs, saved, selected, *, t=0, picks=None, val=None, teacher="teacher"):
+    """An analysis row's metrics as ckptkd.study.analysis_metrics stores them."""
+    rows = [{"epoch": e, "fraction": e / epochs, "val_acc": (val or {}).get(e, 0.5 + e / 100),
+             "train_acc": 0.6 + e / 50, "test_acc": 0.49 + e / 100, "confidence": 0.4 + e / 40,
+             "p_target_t": 0.3 + e / 100, "nontarget_entropy_t": 2.0 - e / 20, "nc1": 1.5 - e / 20,
+             "i_xf": [1 + e / 10, 0.01], "i_yf": [1.5 + e / 100, 0.002], "score": [e / 25, 0.01]} for e in saved]
+    return {"selected_epoch": selected, "analysis": f"runs/{teacher}-t{t}/analysis.json", "split": "train",
+            "criterion": "info", "ties": [selected], "trajectory": rows,
+            "agreement": {"spearman_i_xf": 0.9, "spearman_i_yf": None, "spearman_score": 0.8},
+            "picks": picks or {"info@train": {"t_star": selected, "ties": [selected], "flat": False}}}
+
+
+def teacher_folder(study, name, shade=0.0):
+    plots = study / "runs" / name / "plots"
+    plots.mkdir(parents=True)
+    for figure in ("information_plane", "class_correlation", "trajectory"):
+        (plots / f"{figure}.png").write_bytes(png(shade))
+
+
+# ---------------------------------------------------------------- the main study: three pairs, three verdicts
+
+A, B, C = "wrn40->wrn16", "resnet56->resnet20", "vgg13->vgg8"
+INTERMEDIATE = ["T0.3", "T0.5", "T0.7"]
+COLUMNS = ["none", "T0.3", "T0.5", "T0.7", "Tfull", "Tstar"]
+LABELS = {"none": "Student (no KD)", "T0.3": "T^0.3", "T0.5": "T^0.5", "T0.7": "T^0.7", "Tfull": "T^full",
+          "Tstar": "T*"}
+CELLS = [(t, s) for t in range(3) for s in range(3)]
+TEACHER_ACC = {A: [0.752, 0.761, 0.757], B: [0.731, 0.729, 0.735], C: [0.712, 0.718, 0.709]}
+FLAGGED = (B, "T0.7", (1, 2))
+CACHED_PAIRS = (A, B)  # C's KD students ran their teachers online
+
+
+def main_accuracies():
+    """{pair: {variant: {(t, s): acc}}}; no KD by seed only (one run serves every trajectory)."""
+    rng = np.random.default_rng(2024)
+    r = lambda x: round(float(x) / 100, 4)
+    out = {}
+    # pair: (Tfull - none, {intermediate: (shift vs Tfull, noise)}, Tstar shift)
+    design = {A: (3.0, {"T0.3": (-0.5, 0.3), "T0.5": (1.5, 0.2), "T0.7": (0.0, 0.4)}, 1.0),
+              B: (2.0, {v: (-1.0, 0.2) for v in INTERMEDIATE}, None),
+              C: (0.3, {v: (-1.0, 0.2) for v in INTERMEDIATE}, None)}
+    for p, (gain, shifts, star) in design.items():
+        none = {s: 70 + 0.4 * s + rng.normal(0, 0.3) for s in range(3)}
+        full = {(t, s): none[s] + 0.2 * (t - 1) + gain + rng.normal(0, 0.2 if p != C else 0.08) for t, s in CELLS}
+        acc = {"none": {s: r(v) for s, v in none.items()}, "Tfull": {k: r(v) for k, v in full.items()}}
+        for v, (shift, noise) in shifts.items():
+            acc[v] = {k: r(full[k] + shift + rng.normal(0, noise)) for k in CELLS}
+        if star is not None:
+            acc["Tstar"] = {k: r(full[k] + star + rng.normal(0, 0.3)) for k in CELLS}
+        out[p] = acc
+    return out
+
+
+ACC = main_accuracies()
+
+
+def paired(p, a, b) -> dict:
+    """a - b by (trajectory, seed), none looked up by seed."""
+    get = lambda v, t, s: ACC[p][v][s] if v == "none" else ACC[p][v][(t, s)]
+    return {(t, s): get(a, t, s) - get(b, t, s) for t, s in CELLS}
+
+
+def duration(run_id: str) -> float:
+    return 1.0 + sum(map(ord, run_id)) % 17
+
+
+def make_main_study(root):
+    st = Study(root, name="main")
+    for p in (A, B, C):
+        st.pair(p, [v for v in COLUMNS if v in ACC[p]])
+        teachers, analyses = {}, {}
+        for t in range(3):
+            teachers[t] = st.teacher(p, t, TEACHER_ACC[p][t], duration=duration(f"{p}t{t}"))
+            analyses[t] = st.analysis(p, t, trajectory_metrics(20, [5, 10, 15, 20], 10, t=t,
+                                                               teacher=p.split("->")[0]),
+                                      depends_on=[teachers[t]], duration=duration(f"{p}a{t}"))
+        for s in range(3):
+            st.student(p, "none", [(t, s) for t in range(3)], ACC[p]["none"][s], duration=duration(f"{p}n{s}"))
+        epochs = {"T0.3": 6, "T0.5": 10, "T0.7": 14, "Tfull": 20, "Tstar": 10}
+        for v in COLUMNS[1:]:
+            if v not in ACC[p]:
+                continue
+            for t, s in CELLS:
+                run_id = f"{p}-{v}-t{t}s{s}"
+                cache = ({"built": 1 if s == 0 else 0, "reused": 0 if s == 0 else 1, "seconds": 2.0}
+                         if p in CACHED_PAIRS else None)
+                st.student(p, v, [(t, s)], ACC[p][v][(t, s)], cache=cache, duration=duration(run_id),
+                           depends_on=[teachers[t]] + ([analyses[t]] if v == "Tstar" else []),
+                           flags=[FLAG] if (p, v, (t, s)) == FLAGGED else (), teacher_epochs=(epochs[v],))
+    teacher_folder(st.dir, "wrn40-t0")
+    return st.build()
+
+
+@pytest.fixture(scope="module")
+def main(tmp_path_factory):
+    """The main study and one write_report of it (with an 80-column recording console), shared by the tests that
+    only read what it wrote."""
+    study = make_main_study(tmp_path_factory.mktemp("main"))
+    console = Console(width=80, record=True, force_terminal=False, file=io.StringIO())
+    result = write_report(study, console=console)
+    return study, result, (study / "report.md").read_text(encoding="utf-8"), console.export_text()
+
+
+def test_design_of_the_main_study_is_what_the_verdicts_need():
+    """Guards the fabricated numbers, so a verdict test fails for the report, not for an unlucky draw."""
+    assert all(d > 0.012 for d in paired(A, "T0.5", "Tfull").values())
+    assert all(0.015 < d for d in paired(B, "Tfull", "none").values())
+    assert all(d < -0.004 for v in INTERMEDIATE for d in paired(B, v, "Tfull").values())
+    gate_c = list(paired(C, "Tfull", "none").values())
+    assert all(d > 0 for d in gate_c) and 100 * statistics.mean(gate_c) < 0.5
+
+
+def test_verdicts_and_findings(main):
+    _, result, report, _ = main
+    assert result["verdicts"] == {A: "confirmed", B: "refuted at this scale", C: "inconclusive"}
+    findings = section(report, "## Findings")
+    assert f"**{A}: confirmed.** KD helped:" in findings
+    assert ("An intermediate checkpoint is the better teacher: T^0.5 beat T^full after Holm's correction over the 3 "
+            "intermediate teachers") in findings
+    assert f"**{B}: refuted at this scale.** KD helped:" in findings
+    assert f"**{C}: inconclusive: KD itself did not help here.**" in findings
+    gate_c = 100 * statistics.mean(paired(C, "Tfull", "none").values())
+    assert f"T^full − no KD = {points(gate_c)} points" in findings.split(f"**{C}", 1)[1]
+    # the sentences give the same paired statistics as the table
+    diffs = list(paired(A, "T0.5", "Tfull").values())
+    assert (f"T^0.5 − T^full = {points(100 * statistics.mean(diffs))} points (95 % CI [" in findings
+            and f"9 wins / 0 losses in 9 pairs, p = {exact_sign_flip_p(diffs):.3f}" in findings)
+
+
+def test_table3_cells_bold_best_and_average(main):
+    _, _, report, _ = main
+    assert header_row(report, "## Table 3") == ["Teacher", "Student", "Teacher acc."] + [LABELS[v] for v in COLUMNS]
+    rows = table3(report)
+    assert list(rows) == ["wrn40", "resnet56", "vgg13", "**Average**"]
+    pair_means = {}
+    for p in (A, B, C):
+        cells = rows[p.split("->")[0]]
+        assert cells[1] == p.split("->")[1]
+        assert cells[2] == summary(TEACHER_ACC[p])
+        expected, means = [], []
+        for v in COLUMNS:
+            if v not in ACC[p]:
+                expected.append(EMPTY)
+                means.append(None)
+                continue
+            values = list(ACC[p][v].values())  # the last-k metric, one value per distinct run
+            text = summary(values)
+            if (p, v) == FLAGGED[:2]:
+                text += " ⚠1"
+            expected.append(text)
+            means.append(statistics.mean(values))
+        assert [c.strip("*") for c in cells[3:]] == expected, p
+        best = max(round(100 * m, 2) for m in means if m is not None)
         bold = [i for i, c in enumerate(cells[3:]) if c.startswith("**")]
-        assert bold == [means.index(max(means))]
-    averages = [statistics.mean(statistics.mean(STUDENTS[p][v]) for p in STUDENTS) for v in TABLE3]
-    assert [c.strip("*") for c in rows["**Average**"][3:]] == [f"{100 * a:.2f}" for a in averages]
-    assert rows["**Average**"][3 + averages.index(max(averages))].startswith("**")
-    assert "sample standard deviation (ddof = 1)" in report
+        assert bold == [i for i, m in enumerate(means) if m is not None and round(100 * m, 2) == best], p
+        pair_means[p] = means
+    average = rows["**Average**"]
+    assert average[2] == pct(statistics.mean(statistics.mean(TEACHER_ACC[p]) for p in (A, B, C)))
+    expected = [pct(statistics.mean(pair_means[p][i] for p in (A, B, C))) for i in range(len(COLUMNS) - 1)]
+    assert [c.strip("*") for c in average[3:]] == expected + [EMPTY]  # T*: only pair A has it, so no average
+    means = [statistics.mean(pair_means[p][i] for p in (A, B, C)) for i in range(len(COLUMNS) - 1)]
+    assert [c.startswith("**") for c in average[3:-1]] == [m == max(means) for m in means]
+    assert "the mean test accuracy of each student's last k epochs" in report
 
-    t05, tfull = STUDENTS["resnet8->mlp"]["T0.5"], STUDENTS["resnet8->mlp"]["Tfull"]
-    diff = 100 * (statistics.mean(t05) - statistics.mean(tfull))
-    pooled = 100 * math.sqrt((statistics.stdev(t05) ** 2 + statistics.stdev(tfull) ** 2) / 2)
-    assert (f"T^0.5 reached {summary(t05)} % vs {summary(tfull)} % for T^full (+{diff:.2f} points, "
-            f"+{diff / pooled:.2f} pooled std; better on 3 of 3 paired seeds), so its mean is above that of T^full"
-            in report)
-    assert "T*, the checkpoint selected by the information criterion, is the same checkpoint as T^0.5" in report
-    assert re.search(r"The snapshot ensemble reached .* for the full ensemble \(\+\d\.\d\d points, .*better on 2 of 3 "
-                     r"paired seeds\), so its mean is above that of the full ensemble", report)
-    other = report.split("**resnet14->resnet8.**", 1)[1]
-    assert "T^0.7 gave the highest mean student accuracy" in other
-    assert "better on 0 of 3 paired seeds), so its mean is below that of T^full" in other
-    assert ("is the same checkpoint as T^0.7 for 2 of 3 teachers (T*: epochs 12, 14, 14 for teacher seeds 0, 1, 2; "
-            "T^0.7: epoch 14)") in other
 
-    ensemble = report.split("## Full ensemble vs snapshot ensemble", 1)[1].split("\n## ", 1)[0]
-    snap, full = STUDENTS["resnet8->mlp"]["snapshot"], STUDENTS["resnet8->mlp"]["full_ensemble"]
-    assert f"| resnet8->mlp | 88.00 | **{summary(snap)}** | 88.00 | {summary(full)} | " in ensemble
-    assert "| 2 of 3 |" in ensemble
+def test_paired_comparisons_match_an_independent_computation(main):
+    _, _, report, _ = main
+    assert header_row(report, "## Paired comparisons") == [
+        "Pair", "Comparison", "Pairs", "Mean Δ (points)", "95 % CI", "Wins / ties / losses", "p", "Holm p"]
+    rows = {(r[0], r[1]): r[2:] for r in table_rows(section(report, "## Paired comparisons"))}
+    expected_keys = []
+    for p in (A, B, C):
+        expected_keys.append((p, "T^full − no KD (gate)"))
+        expected_keys += [(p, f"{LABELS[v]} − T^full") for v in INTERMEDIATE]
+        if "Tstar" in ACC[p]:
+            expected_keys.append((p, "T* − T^full"))
+    assert list(rows) == expected_keys
+    for p in (A, B, C):
+        raw = {v: exact_sign_flip_p(list(paired(p, v, "Tfull").values())) for v in INTERMEDIATE}
+        adjusted = holm(raw)
+        comparisons = [("Tfull", "none", "T^full − no KD (gate)")] + [(v, "Tfull", f"{LABELS[v]} − T^full")
+                                                                      for v in INTERMEDIATE]
+        if "Tstar" in ACC[p]:
+            comparisons.append(("Tstar", "Tfull", "T* − T^full"))
+        for a, b, label in comparisons:
+            diffs = paired(p, a, b)
+            n, mean, ci, counts, p_text, holm_text = rows[(p, label)]
+            values = [100 * d for d in diffs.values()]
+            assert n == "9"
+            assert mean == points(statistics.mean(values)), (p, label)
+            low, high = (float(x.replace("−", "-")) for x in ci.strip("[]").split(", "))
+            assert low - 0.005 <= statistics.mean(values) <= high + 0.005
+            assert min(values) - 0.005 <= low <= high <= max(values) + 0.005
+            mine = my_bootstrap(diffs)
+            assert abs(low - mine[0]) < 0.2 and abs(high - mine[1]) < 0.2, (p, label, ci, mine)
+            wins = sum(v > 0 for v in values), sum(v == 0 for v in values), sum(v < 0 for v in values)
+            assert counts == " / ".join(map(str, wins))
+            assert p_text == f"{exact_sign_flip_p(values):.3f}"
+            if a in INTERMEDIATE:
+                assert holm_text == f"{adjusted[a]:.3f}", (p, label)
+                assert float(holm_text) >= float(p_text)
+            else:
+                assert holm_text == EMPTY
+    # pair A's T^0.5: all 9 differences positive, exact p = 2/512, Holm over 3 intermediate teachers
+    assert rows[(A, "T^0.5 − T^full")][4:] == ["0.004", "0.012"]
 
-    trajectory = report.split("### resnet8->mlp", 1)[1].split("\n### ", 1)[0]
-    assert "| 10 | 0.50 | 80.00 | 70.00 | 69.00 | 65.00 | 1.500 | 2.000 | 1.600 | 1.000 | T* |" in trajectory
-    assert "I(X;F) 0.900, I(Y;F) undefined, score 0.800" in trajectory
-    assert "not complete" not in report
 
-    assert paths["report"] == str(study / "report.md")
-    with open(paths["csv"], newline="") as f:
-        lines = list(csv.reader(f))
-    with ResultsDB(study / "results.sqlite") as db:
-        assert len(lines) == len(db.rows()) + 1
-    assert lines[0][:4] == ["run_id", "kind", "name", "status"]
-    assert ["resnet8->mlp-T0.5-s1", "distill", "resnet8->mlp-T0.5-s1", "complete", "resnet8->mlp", "student",
-            "T0.5", "1", "0", "0.834"] == lines[[r[0] for r in lines].index("resnet8->mlp-T0.5-s1")][:10]
+def test_shared_no_kd_student_counts_once_but_pairs_with_every_trajectory(main):
+    _, _, report, _ = main
+    rows = table3(report)
+    for p in (A, B, C):
+        none = list(ACC[p]["none"].values())
+        cell = rows[p.split("->")[0]][3].strip("*")
+        assert cell == summary(none)  # 3 distinct runs, not 9 cells
+        assert cell != summary([v for v in none for _ in range(3)])
+        assert "(n=" not in cell
+        gate = next(r for r in table_rows(section(report, "## Paired comparisons"))
+                    if r[0] == p and r[1].endswith("(gate)"))
+        assert gate[2] == "9"
+        assert gate[3] == points(100 * statistics.mean(paired(p, "Tfull", "none").values()))
 
-    names = sorted(p.split("/")[-1] for p in paths["plots"])
-    assert "accuracy_by_variant.png" in names and "information_plane_resnet8-mlp.png" in names
-    assert "class_correlation_resnet14-resnet8.png" in names
-    for path in paths["plots"]:
-        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-        assert f"(plots/{path.split('/')[-1]})" in report
 
-    printed = terminal.getvalue()
-    assert "Table 3" in printed and "Average" in printed and "Full ensemble vs snapshot ensemble" in printed
+def test_flagged_student_is_marked_and_listed(main):
+    _, _, report, _ = main
+    pair, variant, (t, s) = FLAGGED
+    cell = table3(report)[pair.split("->")[0]][3 + COLUMNS.index(variant)]
+    assert cell.endswith(" ⚠1")
+    other = [c for row in table3(report).values() for c in row if "⚠" in c]
+    assert other == [cell]
+    health = section(report, "## Run health")
+    assert "1 completed runs were flagged" in health
+    assert (f"- `{pair}-{variant}-t{t}s{s}` ({variant}): loss_rising at epoch 12: training loss rose for 4 epochs "
+            "(1.23 to 1.57)") in health
+
+
+def test_compute_time_is_summed_by_kind_of_run(main):
+    study, _, report, _ = main
+    with ResultsDB(study / "results.sqlite", readonly=True) as db:
+        rows = db.rows()
+    parts = {}
+    for r in rows:
+        g, m = r["group"], r["metrics"]
+        if g["role"] == "analysis":
+            part = "checkpoint analysis"
+        elif g["role"] == "teacher":
+            part = "teacher training"
+        elif g["variant"] == "none":
+            part = "students, no KD"
+        else:
+            part = "KD students, cached teachers" if m["teacher_cache"] else "KD students, teachers online"
+        parts.setdefault(part, []).append(r["timings"]["duration_s"])
+    table = {r[0].strip("*"): r[1:] for r in table_rows(section(report, "## Compute time"))}
+    assert list(table) == ["teacher training", "checkpoint analysis", "students, no KD",
+                           "KD students, cached teachers", "KD students, teachers online", "total"]
+    for part, seconds in parts.items():
+        assert table[part] == [str(len(seconds)), f"{sum(seconds):.0f}", f"{statistics.mean(seconds):.1f}"]
+    everything = [d for seconds in parts.values() for d in seconds]
+    assert table["total"][:2] == [str(len(rows)), f"**{sum(everything):.0f}**"]
+    kd = [r for r in rows if r["group"]["role"] == "student" and r["group"]["pair"] in CACHED_PAIRS
+          and r["group"]["variant"] != "none"]
+    built = sum(r["metrics"]["teacher_cache"]["built"] for r in kd)
+    reused = sum(r["metrics"]["teacher_cache"]["reused"] for r in kd)
+    assert f"Teacher caches: {built} built ({2 * built:.0f} s, inside the KD-student times above) and reused " \
+           f"{reused} times." in report
+
+
+def test_trajectories_csv_and_plots(main):
+    study, result, report, _ = main
+    assert result["carried_over"] == []
+    trajectories = section(report, "## Teacher trajectories")
+    for p in (A, B, C):
+        for t in range(3):
+            assert f"### {p}, trajectory {t}\n" in trajectories
+    first = trajectories.split(f"### {A}, trajectory 0", 1)[1].split("\n### ", 1)[0]
+    assert ("| 10 | 0.50 | 80.00 | 60.00 | 59.00 | 65.00 | 0.400 | 1.500 | 1 | 2.00 ± 0.01 | 1.600 ± 0.002 "
+            "| 0.40 ± 0.01 | T* |") in first
+    assert "I(X;F) 0.900, I(Y;F) undefined, score 0.800" in first
+    assert CARRIED not in report and "not complete" not in report
+
+    with ResultsDB(study / "results.sqlite", readonly=True) as db:
+        db_rows = db.rows()
+    with open(result["csv"], newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == len(db_rows)
+    row = next(r for r in lines if r["run_id"] == f"{A}-T0.5-t1s2")
+    assert (row["kind"], row["status"], row["pair"], row["role"], row["variant"], row["seed"], row["teacher_seed"]) \
+        == ("distill", "complete", A, "student", "T0.5", "2", "1")
+    assert float(row["test_acc_last_k"]) == ACC[A]["T0.5"][(1, 2)]
+    assert float(row["test_acc"]) == pytest.approx(ACC[A]["T0.5"][(1, 2)] + 0.0031)
+    flagged = next(r for r in lines if r["run_id"] == f"{FLAGGED[0]}-{FLAGGED[1]}-t1s2")
+    assert flagged["health"] == "loss_rising"
+
+    names = sorted(path.rsplit("/", 1)[-1] for path in result["plots"])
+    assert names == ["accuracy_by_variant.png", "class_correlation_wrn40-wrn16.png",
+                     "information_plane_wrn40-wrn16.png", "trajectory_wrn40-wrn16.png"]
+    for path in result["plots"]:
+        assert open(path, "rb").read(8) == PNG
+        assert f"(plots/{path.rsplit('/', 1)[-1]})" in report
+    assert (study / "plots" / "information_plane_wrn40-wrn16.png").read_bytes() == png()
+
+
+def test_terminal_view_at_80_columns_keeps_every_label_whole(main):
+    _, _, _, text = main
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "Table 3" in line)
+    end = next(i for i in range(start, len(lines)) if lines[i].lstrip().startswith(("└", "┗", "+")))
+    block = "\n".join(lines[start:end + 1])  # Table 3 as the terminal shows it
+    assert all(len(line) <= 80 for line in lines)
+    for word in ["Teacher acc.", "Average"] + [LABELS[v] for v in COLUMNS]:
+        assert re.search(rf"(^|[ │┃|]){re.escape(word)}( |$)", block, re.M), (word, block)
+    for p in (A, B, C):
+        assert " ".join(p.split("->")) in block or p.split("->")[0] in block
+        assert summary(ACC[p]["none"].values()) in block
+    assert "…" not in text  # nothing cut short: a table that does not fit is turned or left to report.md
+    # no word broken over two lines: no line of the table ends in the first part of a label
+    for word in ("Teacher", "Student", "T^full", "T^0.5", "Average"):
+        for cut in range(1, len(word)):
+            for i in range(len(lines[start:end])):
+                here, below = lines[start + i], lines[start + i + 1]
+                broken = re.search(rf"(^|[ │┃|]){re.escape(word[:cut])}[ ]*[│┃|]", here) and word[cut:] in below
+                assert not broken or word in here, (word, here, below)
+    assert f"{A}: confirmed." in text and f"{C}: inconclusive: KD itself did not help here." in text
+
+
+def test_report_is_reproducible(main, tmp_path):
+    study, _, report, _ = main
+    copy = tmp_path / "copy"
+    shutil.copytree(study, copy)
+    before = files(copy)
+    write_report(copy, quiet=True)
+    assert files(copy) == before  # same report.md, results.csv, PNGs, and an untouched results.sqlite
+
+
+# ---------------------------------------------------------------- failed and blocked runs
+
+def make_failing_study(root):
+    """One pair, 3 trajectories x 3 seeds; run_ids are hashes, names are readable (as a planned study has them).
+    The teacher of trajectory 1 fails (its analysis and every student of it are blocked, the T* students through
+    their analysis as well), the analysis of trajectory 2 fails (its T* students are blocked), the no-KD student of
+    seed 2 fails."""
+    st = Study(root, name="failing")
+    p = "resnet32->resnet8"
+    st.pair(p, ["none", "T0.5", "Tfull", "Tstar"])
+    rid = lambda name: f"id-{name}"
+    teachers, analyses = {}, {}
+    for t in range(3):
+        teachers[t] = st.teacher(p, t, 0.7, run_id=rid(f"teacher-t{t}"), outcome="fail" if t == 1 else "complete")
+        analyses[t] = st.analysis(p, t, trajectory_metrics(20, [10, 20], 10, t=t), depends_on=[teachers[t]],
+                                  run_id=rid(f"teacher-t{t}-analysis"), outcome="fail" if t == 2 else "complete")
+    rng = np.random.default_rng(5)
+    for s in range(3):
+        st.student(p, "none", [(t, s) for t in range(3)], 0.6 + 0.01 * s, run_id=rid(f"none-s{s}"),
+                   outcome="fail" if s == 2 else "complete")
+    for v in ("T0.5", "Tfull", "Tstar"):
+        for t, s in CELLS:
+            st.student(p, v, [(t, s)], round(0.62 + 0.01 * rng.random(), 4), run_id=rid(f"{v}-t{t}s{s}"),
+                       depends_on=[teachers[t]] + ([analyses[t]] if v == "Tstar" else []))
+    return st.build(), p
+
+
+def not_complete_lines(report):
+    return {m.group(1): m for m in re.finditer(
+        r"^- `([^`]+)` \((\w+), (\w+), attempts: (\d+)(?:; blocked by failed ([^)]*))?\)(.*)$",
+        section(report, "## Runs not complete"), re.M)}
+
+
+@pytest.fixture(scope="module")
+def failing(tmp_path_factory):
+    study, pair = make_failing_study(tmp_path_factory.mktemp("failing"))
     write_report(study, quiet=True)
-    assert (study / "report.md").read_text() == report
+    with ResultsDB(study / "results.sqlite", readonly=True) as db:
+        rows = db.rows()
+    return study, pair, (study / "report.md").read_text(encoding="utf-8"), rows
 
 
-def test_failed_and_blocked_runs_are_reported(tmp_path):
-    study = make_study(tmp_path, fail={"resnet14-t2-analysis", "resnet8->mlp-T0.7-s2"})
+def test_failed_and_blocked_runs_are_reported(failing):
+    study, pair, report, rows = failing
+    failed = {r["name"] for r in rows if r["status"] == "failed"}
+    assert failed == {"teacher-t1", "teacher-t2-analysis", "none-s2"}
+    pending = [r for r in rows if r["status"] == "pending"]
+    # blocked: analysis t1, 3 variants x 3 seeds of trajectory 1, the 3 T* students of trajectory 2
+    assert len(pending) == 1 + 9 + 3
+    assert (f"**{len(failed) + len(pending)} of {len(rows)} runs are not complete** ({len(pending)} pending, "
+            f"{len(failed)} failed)") in report
+    lines = not_complete_lines(report)
+    assert set(lines) == failed | {r["name"] for r in pending}
+    for name in failed:
+        assert lines[name].group(3) == "failed" and lines[name].group(4) == "1"
+        assert lines[name].group(5) is None
+        assert lines[name].group(6) == ": RuntimeError: CUDA out of memory"
+    culprits = lambda name: {c.replace("id-", "") for c in (lines[name].group(5) or "").split(", ") if c}
+    # directly blocked by the failed analysis
+    for s in range(3):
+        assert lines[f"Tstar-t2s{s}"].group(3) == "pending"
+        assert culprits(f"Tstar-t2s{s}") == {"teacher-t2-analysis"}
+        assert culprits(f"T0.5-t1s{s}") == {"teacher-t1"}
+    # blocked transitively: teacher t1 failed, so its analysis can never run
+    assert culprits("teacher-t1-analysis") == {"teacher-t1"}
+    assert "teacher-t1" in culprits("Tstar-t1s0")
+    # students of the trajectories that ran are in the tables; the failed no-KD seed leaves n=2 of 3 runs
+    cells = table3(report)["resnet32"]
+    none = [0.60, 0.61]
+    assert cells[3].strip("*") == f"{summary(none)} (n=2)"
+    assert cells[4].strip("*").endswith("(n=6)") and cells[6].strip("*").endswith("(n=3)")
+
+
+def test_blocked_runs_are_only_said_to_be_blocked_by_runs_that_failed(failing):
+    """BUG (study_report.py, the "Runs not complete" section, `waits = f"; blocked by failed ..."`, line 915 today):
+    ResultsDB.blocked() gives for each blocked run the dependencies that block it, and a dependency may itself be
+    blocked rather than failed. The T* students of trajectory 1 depend on the failed teacher and on its analysis,
+    which is pending (blocked); the report says they are "blocked by failed ...teacher-t1, ...teacher-t1-analysis",
+    i.e. that the analysis failed, which it did not. It should name only the failed run(s) at the root of the chain
+    (here teacher-t1), or say which dependency is itself blocked."""
+    _, _, report, rows = failing
+    failed = {r[key] for r in rows if r["status"] == "failed" for key in ("run_id", "name")}
+    lines = not_complete_lines(report)
+    wrong = {name: m.group(5) for name, m in lines.items()
+             if m.group(5) and not set(m.group(5).split(", ")) <= failed}
+    assert wrong == {}, f"said to be blocked by failed runs that did not fail: {wrong}"
+
+
+# ---------------------------------------------------------------- carrying over what cannot be rebuilt
+
+OLD_SECTION = [
+    "Trajectory of the teacher `runs/cnn-t0` (T* = epoch 10, by the information criterion):",
+    "",
+    "| Epoch | Fraction | Val % | I(X;F) | Score | |",
+    "|---|---|---:|---:|---:|---:|",
+    "| 5 | 0.25 | 71.20 | 1.500 | 0.400 | |",
+    "| 10 | 0.50 | 80.40 | 2.000 | 1.000 | T* |",
+    "",
+    "Spearman rank agreement: I(X;F) 0.900, score 0.800.",
+]
+
+
+def make_old_study(root, *, trajectories=1, name="old"):
+    """A study from before the DB kept trajectories: analysis rows with only selected_epoch/analysis, students
+    without `serves`, and no run folders (a fresh clone)."""
+    st = Study(root, name=name, trajectories=trajectories)
+    p = "cnn->cnn"
+    st.pair(p, ["none", "T0.5", "Tfull"])
+    for t in range(trajectories):
+        teacher = st.teacher(p, t, 0.8)
+        st.analysis(p, t, {"selected_epoch": 10, "analysis": f"runs/cnn-t{t}/analysis.json"}, depends_on=[teacher])
+        for s in range(3):
+            if t == 0:
+                st.student(p, "none", [(0, s)], 0.7 + 0.003 * s, old=True)
+            for v, gain in (("T0.5", 0.02), ("Tfull", 0.01)):
+                st.student(p, v, [(t, s)], round(0.7 + gain + 0.002 * s + 0.001 * t, 4), old=True,
+                           depends_on=[teacher])
+    return st.build(), p
+
+
+def write_old_report(study, pair, headings):
+    lines = ["# Study report: old", "", "## Table 3: teacher checkpoints as teachers", "", "| stale |", "",
+             "## Teacher trajectories", ""]
+    for heading in headings:
+        lines += [heading, ""] + OLD_SECTION + [""]
+    lines += ["## Plots", "", f"![information plane, {pair}](plots/information_plane_cnn-cnn.png)", ""]
+    (study / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    (study / "plots").mkdir()
+    (study / "plots" / "information_plane_cnn-cnn.png").write_bytes(png(0.5))
+
+
+def test_fresh_clone_carries_the_trajectory_section_verbatim(tmp_path):
+    study, pair = make_old_study(tmp_path)
+    write_old_report(study, pair, [f"### {pair}"])
+    kept_plot = (study / "plots" / "information_plane_cnn-cnn.png").read_bytes()
+    result = write_report(study, quiet=True)
+    report = (study / "report.md").read_text(encoding="utf-8")
+    assert result["carried_over"] == [f"### {pair}"]
+    body = "\n".join([f"### {pair}", "", CARRIED, ""] + OLD_SECTION) + "\n"
+    assert body in section(report, "## Teacher trajectories")
+    assert "| stale |" not in report  # only what cannot be rebuilt is carried
+    # the teacher plot of a run folder that is not here is kept and linked
+    target = study / "plots" / "information_plane_cnn-cnn.png"
+    assert str(target) in result["plots"] and target.read_bytes() == kept_plot
+    assert f"![information plane, {pair}](plots/information_plane_cnn-cnn.png)" in section(report, "## Plots")
+    # the old DB's students (no `serves`) are still paired and tabled
+    assert table3(report)["cnn"][3].strip("*") == summary([0.7, 0.703, 0.706])
+    before = files(study)
+    again = write_report(study, quiet=True)
+    assert again["carried_over"] == [f"### {pair}"]
+    assert files(study) == before  # report.md, results.csv and every PNG byte-identical
+
+
+def test_trajectory_sections_of_an_old_multi_trajectory_report_are_not_lost(tmp_path):
+    """BUG (study_report.py, write_report's trajectory loop, line 882 today: `heading = f"### {pair.name}" if
+    len(trajectories) == 1 else f"### {pair.name}, trajectory {t}"`, then `_carry(previous, heading)`): a report
+    written before trajectories had one `### <pair>` section per pair (the first teacher's), even for studies with
+    several teacher trajectories. Once the run folders are gone, the new report looks only for `### <pair>,
+    trajectory <t>` in the previous report, finds none, writes "the teacher of trajectory t has not been analysed
+    yet" and drops the old section: the report loses what it had. It should carry `### <pair>` over (e.g. into the
+    first trajectory's section, or under its old heading)."""
+    study, pair = make_old_study(tmp_path, trajectories=2)
+    write_old_report(study, pair, [f"### {pair}"])
+    result = write_report(study, quiet=True)
+    report = (study / "report.md").read_text(encoding="utf-8")
+    for line in OLD_SECTION:
+        assert line in report
+    assert result["carried_over"]
+
+
+def format2_analysis(epochs=20, saved=(5, 10, 15, 20), selected=10):
+    """A teacher's analysis.json (format 2), as ckptkd.study.analysis_metrics reads it."""
+    checkpoints = [{"epoch": e, "fraction": e / epochs, "val": {"acc": 0.5 + e / 100}, "train": {
+        "acc": 0.6 + e / 50, "confidence": 0.4 + e / 40, "p_target_t": 0.3 + e / 100,
+        "nontarget_entropy_t": 2.0 - e / 20, "nc1": 1.5 - e / 20,
+        "estimates": {"i_xf": {"mean": 1 + e / 10, "se": 0.01}, "i_yf": {"mean": 1.5 + e / 100, "se": 0.002}}}}
+        for e in saved]
+    criterion = {"scores": [{"epoch": e, "score": e / 25, "se": 0.01} for e in saved], "t_star": selected,
+                 "ties": [selected], "flat": False}
+    return {"format": 2, "split": "train", "checkpoints": checkpoints, "criteria": {"info@train": criterion},
+            "selected": {"epoch": selected, "criterion": "info@train", "ties": [selected]},
+            "agreement": {"spearman_i_xf": 0.9, "spearman_i_yf": None, "spearman_score": 0.8}}
+
+
+def test_rebuilt_sections_survive_the_run_folders_going_away(tmp_path):
+    """Rebuilt from the teacher's analysis.json (old DB rows), then the run folders are deleted: the next report
+    carries the very same lines over; rebuilt from the DB's trajectory metrics, deleting the folders changes
+    nothing at all."""
+    import json
+
+    study, pair = make_old_study(tmp_path)
+    teacher_folder(study, "cnn-t0", shade=0.25)
+    (study / "runs" / "cnn-t0" / "analysis.json").write_text(json.dumps(format2_analysis()))
+    first = write_report(study, quiet=True)
+    report = (study / "report.md").read_text(encoding="utf-8")
+    assert first["carried_over"] == [] and CARRIED not in report
+    rebuilt = section(report, "## Teacher trajectories").split(f"### {pair}\n", 1)[1].strip().splitlines()
+    assert "| 10 | 0.50 | 80.00 | 60.00 | — | 65.00 | 0.400 | 1.500 | 1 | 2.00 ± 0.01 | 1.600 ± 0.002 | 0.40 ± " \
+           "0.01 | T* |" in rebuilt
+    shutil.rmtree(study / "runs")
+    second = write_report(study, quiet=True)
+    assert second["carried_over"] == [f"### {pair}"]
+    carried = (study / "report.md").read_text(encoding="utf-8")
+    assert "\n".join([f"### {pair}", "", CARRIED, ""] + rebuilt) in carried
+    assert sorted(second["plots"]) == sorted(first["plots"])
+    assert (study / "plots" / "trajectory_cnn-cnn.png").read_bytes() == png(0.25)
+    before = files(study)
     write_report(study, quiet=True)
+    assert files(study) == before
+
+    # with the trajectory in the DB, the section is rebuilt without the run folders, and identically
+    st = Study(tmp_path, name="new", trajectories=1)
+    st.pair(pair, ["none", "Tfull"])
+    teacher = st.teacher(pair, 0, 0.8, run_id="cnn-t0")
+    st.analysis(pair, 0, trajectory_metrics(20, [5, 10, 15, 20], 10, teacher="cnn"), depends_on=[teacher])
+    for s in range(2):
+        st.student(pair, "none", [(0, s)], 0.7 + 0.01 * s)
+        st.student(pair, "Tfull", [(0, s)], 0.72 + 0.01 * s, depends_on=[teacher])
+    new = st.build()
+    teacher_folder(new, "cnn-t0", shade=0.75)
+    with_folders = write_report(new, quiet=True)
+    before = files(new)
+    shutil.rmtree(new / "runs")
+    without = write_report(new, quiet=True)
+    assert without["carried_over"] == [] and CARRIED not in (new / "report.md").read_text(encoding="utf-8")
+    assert without["plots"] == with_folders["plots"]
+    assert files(new) == {k: v for k, v in before.items() if not k.startswith("runs/")}
+
+
+# ---------------------------------------------------------------- the selection benchmark
+
+SEL = "resnet110->resnet20"
+# student accuracy (%) by trajectory, teacher epoch, seed
+# (hundredths chosen so that no mean or SE below sits on a rounding boundary of the 2-decimal display)
+CURVE = {0: {2: [60.0, 61.03], 4: [64.01, 65.52], 6: [63.1, 66.02], 8: [62.01, 63.0]},
+         1: {2: [59.02, 60.04], 4: [62.02, 61.0], 6: [65.04, 64.02], 8: [63.44, 64.5]}}
+PICKS = {0: {"info@train": 6, "info@val": 4, "nc1@train": 3, "p_target@train": 2},
+         1: {"info@train": 6, "info@val": 8, "nc1@train": 2}}
+VAL = {0: {2: 0.55, 4: 0.61, 6: 0.62, 8: 0.62}, 1: {2: 0.50, 4: 0.64, 6: 0.60, 8: 0.58}}  # best val: 8 (tie), 4
+
+
+def test_selection_benchmark(tmp_path):
+    st = Study(tmp_path, name="curve", seeds=(0, 1), trajectories=2)
+    st.pair(SEL, ["none", "T0.5", "Tfull", "epoch2", "epoch4", "epoch6", "epoch8"], epochs=8)
+    for t in range(2):
+        teacher = st.teacher(SEL, t, 0.7)
+        picks = {k: {"t_star": e, "ties": [e], "flat": False} for k, e in PICKS[t].items()}
+        st.analysis(SEL, t, trajectory_metrics(8, [2, 4, 6, 8], PICKS[t]["info@train"], t=t, picks=picks,
+                                               val=VAL[t]), depends_on=[teacher])
+        for s in range(2):
+            if t == 0:
+                st.student(SEL, "none", [(0, s), (1, s)], 0.55 + 0.01 * s)
+            for e, accs in CURVE[t].items():
+                # T0.5 of an 8-epoch teacher is the epoch4 task, Tfull the epoch8 task
+                also = [["T0.5", t, s]] if e == 4 else [["Tfull", t, s]] if e == 8 else []
+                st.student(SEL, f"epoch{e}", [(t, s)], accs[s] / 100, also=also, depends_on=[teacher],
+                           teacher_epochs=(e,))
+    study = st.build()
+    result = write_report(study, quiet=True)
+    report = (study / "report.md").read_text(encoding="utf-8")
+
+    def expected(picks_by_t):
+        regrets, gains = [], []
+        for t, by_epoch in CURVE.items():
+            best = max(by_epoch, key=lambda e: (statistics.mean(by_epoch[e]), e))
+            pick = picks_by_t.get(t)
+            if pick not in by_epoch:
+                continue
+            for s in range(2):
+                # from the stored fractions, as the DB holds them
+                regrets.append(100 * (by_epoch[pick][s] / 100 - by_epoch[best][s] / 100))
+                gains.append(100 * (by_epoch[pick][s] / 100 - by_epoch[8][s] / 100))
+
+        def text(values):
+            if not values:
+                return EMPTY
+            if len(values) == 1:
+                return points(values[0])
+            return f"{points(statistics.mean(values))} ± {statistics.stdev(values) / math.sqrt(len(values)):.2f}"
+        return [", ".join(EMPTY if picks_by_t.get(t) is None else str(picks_by_t[t]) for t in (0, 1)),
+                text(regrets), text(gains), str(len(regrets))]
+
+    rows = {r[0]: r[1:] for r in table_rows(section(report, f"## Selection benchmark: {SEL}"))}
+    by_key = lambda key: {t: PICKS[t].get(key) for t in (0, 1)}
+    assert rows["T* (info, train)"] == expected(by_key("info@train"))
+    # by hand: best epochs 4 (t0) and 6 (t1); regrets -0.91, +0.50, 0, 0; gains +1.09, +3.02, +1.60, -0.48
+    assert rows["T* (info, train)"] == ["6, 6", "−0.10 ± 0.29", "+1.31 ± 0.72", "4"]
+    assert rows["info, val"] == expected(by_key("info@val"))
+    assert rows["NC1, train"] == expected(by_key("nc1@train"))  # epoch 3 taught no student: only trajectory 1
+    assert rows["NC1, train"][3] == "2"
+    assert rows["p_target, train"] == expected(by_key("p_target@train"))  # no pick on trajectory 1
+    assert rows["kNN info, train"] == [f"{EMPTY}, {EMPTY}", EMPTY, EMPTY, "0"]
+    assert rows["best val accuracy"] == expected({0: 8, 1: 4})
+    assert rows["T^0.5"] == expected({0: 4, 1: 4})
+    assert rows["T^full"] == expected({0: 8, 1: 8})
+    assert rows["T^full"][2] == "0.00 ± 0.00"
+
+    plot = study / "plots" / "selection_resnet110-resnet20.png"
+    assert str(plot) in result["plots"] and plot.read_bytes()[:8] == PNG
+    assert "(plots/selection_resnet110-resnet20.png)" in report
+    # the curve's students are not Table 3 columns; T^0.5 and T^full are, from the shared tasks (n = 4 runs)
+    assert header_row(report, "## Table 3")[3:] == ["Student (no KD)", "T^0.5", "T^full"]
+    cells = table3(report)["resnet110"]
+    assert cells[4].strip("*") == summary([a / 100 for a in (CURVE[0][4] + CURVE[1][4])])
+    assert cells[5].strip("*") == summary([a / 100 for a in (CURVE[0][8] + CURVE[1][8])])
+
+
+# ---------------------------------------------------------------- smaller cases
+
+def test_cached_online_and_ensemble_students_are_compared(tmp_path):
+    p = "resnet8->mlp"
+    st = Study(tmp_path, name="cache", trajectories=1, compare_online=["T0.5"])
+    st.pair(p, ["none", "T0.5", "Tfull", "snapshot", "full_ensemble"])
+    teacher = st.teacher(p, 0, 0.8)
+    cached, online = [0.830, 0.834, 0.826], [0.79, 0.80, 0.81]
+    snapshot, full = [0.840, 0.838, 0.845], [0.842, 0.835, 0.841]
+    for s in range(3):
+        st.student(p, "none", [(0, s)], 0.80 + 0.001 * s)
+        st.student(p, "Tfull", [(0, s)], 0.82 + 0.001 * s, depends_on=[teacher], duration=4.0)
+        st.student(p, "T0.5", [(0, s)], cached[s], depends_on=[teacher], duration=10.0 + s,
+                   cache={"built": int(s == 0), "reused": int(s > 0), "seconds": 1.0})
+        st.student(p, "T0.5@online", [(0, s)], online[s], depends_on=[teacher], duration=20.0 + s)
+        st.student(p, "snapshot", [(0, s)], snapshot[s], depends_on=[teacher], teacher_epochs=(6, 10, 14),
+                   teacher_acc=0.85)
+        st.student(p, "full_ensemble", [(0, s)], full[s], depends_on=[teacher], teacher_epochs=(20, 20, 20),
+                   teacher_acc=0.87)
+    study = st.build()
+    result = write_report(study, quiet=True)
     report = (study / "report.md").read_text()
-    # The failed analysis blocks the 7 teacher-using students of seed 2, which stay pending.
-    assert "**9 of 60 runs are not complete** (7 pending, 2 failed)" in report
-    assert "- `resnet14-t2-analysis` (analyze, failed, attempts: 1): RuntimeError: out of memory" in report
-    assert "- `resnet14->resnet8-T0.5-s2` (distill, pending, attempts: 0; depends on failed resnet14-t2-analysis)" \
-        in report
-    rows = table3_rows(report)
-    assert rows["resnet8"][3 + TABLE3.index("T0.7")] == summary(STUDENTS["resnet8->mlp"]["T0.7"][:2]) + " (n=2)"
-    assert rows["resnet14"][3] == summary(STUDENTS["resnet14->resnet8"]["none"])
+    diff = 100 * (statistics.mean(cached) - statistics.mean(online))
+    pooled = 100 * math.sqrt((statistics.stdev(cached) ** 2 + statistics.stdev(online) ** 2) / 2)
+    rows = table_rows(section(report, "## Teacher cache"))
+    assert rows == [[p, "T^0.5", summary(cached), summary(online), points(diff), points(diff / pooled),
+                     "3 of 3 (sign test p = 0.25)", "no", "11.0", "21.0"]]  # 3 wins, 0 losses: 2 * (1/2)^3
+    assert "T^0.5 (online)" not in section(report, "## Table 3")
+    assert header_row(report, "## Table 3")[3:] == ["Student (no KD)", "T^0.5", "T^full"]
+    assert "online" not in " ".join(r[1] for r in table_rows(section(report, "## Paired comparisons")))
+
+    # the snapshot ensemble against the full ensemble: its own table, a paired comparison and a sentence
+    rows = table_rows(section(report, "## Full ensemble vs snapshot ensemble"))
+    snap_diff = 100 * (statistics.mean(snapshot) - statistics.mean(full))
+    assert rows == [[p, "85.00", f"**{summary(snapshot)}**", "87.00", summary(full), points(snap_diff), "2 of 3"]]
+    compared = {r[1]: r[2:] for r in table_rows(section(report, "## Paired comparisons"))}
+    diffs = [100 * (a - b) for a, b in zip(snapshot, full)]
+    assert compared["snapshot ensemble − full ensemble"][:2] == ["3", points(statistics.mean(diffs))]
+    assert compared["snapshot ensemble − full ensemble"][3:] == ["2 / 0 / 1", f"{exact_sign_flip_p(diffs):.3f}",
+                                                                  EMPTY]
+    # its interval, about [-0.2, +0.4], rules out a gain of 0.5 points
+    assert "Snapshot vs full ensemble: refuted at this scale; snapshot ensemble − full ensemble = " in report
+    # T^0.5 beats T^full on all 3 pairs, but 3 pairs cannot give p < 0.05 (the exact sign-flip p is 2/8)
+    assert result["verdicts"] == {p: "inconclusive"}
+    assert "T^0.5 − T^full = +0.90 points" in report and "p = 0.250, Holm-adjusted p = 0.250" in report
 
 
-def test_single_seed_has_no_std(tmp_path):
-    study = make_study(tmp_path, seeds=(0,))
-    write_report(study, quiet=True)
+def test_single_seed_cells_have_no_std(tmp_path):
+    p = "resnet8->mlp"
+    st = Study(tmp_path, name="single", seeds=(0,), trajectories=1)
+    st.pair(p, ["none", "T0.5", "Tfull"])
+    teacher = st.teacher(p, 0, 0.88)
+    for v, acc in (("none", 0.8), ("T0.5", 0.83), ("Tfull", 0.82)):
+        st.student(p, v, [(0, 0)], acc, depends_on=[] if v == "none" else [teacher])
+    study = st.build()
+    result = write_report(study, quiet=True)
     report = (study / "report.md").read_text()
-    cell = table3_rows(report)["resnet8"][3 + TABLE3.index("T0.5")].strip("*")
-    assert cell == f"{100 * STUDENTS['resnet8->mlp']['T0.5'][0]:.2f} (n=1)"
-    assert "(n=1, std undefined)" in report and "pooled std undefined with fewer than 2 seeds" in report
+    cells = table3(report)["resnet8"]
+    assert [c.strip("*") for c in cells[2:]] == ["88.00", "80.00 (n=1)", "83.00 (n=1)", "82.00 (n=1)"]
+    assert "±" not in " ".join(cells)
+    gate = next(r for r in table_rows(section(report, "## Paired comparisons")) if r[1].endswith("(gate)"))
+    assert gate[2:] == ["1", "+2.00", EMPTY, "1 / 0 / 0", "1.000", EMPTY]
+    assert result["verdicts"] == {p: "inconclusive"}
 
 
 def test_study_with_nothing_complete(tmp_path):
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump({
-        "name": "new", "seeds": [0, 1], "ensemble_size": 2, "variants": ["Tfull", "none", "snapshot", "full_ensemble"],
-        "pairs": [{"name": "a->b", "teacher": {"model": {"name": "a"}}, "student": {"model": {"name": "b"}}}]}))
-    with ResultsDB(tmp_path / "results.sqlite") as db:
-        db.add("t", kind="train", name="t", config={}, path="runs/t", group={"pair": "a->b", "role": "teacher"})
-    write_report(tmp_path, quiet=True)
-    report = (tmp_path / "report.md").read_text()
-    assert table3_rows(report)["a"] == ["a", "b", "—", "—", "—"]
+    st = Study(tmp_path, name="new", seeds=(0, 1), trajectories=1)
+    st.pair("a->b", ["none", "Tfull"])
+    st.teacher("a->b", 0, 0.8, outcome="pending")
+    study = st.build()
+    result = write_report(study, quiet=True)
+    report = (study / "report.md").read_text()
+    assert table3(report)["a"] == ["a", "b", EMPTY, EMPTY, EMPTY]
     assert "**1 of 1 runs are not complete** (1 pending)" in report
-    assert "The snapshot ensemble and the full ensemble cannot be compared: the snapshot ensemble has no" in report
-    assert "the trajectory teacher has not completed yet" in report
+    assert "a->b: the teacher of trajectory 0 has not been analysed yet." in report
+    assert "- `a-t0` (train, pending, attempts: 0)" in section(report, "## Runs not complete")
+    assert result["verdicts"] == {"a->b": "inconclusive"}
 
 
 def test_not_a_study(tmp_path):
@@ -251,45 +920,6 @@ def test_not_a_study(tmp_path):
         write_report(tmp_path / "missing")
     with pytest.raises(UserError, match="not a ckptkd study"):
         write_report(tmp_path)
-
-
-def test_cached_and_online_students_are_compared(tmp_path):
-    study = make_study(tmp_path)
-    online = {0: 0.79, 1: 0.80, 2: 0.81}
-    db = ResultsDB(study / "results.sqlite")
-    for seed, acc in online.items():
-        db.add(f"online-s{seed}", kind="distill", name=f"online-s{seed}", config={}, path=f"runs/online-s{seed}",
-               group={"pair": "resnet8->mlp", "role": "student", "variant": "T0.5@online", "seed": seed,
-                      "teacher_seed": 0})
-    while (run := db.claim()) is not None:
-        db.complete(run["run_id"], metrics={"test_acc": online[int(run["run_id"][-1])], "val_acc": 0.8,
-                                            "teachers": ["runs/t@0.5"]},
-                    timings={"duration_s": 20.0 + int(run["run_id"][-1])})
-    db.close()
-    report = Path(write_report(study, quiet=True)["report"]).read_text()
-    table = report.split("## Teacher cache", 1)[1].split("\n## ", 1)[0]
-    cached = STUDENTS["resnet8->mlp"]["T0.5"]
-    diff = 100 * (statistics.mean(cached) - statistics.mean(online.values()))
-    signed = f"{diff:+.2f}".replace("-", "−")
-    assert f"| resnet8->mlp | T^0.5 | {summary(cached)} | 80.00 ± 1.00 | {signed} |" in table
-    assert "| 3 of 3 (sign test p = 0.25) | no |" in table  # 3 wins, 0 losses: 2 * (1/2)^3
-    assert table.splitlines()[-2].endswith(" | 21.0 |")  # the online students' mean wall time
-    assert "T0.5@online" not in report.split("## Table 3", 1)[1].split("\n## ", 1)[0]  # not a Table 3 column
-
-
-def test_compute_time_is_summed_by_kind_of_run(tmp_path):
-    study = make_study(tmp_path, seeds=(0, 1))
-    db = ResultsDB(study / "results.sqlite")
-    rows = db.rows()
-    db.close()
-    report = Path(write_report(study, quiet=True)["report"]).read_text()
-    section = report.split("## Compute time", 1)[1].split("\n## ", 1)[0]
-    counts = {line.split(" | ")[0].strip("| *"): int(line.split(" | ")[1]) for line in section.splitlines()
-              if line.startswith("| ") and not line.startswith("| Runs")}
-    students = [r for r in rows if r["group"]["role"] == "student"]
-    assert counts["teacher training"] == sum(r["group"]["role"] in ("teacher", "ensemble_member") for r in rows)
-    assert counts["checkpoint analysis"] == sum(r["group"]["role"] == "analysis" for r in rows)
-    assert counts["students, no KD"] == sum(r["group"]["variant"] == "none" for r in students)
-    assert counts["KD students, teachers online"] == len(students) - counts["students, no KD"]
-    assert counts["total"] == len(rows)
-    assert "No teacher cache was used." in section
+    (tmp_path / "study.yaml").write_text("name: x\n")
+    with pytest.raises(UserError, match="not a ckptkd study"):
+        write_report(tmp_path)

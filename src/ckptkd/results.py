@@ -233,9 +233,13 @@ class ResultsDB:
         dead, blocked_by = set(failed), {}
         # Blocking is transitive; dependencies are added before their dependents, so one pass in rowid order suffices.
         for r in rows:
-            culprits = [dep for dep in r["depends_on"] if dep in dead]
-            if culprits:
-                blocked_by[r["run_id"]] = culprits
+            roots = []
+            for dep in r["depends_on"]:
+                for root in ([dep] if dep in failed else blocked_by.get(dep, [])):
+                    if root not in roots:
+                        roots.append(root)
+            if roots:
+                blocked_by[r["run_id"]] = roots  # the runs that failed for good at the root of the chain
                 dead.add(r["run_id"])
         return failed, blocked_by
 
@@ -247,7 +251,8 @@ class ResultsDB:
                    and r["run_id"] not in blocked_by)
 
     def blocked(self) -> list[dict]:
-        """Runs that can never run because a dependency (or one of its own) failed for good, with `blocked_by` set."""
+        """Runs that can never run because a dependency (or one of its own) failed for good, with `blocked_by` set to
+        the failed runs at the root of the chain."""
         rows = self.rows()
         _, blocked_by = self._dead_ends(rows)
         return [{**r, "blocked_by": blocked_by[r["run_id"]]} for r in rows if r["run_id"] in blocked_by]

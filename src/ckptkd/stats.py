@@ -37,11 +37,18 @@ def hierarchical_bootstrap(diffs: dict[Key, float], *, level: float = 0.95, draw
     if sum(len(g) for g in groups) < 2:
         return None
     rng = np.random.default_rng(seed)
-    means = np.empty(draws)
-    for i in range(draws):
-        picked = rng.integers(0, len(groups), len(groups))
-        values = np.concatenate([groups[t][rng.integers(0, len(groups[t]), len(groups[t]))] for t in picked])
-        means[i] = values.mean()
+    sizes = np.array([len(g) for g in groups])
+    table = np.zeros((len(groups), sizes.max()))
+    for t, g in enumerate(groups):
+        table[t, :len(g)] = g
+    # All draws at once: each draw picks trajectories with replacement, then as many seeds as each picked
+    # trajectory has, with replacement within it (positions beyond a trajectory's size are masked out).
+    picked = rng.integers(0, len(groups), (draws, len(groups)))
+    n = sizes[picked]                                                           # [draws, T]
+    seeds = np.floor(rng.random((draws, len(groups), sizes.max())) * n[..., None]).astype(int)
+    valid = np.arange(sizes.max()) < n[..., None]
+    values = table[picked[..., None], seeds]
+    means = (values * valid).sum(axis=(1, 2)) / valid.sum(axis=(1, 2))
     tail = (1 - level) / 2
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 

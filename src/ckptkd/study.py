@@ -145,7 +145,8 @@ def resolve_study(source: str | Path | dict, overrides: list[str] | dict | None 
     for i, pair in enumerate(study["pairs"]):
         if not isinstance(pair, dict) or not {"teacher", "student"} <= set(pair):
             raise UserError(f"study: pairs[{i}] must have a teacher and a student config")
-        unknown = set(pair) - {"teacher", "student", "teacher_set", "student_set", "name", "variants", "curve"}
+        unknown = set(pair) - {"teacher", "student", "teacher_set", "student_set", "name", "variants", "curve",
+                               "trajectories"}
         if unknown:
             raise UserError(f"study: pairs[{i}] has unknown key(s) {sorted(unknown)}")
         variants = pair.get("variants", study["variants"])
@@ -153,6 +154,9 @@ def resolve_study(source: str | Path | dict, overrides: list[str] | dict | None 
                                                           else "curve must be true or false")
         if expected:
             raise UserError(f"study: pairs[{i}].variants must be {expected}, got {variants!r}")
+        trajectories = pair.get("trajectories", study["trajectories"])
+        if STUDY_FIELDS["trajectories"](trajectories):
+            raise UserError(f"study: pairs[{i}].trajectories must be an integer from 1 to 100, got {trajectories!r}")
         teacher = config_mod.resolve(_load_run_config(pair["teacher"], f"pairs[{i}].teacher", base_dir),
                                      {**study["common"], **pair.get("teacher_set", {})})
         student = config_mod.resolve(_load_run_config(pair["student"], f"pairs[{i}].student", base_dir),
@@ -175,7 +179,7 @@ def resolve_study(source: str | Path | dict, overrides: list[str] | dict | None 
             from .schedules import checkpoint_epochs
 
             variants = variants + [f"epoch{e}" for e in checkpoint_epochs(teacher)]
-        resolved_pairs.append({"name": name, "teacher": teacher, "student": student,
+        resolved_pairs.append({"name": name, "teacher": teacher, "student": student, "trajectories": trajectories,
                                "variants": variants_mod.ordered(variants)})
     names = [p["name"] for p in resolved_pairs]
     if len(set(names)) != len(names):
@@ -224,7 +228,7 @@ def plan(study: dict) -> list[Task]:
         if study["teacher_per_seed"]:
             teacher_seeds = list(study["seeds"])
         else:
-            teacher_seeds = [study["seeds"][0] + t for t in range(study["trajectories"])]
+            teacher_seeds = [study["seeds"][0] + t for t in range(pair["trajectories"])]
         # A full ensemble takes the last checkpoints of other trajectories when there are enough of them;
         # otherwise independent members are trained for it.
         full = any(v.base == "full_ensemble" for v in parsed)

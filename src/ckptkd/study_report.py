@@ -174,6 +174,16 @@ class _Table:
             lines.append("| " + " | ".join(f"**{text}**" if bold else text for text, bold in row) + " |")
         return lines
 
+    def width(self, transpose: bool = False) -> int:
+        """Columns the terminal table needs with every cell on one line (borders and padding included)."""
+        if transpose:
+            columns = [[c for c in self.header[self.text_columns:]]] + [
+                [" ".join(t for t, _ in row[:self.text_columns]).strip()] + [t for t, _ in row[self.text_columns:]]
+                for row in self.rows]
+        else:
+            columns = [[self.header[i]] + [row[i][0] for row in self.rows] for i in range(len(self.header))]
+        return sum(max(map(len, column)) + 3 for column in columns) + 1
+
     def rich(self, transpose: bool = False) -> Table:
         """For a terminal: rows as columns when the table is wide (one column per variant breaks words at 80)."""
         if not transpose:
@@ -872,7 +882,9 @@ def write_report(study: str | Path, *, console: Console | None = None,
             heading = f"### {pair.name}" if len(trajectories) == 1 else f"### {pair.name}, trajectory {t}"
             section = _trajectory_section(pair, study, t)
             if section is None:
-                section = _carry(previous, heading)
+                # A report from before trajectories were numbered had one section per pair: keep it with the first.
+                section = _carry(previous, heading) or (_carry(previous, f"### {pair.name}")
+                                                        if t == trajectories[0] else None)
                 if section is not None:
                     carried.append(heading)
                 else:
@@ -897,11 +909,12 @@ def write_report(study: str | Path, *, console: Console | None = None,
     lines += figures
 
     not_complete = [r for r in rows if r["status"] != "complete"]
+    names = {r["run_id"]: r["name"] for r in rows}
     if not_complete:
         lines += ["## Runs not complete", ""]
         for r in not_complete:
             error = f": {r['error'].splitlines()[0]}" if r["error"] else ""
-            culprits = blocked.get(r["run_id"], [])
+            culprits = [names.get(c, c) for c in blocked.get(r["run_id"], [])]
             waits = f"; blocked by failed {', '.join(culprits)}" if culprits else ""
             lines.append(f"- `{r['name']}` ({r['kind']}, {r['status']}, attempts: {r['attempts']}{waits}){error}")
         lines.append("")
@@ -914,8 +927,16 @@ def write_report(study: str | Path, *, console: Console | None = None,
         for text in paragraphs:
             if text:
                 console.print(text.replace("**", ""))
-        for table in tables:
-            console.print(table.rich(transpose=table is table3 and console.width < 160))
+        skipped = []
+        for table in tables:  # whole words only: a table too wide for the terminal is turned, or left to report.md
+            fitting = next((table.rich(transpose=turned) for turned in (False, True)
+                            if table.width(turned) <= console.width), None)
+            if fitting is None:
+                skipped.append(table.title.split(":")[0])
+            else:
+                console.print(fitting)
+        if skipped:
+            console.print(f"too wide for {console.width} columns, in {report}: {'; '.join(skipped)}")
         if carried:
             console.print(f"carried over from the previous report (run folders not here): {', '.join(carried)}")
         if not_complete:
