@@ -100,6 +100,9 @@ def test_resume_from_every_epoch_is_bit_identical(tmp_path, monkeypatch, optim):
         assert resumed["checkpoints"][-1]["sha256"] == full
 
 
+KILL_SEED = 20240917  # the kill moments are drawn from this seed; a failure names it and the delay to replay it
+
+
 def test_kill_9_at_a_random_moment_then_resume_is_bit_identical(tmp_path):
     """A real subprocess, killed with SIGKILL mid-run (possibly mid-write), resumed with --resume."""
     cfg_path = tmp_path / "cfg.yaml"
@@ -107,8 +110,10 @@ def test_kill_9_at_a_random_moment_then_resume_is_bit_identical(tmp_path):
     reference = run_cli("train", str(cfg_path), "--out", str(tmp_path / "ref"))
     assert reference.returncode == 0, reference.stderr
     ref_manifest = manifest_json(tmp_path / "ref")
-    rng = random.Random(os.getpid())
+    rng = random.Random(KILL_SEED)
     for attempt in range(2):
+        delay = rng.uniform(0.0, 1.5)
+        replay = f"(KILL_SEED={KILL_SEED}, attempt {attempt}: SIGKILL {delay:.3f} s after the first resume state)"
         out = tmp_path / f"killed{attempt}"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen([sys.executable, "-m", "ckptkd", "train", str(cfg_path), "--out", str(out)],
@@ -116,19 +121,20 @@ def test_kill_9_at_a_random_moment_then_resume_is_bit_identical(tmp_path):
         deadline = time.time() + 120
         while not (out / "state" / "last.safetensors").exists() and time.time() < deadline:
             time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))
+        time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         resumed = run_cli("train", str(cfg_path), "--out", str(out), "--resume")
-        assert resumed.returncode == 0, resumed.stderr
+        assert resumed.returncode == 0, f"{replay}\n{resumed.stderr}"
         manifest = manifest_json(out)
-        assert manifest["status"] == "complete"
-        assert [c["sha256"] for c in manifest["checkpoints"]] == [c["sha256"] for c in ref_manifest["checkpoints"]]
+        assert manifest["status"] == "complete", replay
+        assert [c["sha256"] for c in manifest["checkpoints"]] == [c["sha256"] for c in ref_manifest["checkpoints"]], \
+            replay
         for c in manifest["checkpoints"]:
-            assert sha256_file(out / c["path"]) == c["sha256"]
-        assert not list(out.rglob("*.tmp"))
+            assert sha256_file(out / c["path"]) == c["sha256"], replay
+        assert not list(out.rglob("*.tmp")), replay
         epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert epochs == list(range(1, 9))
+        assert epochs == list(range(1, 9)), replay
 
 
 def test_checkpoint_epochs_mix_fractions_every_epochs_and_cycle_ends():
