@@ -153,7 +153,8 @@ def test_import_a_dataparallel_state_dict_and_distill_from_an_ensemble_of_import
     assert imported["kind"] == "import"
     assert imported["checkpoints"][0]["metrics"]["test_acc"] == pytest.approx(original["final"]["test_acc"])
     manifest = distill(student_config(), teachers=[str(r) for r in runs], out=tmp_path / "s", quiet=True).manifest.to_dict()
-    assert [t["reference"] for t in manifest["teachers"]] == [f"{r}@epoch=1" for r in runs]
+    # a.pth says epoch 6 (of 6); b.pth says nothing, so it is epoch 1 of 1
+    assert [t["reference"] for t in manifest["teachers"]] == [f"{runs[0]}@epoch=6", f"{runs[1]}@epoch=1"]
 
 
 class _Payload:
@@ -198,3 +199,29 @@ def test_a_teacher_shared_by_students_is_measured_once_per_data_split(teacher_ru
     assert accuracies(split_seed=11) == first and calls == ["val", "test"]  # the second student reuses them
     accuracies(split_seed=12)  # another validation split: measured again
     assert calls == ["val", "test"] * 2
+
+
+def test_teacher_mode_train_reproduces_the_released_code_and_is_never_cached(tmp_path, teacher_run):
+    """kd.teacher_mode=train: on the student's batches the teacher's BatchNorm uses batch statistics (as the
+    authors' released code runs its teachers), so its outputs differ from eval mode and no cache applies."""
+    from ckptkd.data import build
+    from ckptkd.teachers import Teacher
+
+    from ckptkd import config
+
+    data = build(config.resolve(tiny_config())["data"])
+    batch = next(data.train_batches(seed=0, epoch=1, batch_size=64))
+    frozen = Teacher.from_references([teacher_run.ref("0.5")], quiet=True).prepare(data)
+    live = Teacher.from_references([teacher_run.ref("0.5")], quiet=True, mode="train").prepare(data)
+    stats_before = [b.clone() for name, b in live.models[0].named_buffers() if name.endswith("running_mean")]
+    assert not torch.allclose(frozen.logits(batch), live.logits(batch), atol=1e-4)
+    stats_after = [b for name, b in live.models[0].named_buffers() if name.endswith("running_mean")]
+    assert any(not torch.equal(a, b) for a, b in zip(stats_before, stats_after))  # as in train mode
+    assert all(not m.training for m in live.models)  # back in eval mode between batches
+    manifest = distill(student_config(), teachers=[teacher_run.ref("0.5")], out=tmp_path / "s", quiet=True,
+                       overrides={"kd.teacher_mode": "train"}).manifest
+    assert manifest.teacher_ensemble["mode"] == "train" and "cache" not in manifest.teacher_ensemble
+    assert manifest.health["ok"]
+    with pytest.raises(UserError, match="kd.teacher_mode"):
+        distill(student_config(), teachers=[teacher_run.ref("0.5")], out=tmp_path / "x", quiet=True,
+                overrides={"kd.teacher_mode": "train", "kd.cache": "on"})

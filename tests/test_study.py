@@ -200,3 +200,18 @@ def test_a_pair_may_have_its_own_variants_and_label_noise():
     noisy = [t for t in tasks if t.kind == "distill" and t.group["pair"] == "noisy"]
     assert {t.group["variant"] for t in noisy} == {"none", "T0.5"}
     assert all(t.config["data"]["label_noise"] == 0.2 for t in noisy)
+
+
+def test_an_option_added_later_leaves_task_identity_alone_at_the_value_that_reproduces_the_past():
+    """A study begun before kd.teacher_mode existed resumes under the same task names (its rows are found again);
+    a task that asks for the new behaviour is a different task."""
+    from ckptkd import config as config_mod
+    from ckptkd.study import task_id
+
+    before = config_mod.resolve(None, {"data.name": "digits"})
+    del before["kd"]["teacher_mode"]
+    now = config_mod.resolve(None, {"data.name": "digits"})
+    assert now["kd"]["teacher_mode"] == "eval"
+    assert task_id("distill", now) == task_id("distill", before)
+    live = config_mod.resolve(None, {"data.name": "digits", "kd.teacher_mode": "train"})
+    assert task_id("distill", live) != task_id("distill", now)

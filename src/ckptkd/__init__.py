@@ -17,6 +17,7 @@ __version__ = "0.2.0"
 _LAZY = {
     "train": ("trainer", "train"), "distill": ("trainer", "distill"), "analyze": ("analysis", "analyze"),
     "select": ("analysis", "select"), "run_study": ("study", "run_study"), "Run": ("run", "Run"),
+    "import_trajectory": ("importer", "import_trajectory"),
     "resolve_reference": ("run", "resolve"), "UserError": ("errors", "UserError"),
     "info": ("info", None), "losses": ("losses", None), "models": ("models", None),
 }

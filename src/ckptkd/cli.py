@@ -40,9 +40,10 @@ def cmd_show(args) -> None:
 
 
 def cmd_import(args) -> None:
-    from .importer import import_state_dict
+    from .importer import import_trajectory
 
-    run = import_state_dict(args.file, model=args.model, overrides=args.set, out=args.out, config=args.config)
+    run = import_trajectory(args.source, model=args.model, out=args.out, fmt=args.format, epochs=args.epochs,
+                            strip_prefix=args.strip_prefix, overrides=args.set, config=args.config)
     _print_trajectory(run.path)
 
 
@@ -182,8 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("import", help="turn a PyTorch state dict (.pth) into a one-checkpoint run")
-    p.add_argument("file", help="the .pth/.pt file (loaded with weights_only=True)")
+    p = sub.add_parser("import", help="turn a checkpoint, or a folder of per-epoch checkpoints, into a run")
+    p.add_argument("source", help="a checkpoint file, a folder of them (or of HF checkpoint-STEP/ folders), or a glob;"
+                                  " pickles are read with weights_only=True")
+    p.add_argument("--format", default="auto", choices=["auto", "repdistiller", "mdistiller", "checkpointkd", "timm",
+                                                        "hf", "lightning", "state_dict"],
+                   help="the trainer that wrote them (default: told from the files)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="the trajectory's total epochs (default: from the files), so fractions like RUN@0.5 work")
+    p.add_argument("--strip-prefix", default=None, metavar="PREFIX",
+                   help="drop this prefix of every weight name, e.g. model. for a Lightning module's attribute")
     p.add_argument("--model", required=True, help="registered model name, e.g. wrn_40_2")
     p.add_argument("--config", default=None, help="optional YAML config for the data it was trained on")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")

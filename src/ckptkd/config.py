@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
                  "cycles": 5, "min_lr": 0.0, "warmup_epochs": 0},
     "checkpoints": {"fractions": [0.3, 0.5, 0.7, 1.0], "every": None, "epochs": []},
     "kd": {"teachers": [], "temperature": 4.0, "alpha": 0.1, "ensemble": "probs", "cache": "auto", "views": 32,
-           "cache_dir": None, "channels_last": "auto", "autocast": "auto"},
+           "cache_dir": None, "channels_last": "auto", "autocast": "auto", "teacher_mode": "eval"},
     "eval": {"last_k": 5},
     "log": {"progress": "auto", "tensorboard": "auto"},
 }
@@ -136,6 +136,26 @@ def milestone(v: Any) -> str | None:
     return "an epoch (integer >= 1) or a fraction of training (0 < x < 1)"
 
 
+# Options added after studies were run with this code, each at the value that reproduces what ran before them. At
+# that value they are left out of a task's identity (`identity`), so a study begun before an option existed resumes
+# instead of starting again under new task names.
+NEUTRAL: dict[str, Any] = {"kd.teacher_mode": "eval"}
+
+
+def identity(obj: Any) -> Any:
+    """`obj` (a run config, or a structure holding run configs) without the `NEUTRAL` options at their neutral value."""
+    if isinstance(obj, list):
+        return [identity(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out = {k: identity(v) for k, v in obj.items()}
+    for dotted, neutral in NEUTRAL.items():
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict) and out[section].get(key, neutral) == neutral:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
+
+
 FIELDS: dict[str, Check] = {
     "name": text(pattern=r"[A-Za-z0-9_.\-]+"),
     "seed": integer(0),
@@ -183,6 +203,7 @@ FIELDS: dict[str, Check] = {
     "kd.cache_dir": text(nullable=True),
     "kd.channels_last": one_of("auto", True, False),
     "kd.autocast": one_of("auto", "none", "bf16", "fp16"),
+    "kd.teacher_mode": one_of("eval", "train"),
     "eval.last_k": integer(1),
     "log.progress": one_of("auto", True, False),
     "log.tensorboard": one_of("auto", True, False),
@@ -313,6 +334,9 @@ def validate(cfg: dict) -> None:
     late = [e for e in cfg["checkpoints"]["epochs"] if e > epochs]
     if late:
         raise UserError(f"config: checkpoints.epochs {late} go past schedule.epochs={epochs}")
+    if cfg["kd"]["teacher_mode"] == "train" and cfg["kd"]["cache"] == "on":
+        raise UserError("config: kd.teacher_mode=train (teachers on batch statistics) cannot use kd.cache=on: their "
+                        "outputs depend on the batch; use kd.cache=auto or off")
     data = cfg["data"]
     if data["mean"] is not None and data["std"] is not None and len(data["mean"]) != len(data["std"]):
         raise UserError("config: data.mean and data.std must have the same length")

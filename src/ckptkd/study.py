@@ -86,7 +86,8 @@ class Task:
 
 
 def task_id(kind: str, config: dict) -> str:
-    return hashlib.sha256(json.dumps({"kind": kind, "config": config}, sort_keys=True).encode()).hexdigest()[:16]
+    body = {"kind": kind, "config": config_mod.identity(config)}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _load_run_config(source, where: str, base_dir: Path) -> dict:
@@ -350,7 +351,8 @@ def run_study(source: str | Path | dict, out: str | Path | None = None, *, overr
     if saved.is_file():
         # The description is prose for the report, not part of what the study computes.
         before = {k: v for k, v in config_mod.read_yaml(saved).items() if k != "description"}
-        if before != {k: v for k, v in study.items() if k != "description"}:
+        now = {k: v for k, v in study.items() if k != "description"}
+        if config_mod.identity(before) != config_mod.identity(now):
             raise UserError(f"study: {study_dir} holds a different study (its study.yaml differs); "
                             "choose another --out")
     if not saved.is_file() or saved.read_text() != text_:

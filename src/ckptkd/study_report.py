@@ -752,8 +752,8 @@ def _header(config: dict, study: Path, rows: list[dict], pairs: list[_Pair], met
     complete = sum(r["status"] == "complete" for r in rows)
     lines = [f"# Study report: {config.get('name', study.name)}", "",
              f"- Data set: {_dataset(config)}",
-             f"- Teacher trajectories: {', '.join(map(str, trajectories)) or EMPTY}; student seeds: "
-             f"{', '.join(map(str, seeds)) or EMPTY} (students are paired by trajectory and seed: the same teacher "
+             f"- Teacher trajectories: {len(trajectories)} (numbered {', '.join(map(str, trajectories)) or EMPTY}); "
+             f"student seeds: {', '.join(map(str, seeds)) or EMPTY} (students are paired by trajectory and seed: the same teacher "
              "run, initial weights and batch order across variants)",
              f"- Ensemble size M = {config.get('ensemble_size', EMPTY)}",
              f"- Accuracy: {metric} in %. ± in tables is the sample standard deviation (ddof = 1) over the students "

@@ -43,25 +43,36 @@ _MEASURED: dict[tuple, tuple[list[float], list[float]]] = {}
 
 class Teacher:
     """`channels_last` ("auto": when a model has convolutions) and `autocast` ("none", "bf16", "fp16") set how the
-    frozen models compute; BatchNorm layers that follow a convolution are folded into it either way."""
+    frozen models compute; BatchNorm layers that follow a convolution are folded into it.
+
+    `mode="train"` is a fidelity option for reproducing the authors' released code, which never puts its teachers in
+    eval mode for most of training: on the student's batches the models then run in train mode (BatchNorm on batch
+    statistics, updating the in-memory running statistics; dropout active), so nothing is folded and no output
+    cache applies (outputs depend on the batch). Accuracy is still measured in eval mode."""
 
     def __init__(self, checkpoints: list[Checkpoint], *, quiet: bool = False, channels_last: bool | str = "auto",
-                 autocast: str = "none", allow_incomplete: bool = False):
+                 autocast: str = "none", allow_incomplete: bool = False, mode: str = "eval"):
         if not checkpoints:
             raise UserError("no teacher checkpoints given")
         if autocast not in AUTOCAST_DTYPES:
             raise UserError(f"config: kd.autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {autocast!r}")
+        if mode not in ("eval", "train"):
+            raise UserError(f"config: kd.teacher_mode must be eval or train, got {mode!r}")
+        self.mode = mode
         self.checkpoints = checkpoints
         self.allow_incomplete = allow_incomplete
         self.models = [c.build_model("cpu") for c in checkpoints]  # sha256 verified while loading
         for model in self.models:
             model.eval()
             model.requires_grad_(False)
-            fold_batchnorm(model)
+            if mode == "eval":
+                fold_batchnorm(model)
         if channels_last == "auto":
             channels_last = any(isinstance(m, torch.nn.Conv2d) for model in self.models for m in model.modules())
         # Part of the cache key: outputs computed another way are not reused.
         self.numerics = {"channels_last": bool(channels_last), "autocast": autocast}
+        if mode == "train":  # only then, so the keys of existing caches of eval-mode teachers stay as they were
+            self.numerics["mode"] = mode
         self.quiet = quiet
         self.ensemble = self._ensemble_of(self.models)
         self.cache: torch.Tensor | None = None      # [M, N, V, C] float16 logits on the banked views
@@ -74,14 +85,15 @@ class Teacher:
 
     @classmethod
     def from_references(cls, references: list[str], *, quiet: bool = False, channels_last: bool | str = "auto",
-                        autocast: str = "none", allow_incomplete: bool = False) -> "Teacher":
+                        autocast: str = "none", allow_incomplete: bool = False, mode: str = "eval") -> "Teacher":
         """`allow_incomplete`: accept runs that did not complete (interrupted, failed), which are refused otherwise."""
         return cls(resolve_all(references, allow_incomplete=allow_incomplete), quiet=quiet,
-                   channels_last=channels_last, autocast=autocast, allow_incomplete=allow_incomplete)
+                   channels_last=channels_last, autocast=autocast, allow_incomplete=allow_incomplete, mode=mode)
 
     def _ensemble_of(self, models: list[torch.nn.Module]) -> EnsembleForward:
         return EnsembleForward(models, channels_last=self.numerics["channels_last"],
-                               autocast_dtype=AUTOCAST_DTYPES[self.numerics["autocast"]])
+                               autocast_dtype=AUTOCAST_DTYPES[self.numerics["autocast"]],
+                               batched="auto" if self.mode == "eval" else False)
 
     def __len__(self) -> int:
         return len(self.models)
@@ -158,6 +170,14 @@ class Teacher:
         if self.cache is not None and isinstance(batch, Batch) and batch.view_ids is not None:
             index = batch.index.to(self.cache.device)
             return self.cache[:, index, batch.view_ids.to(self.cache.device)].float()
+        if self.mode == "train" and isinstance(batch, Batch):  # a student's batch, as the released code runs it
+            for model in self.models:
+                model.train()
+            try:
+                return self._forward(batch.x)
+            finally:
+                for model in self.models:
+                    model.eval()
         return self._forward(batch.x if isinstance(batch, Batch) else batch)
 
     def attach_cache(self, data: Data, *, views: int, cache_dir: str | Path | None = None,

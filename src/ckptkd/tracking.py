@@ -23,7 +23,8 @@ def _tensorboard(setting, folder: Path):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         if setting is True:
-            raise UserError("config: log.tensorboard=true but the tensorboard package is not installed") from None
+            raise UserError("config: log.tensorboard=true but the tensorboard package is not installed "
+                            "(pip install 'ckptkd[track]')") from None
         return None
     return SummaryWriter(log_dir=str(folder / "tensorboard"))
 

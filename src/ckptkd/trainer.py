@@ -146,7 +146,7 @@ def distill(config: str | Path | dict, teachers: list[str] | None = None, overri
     # Teachers compute at the run's precision unless kd.autocast says otherwise.
     autocast = kd["autocast"] if kd["autocast"] != "auto" else {"fp32": "none", "bf16": "bf16"}[cfg["precision"]]
     teacher = (Teacher.from_references(kd["teachers"], quiet=quiet, channels_last=kd["channels_last"],
-                                       autocast=autocast, allow_incomplete=allow_incomplete)
+                                       autocast=autocast, allow_incomplete=allow_incomplete, mode=kd["teacher_mode"])
                if kd["teachers"] else None)
     return fit(cfg, out if out is not None else default_out(cfg), resume=resume, kind="distill",
                teacher=teacher, quiet=quiet, on_epoch=on_epoch)
