@@ -28,12 +28,18 @@ def save(fig, path: Path) -> str:
     return str(path)
 
 
-def _epoch_labels(epochs: list[int], keep: set[int]) -> set[int]:
-    """Which points get an epoch label: all of up to 12, else every k-th, the last and those in `keep`."""
-    if len(epochs) <= 12:
-        return set(epochs)
-    step = math.ceil(len(epochs) / 10)
-    return set(epochs[::step]) | {epochs[-1]} | keep
+def _epoch_labels(xs: list[float], ys: list[float], epochs: list[int], keep: set[int]) -> set[int]:
+    """Which points get an epoch label: those in `keep` first, then in training order each point at least 6 % of
+    the plot's span away from every point already labelled, so late checkpoints that sit on top of each other (a
+    converged run) share one label instead of piling up into an unreadable smear."""
+    span_x = (max(xs) - min(xs)) or 1.0
+    span_y = (max(ys) - min(ys)) or 1.0
+    order = [i for i, e in enumerate(epochs) if e in keep] + [i for i, e in enumerate(epochs) if e not in keep]
+    chosen: list[int] = []
+    for i in order:
+        if all(math.hypot((xs[i] - xs[j]) / span_x, (ys[i] - ys[j]) / span_y) >= 0.06 for j in chosen):
+            chosen.append(i)
+    return {epochs[i] for i in chosen}
 
 
 def information_plane(records: list[dict], split: str, selected: int, ties: list[int], title: str,
@@ -59,7 +65,7 @@ def information_plane(records: list[dict], split: str, selected: int, ties: list
         ax.errorbar(xs, ys, xerr=[e[1]["se"] or 0 for e in shown], yerr=[e[2]["se"] or 0 for e in shown],
                     fmt="none", ecolor="0.55", lw=0.8, zorder=1)
         points = ax.scatter(xs, ys, c=epochs, cmap="viridis", s=30, zorder=2)
-        labelled = _epoch_labels(epochs, {selected})
+        labelled = _epoch_labels(xs, ys, epochs, {selected, epochs[0], epochs[-1]})
         for n, (x, y, e) in enumerate(zip(xs, ys, epochs)):
             if e in labelled:
                 ax.annotate(str(e), (x, y), textcoords="offset points", xytext=(5, 5 if n % 2 else -9), fontsize=7)
@@ -101,7 +107,7 @@ def trajectory(records: list[dict], criterion: dict, num_classes: int, title: st
     """Accuracy and confidence, dark knowledge, calibration and the selection score against epoch."""
     epochs = [r["epoch"] for r in records]
     selected = criterion["t_star"]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    fig, axes = plt.subplots(1, 4, figsize=(15, 4.2))
     for split, style in (("train", "-"), ("val", "--")):
         axes[0].plot(epochs, [_value(r[split]["acc"], 100) for r in records], "o" + style, ms=3, color="C0",
                      label=f"accuracy ({split})")
@@ -142,7 +148,9 @@ def trajectory(records: list[dict], criterion: dict, num_classes: int, title: st
         for twin in getattr(ax, "twins", []):  # a panel with two y axes gets one legend for both
             more = twin.get_legend_handles_labels()
             handles, labels = handles + more[0], labels + more[1]
-        ax.legend(handles, labels, fontsize=6, frameon=False)
+        # Below the panel: with a twin axis, matplotlib's "best" place ignores the twin's lines and covers them.
+        ax.legend(handles, labels, fontsize=6, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                  ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
     return save(fig, path)

@@ -231,7 +231,10 @@ def _table3(pairs: list[_Pair], expected: dict[str, dict[str, int]]) -> _Table:
         per_pair_means.append([statistics.mean(pair.teacher_accuracy()) if pair.teacher_accuracy() else None] + means)
         cells = _bold_best([_cell(pair.values(v), expected[pair.name].get(v), pair.flagged(v)) for v in columns],
                            means)
-        rows.append([(pair.teacher_model, False), (pair.student_model, False),
+        # Two pairs of the same models (e.g. a label-noise control) are told apart by the pair's name.
+        student = (pair.student_model if pair.name == f"{pair.teacher_model}->{pair.student_model}"
+                   else f"{pair.student_model} ({pair.name})")
+        rows.append([(pair.teacher_model, False), (student, False),
                      (_cell(pair.teacher_accuracy()), False)] + cells)
     # The average of a column is only shown when every pair has a number in it: a partial mean would mislead.
     columns_means = [[means[i] for means in per_pair_means] for i in range(len(columns) + 1)]
