@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "kd": {"teachers": [], "temperature": 4.0, "alpha": 0.1, "ensemble": "probs", "cache": "auto", "views": 32,
            "cache_dir": None, "channels_last": "auto", "autocast": "auto", "teacher_mode": "eval"},
     "eval": {"last_k": 5},
-    "log": {"progress": "auto", "tensorboard": "auto"},
+    "log": {"progress": "auto", "tensorboard": "auto", "report_to": []},
 }
 
 # Keys under `model` beyond these are passed to the model's constructor and checked against its signature.
@@ -139,7 +139,7 @@ def milestone(v: Any) -> str | None:
 # Options added after studies were run with this code, each at the value that reproduces what ran before them. At
 # that value they are left out of a task's identity (`identity`), so a study begun before an option existed resumes
 # instead of starting again under new task names.
-NEUTRAL: dict[str, Any] = {"kd.teacher_mode": "eval"}
+NEUTRAL: dict[str, Any] = {"kd.teacher_mode": "eval", "log.report_to": []}
 
 
 def identity(obj: Any) -> Any:
@@ -207,6 +207,7 @@ FIELDS: dict[str, Check] = {
     "eval.last_k": integer(1),
     "log.progress": one_of("auto", True, False),
     "log.tensorboard": one_of("auto", True, False),
+    "log.report_to": list_of(one_of("tensorboard", "mlflow", "wandb")),
 }
 
 
@@ -334,6 +335,9 @@ def validate(cfg: dict) -> None:
     late = [e for e in cfg["checkpoints"]["epochs"] if e > epochs]
     if late:
         raise UserError(f"config: checkpoints.epochs {late} go past schedule.epochs={epochs}")
+    from .tracking import check_trackers  # a tracker that cannot import is refused before anything is written
+
+    check_trackers(cfg["log"]["report_to"], cfg["log"]["tensorboard"])
     if cfg["kd"]["teacher_mode"] == "train" and cfg["kd"]["cache"] == "on":
         raise UserError("config: kd.teacher_mode=train (teachers on batch statistics) cannot use kd.cache=on: their "
                         "outputs depend on the batch; use kd.cache=auto or off")

@@ -1,10 +1,18 @@
-"""Where a run's progress goes besides its folder: a progress bar and log lines on stderr, TensorBoard event files.
+"""Where a run's progress goes besides its folder: a progress bar and log lines on stderr, and the experiment trackers
+of `log.report_to` (tensorboard, mlflow, wandb; `log.tensorboard: true` is the same as listing tensorboard).
 
-metrics.jsonl (written by the run folder's owner) stays the source of truth; everything here is a view of it.
+metrics.jsonl (written by the run folder's owner) stays the source of truth; everything here is a view of it. Each
+tracker gets the resolved config as hyper-parameters, every epoch's numbers, each checkpoint's sha256 and the final
+numbers. A tracker package is imported only when asked for. Trackers keep no state in the run folder: a resumed run
+finds its MLflow run again by the tag `ckptkd.folder` and its wandb run by an id derived from the folder's path.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -16,17 +24,142 @@ from .errors import UserError
 _BAR_EVERY = 16
 
 
-def _tensorboard(setting, folder: Path):
-    if setting is False:
-        return None
-    try:
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # name -> the package it needs
+
+
+def check_trackers(report_to: list, tensorboard_setting) -> None:
+    """Exit-2 errors before anything is written: an unknown tracker, or one whose package is not installed."""
+    for name in report_to:
+        if name not in TRACKERS:
+            raise UserError(f"config: log.report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}")
+    wanted = list(report_to) + (["tensorboard"] if tensorboard_setting is True else [])
+    for name in dict.fromkeys(wanted):
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            field = "log.tensorboard=true" if name not in report_to else f"log.report_to includes {name}"
+            raise UserError(f"config: {field} but the {TRACKERS[name]} package is not installed "
+                            "(pip install 'ckptkd[track]')")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return out
+
+
+def _scalars(record: dict) -> dict:
+    return {k: float(v) for k, v in record.items() if k not in ("epoch", "step") and isinstance(v, (int, float))
+            and not isinstance(v, bool)}
+
+
+class _TensorBoard:
+    def __init__(self, cfg: dict, folder: Path, resumed: bool):
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        if setting is True:
-            raise UserError("config: log.tensorboard=true but the tensorboard package is not installed "
-                            "(pip install 'ckptkd[track]')") from None
-        return None
-    return SummaryWriter(log_dir=str(folder / "tensorboard"))
+
+        self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"))
+        if not resumed:
+            self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in _flat(cfg).items()))
+
+    def epoch(self, record: dict) -> None:
+        for key, value in _scalars(record).items():
+            self.writer.add_scalar(key, value, record["epoch"])
+
+    def checkpoint(self, epoch: int, path: str, sha256: str) -> None:
+        self.writer.add_text("checkpoints", f"{path} sha256 {sha256}", epoch)
+
+    def finished(self, final: dict) -> None:
+        for key, value in _scalars(final).items():
+            self.writer.add_scalar(f"final/{key}", value, final.get("epoch", 0))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _MLflow:
+    """The tracking URI and experiment come from MLflow's own settings (MLFLOW_TRACKING_URI, e.g.
+    sqlite:///mlflow.db, and MLFLOW_EXPERIMENT_NAME); without them, MLflow's default store and the experiment
+    "ckptkd"."""
+
+    def __init__(self, cfg: dict, folder: Path, resumed: bool):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient()
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "ckptkd")
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        where = str(folder.resolve())
+        found = self.client.search_runs([experiment_id], filter_string=f"tags.`ckptkd.folder` = '{where}'",
+                                        max_results=1) if resumed else []
+        if found:
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            self.run_id = self.client.create_run(experiment_id, run_name=cfg["name"],
+                                                 tags={"ckptkd.folder": where}).info.run_id
+            for key, value in _flat(cfg).items():
+                self.client.log_param(self.run_id, key, str(value)[:6000])
+
+    def epoch(self, record: dict) -> None:
+        for key, value in _scalars(record).items():
+            self.client.log_metric(self.run_id, key, value, step=record["epoch"])
+
+    def checkpoint(self, epoch: int, path: str, sha256: str) -> None:
+        self.client.set_tag(self.run_id, f"checkpoint.{Path(path).stem}.sha256", sha256)
+
+    def finished(self, final: dict) -> None:
+        for key, value in _scalars(final).items():
+            self.client.log_metric(self.run_id, f"final.{key}", value)
+        self.client.set_terminated(self.run_id, status="FINISHED")
+
+    def close(self) -> None:
+        pass  # an unfinished run stays RUNNING in MLflow until it resumes and finishes
+
+
+class _Wandb:
+    """Project and mode come from wandb's own settings (WANDB_PROJECT, WANDB_MODE=offline, ...)."""
+
+    def __init__(self, cfg: dict, folder: Path, resumed: bool):
+        import wandb
+
+        run_id = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ckptkd"), name=cfg["name"], id=run_id,
+                              resume="allow", config=_flat(cfg), dir=str(folder), reinit="create_new")
+
+    def epoch(self, record: dict) -> None:
+        self.run.log({**_scalars(record), "epoch": record["epoch"]})
+
+    def checkpoint(self, epoch: int, path: str, sha256: str) -> None:
+        self.run.summary[f"checkpoint.{Path(path).stem}.sha256"] = sha256
+
+    def finished(self, final: dict) -> None:
+        for key, value in _scalars(final).items():
+            self.run.summary[f"final.{key}"] = value
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+_TRACKER_CLASSES = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _Wandb}
+
+
+def _trackers(cfg: dict, folder: Path, resumed: bool) -> list:
+    names = list(cfg["log"]["report_to"])
+    setting = cfg["log"]["tensorboard"]
+    if "tensorboard" not in names and setting is not False and (
+            setting is True or importlib.util.find_spec("tensorboard") is not None):
+        names.append("tensorboard")  # log.tensorboard: auto writes event files whenever tensorboard is installed
+    check_trackers(names, None)
+    trackers = []
+    for name in dict.fromkeys(names):
+        try:
+            trackers.append(_TRACKER_CLASSES[name](cfg, folder, resumed))
+        except Exception as e:  # a tracker's own configuration problem (its store, its login): one line, exit 2
+            reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            raise UserError(f"log.report_to: {name} could not start ({reason})") from None
+    return trackers
 
 
 class RunLog:
@@ -38,7 +171,8 @@ class RunLog:
         self.epochs = cfg["schedule"]["epochs"]
         # tqdm's disable=None hides the bar when output is not a terminal.
         self.bar_disabled = True if quiet else {"auto": None, True: False, False: True}[cfg["log"]["progress"]]
-        self.tensorboard = _tensorboard(cfg["log"]["tensorboard"], folder) if writes else None
+        self.cfg, self.writes = cfg, writes
+        self.trackers: list = []
         self._flagged: set[str] = set()
 
     def say(self, message: str) -> None:
@@ -50,6 +184,8 @@ class RunLog:
     def started(self, resumed_from: int | None) -> None:
         if resumed_from:
             self.say(f"resuming {self.folder} after epoch {resumed_from} of {self.epochs}")
+        if self.writes:
+            self.trackers = _trackers(self.cfg, self.folder, resumed=bool(resumed_from))
 
     def bar(self, batches: Iterable, epoch: int, steps: int):
         """The epoch's batches behind a progress bar, and the per-step callback that updates it."""
@@ -66,22 +202,29 @@ class RunLog:
 
         return bar, on_step
 
-    def epoch(self, record: dict, checkpoint: str | None, health: dict) -> None:
-        """A line per saved checkpoint, and one when a health flag first appears; scalars to TensorBoard."""
+    def epoch(self, record: dict, checkpoint, health: dict) -> None:
+        """A line per saved checkpoint (`checkpoint`: its manifest entry), and one when a health flag first appears;
+        the numbers to every tracker."""
         if checkpoint is not None:
             self.say(f"epoch {record['epoch']:>4}/{self.epochs}  loss {record['train_loss']:.4f}  "
                      f"train {record['train_acc']:.4f}  val {record['val_acc']:.4f}  test {record['test_acc']:.4f}"
-                     f"  -> {self.folder / checkpoint}")
+                     f"  -> {self.folder / checkpoint.path}")
         for flag in health["flags"]:
             if flag["flag"] not in self._flagged:
                 self._flagged.add(flag["flag"])
                 self.say(f"warning: {self.folder}: {health_mod.describe({'flags': [flag]})}; this run may be "
                          "diverging (try a lower optim.lr or schedule.warmup_epochs)")
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key not in ("epoch", "step") and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, record["epoch"])
+        for tracker in self.trackers:
+            tracker.epoch(record)
+            if checkpoint is not None:
+                tracker.checkpoint(record["epoch"], checkpoint.path, checkpoint.sha256)
+
+    def finished(self, final: dict) -> None:
+        for tracker in self.trackers:
+            tracker.finished(final)
+        self.close()
 
     def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        trackers, self.trackers = self.trackers, []  # once: `finished` closes, and `fit`'s finally may again
+        for tracker in trackers:
+            tracker.close()

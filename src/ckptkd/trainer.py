@@ -8,6 +8,7 @@ Under torchrun every rank runs `fit`; rank 0 alone evaluates and writes (see `ck
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -68,7 +69,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
                 verdict = health.assess(progress.history + [record])
                 entry = folder.end_epoch(record, model, optimizer, progress, checkpoint=epoch in saved_at,
                                          health=verdict)
-                log.epoch(record, entry.path if entry else None, verdict)
+                log.epoch(record, entry, verdict)
             else:
                 progress.epoch = epoch
             if on_epoch is not None:
@@ -77,11 +78,13 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
         if main:
             folder.fail(progress, "interrupted" if isinstance(error, KeyboardInterrupt)
                         else f"{type(error).__name__}: {error}")
-        raise
-    finally:
         log.close()
+        raise
     if main:
-        folder.finish(progress, final_numbers(progress, cfg["eval"]["last_k"]))
+        final = final_numbers(progress, cfg["eval"]["last_k"])
+        folder.finish(progress, final)
+        log.finished(dataclasses.asdict(final))  # the trackers get the final numbers, then close
+    log.close()
     distributed.barrier()  # the other ranks return once rank 0 has written the finished run
     return folder.run
 
