@@ -173,7 +173,7 @@ LAYOUTS = {"repdistiller": write_repdistiller, "mdistiller": write_mdistiller, "
            "timm": write_timm, "hf": write_hf, "state_dict": write_state_dict, "lightning": write_lightning}
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside Lightning itself
+@pytest.mark.filterwarnings("ignore:.*LeafSpec")  # a deprecation inside Lightning itself
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_trajectory_from_each_trainer_imports_and_analyze_select_distill_work_on_it(tmp_path, trajectory, layout):
     source = tmp_path / "source"

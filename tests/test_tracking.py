@@ -33,6 +33,7 @@ def test_tensorboard_event_files_hold_the_numbers_of_metrics_jsonl(tmp_path):
     assert events.Scalars("final/test_acc")[0].value == pytest.approx(Run(run.path).manifest.final.test_acc)
 
 
+@pytest.mark.filterwarnings("ignore:.*noload")  # a deprecation inside MLflow's SQLAlchemy store
 def test_mlflow_local_store_gets_config_metrics_checkpoints_and_final_numbers(tmp_path, monkeypatch):
     pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'ckptkd[track]')")
     from mlflow.tracking import MlflowClient
