@@ -86,3 +86,36 @@ def test_an_unknown_tracker_is_refused_by_the_cli(tmp_path):
     result = run_cli("train", str(config), "--out", str(tmp_path / "r"))
     assert result.returncode == 2 and "log.report_to" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*noload")
+def test_an_interrupted_run_is_killed_in_mlflow_and_its_resume_finishes_the_same_run(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'ckptkd[track]')")
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "kd-resume")
+    folder_module = sys.modules["ckptkd.run.folder"]
+    save_state = folder_module.save_state
+
+    def save_then_stop(path, model, optimizer, progress):
+        save_state(path, model, optimizer, progress)
+        if progress.epoch == 2:
+            raise KeyboardInterrupt
+
+    cfg = tiny_config(**TRACKED, log={"progress": False, "tensorboard": False, "report_to": ["mlflow"]})
+    monkeypatch.setattr(folder_module, "save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out=tmp_path / "r", quiet=True)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("kd-resume").experiment_id
+    [first] = client.search_runs([experiment])
+    assert first.info.status == "KILLED"
+    monkeypatch.setattr(folder_module, "save_state", save_state)
+    train(cfg, out=tmp_path / "r", resume=True, quiet=True)
+    [again] = client.search_runs([experiment])
+    assert again.info.run_id == first.info.run_id and again.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(again.info.run_id, "val_acc")]
+    assert sorted(steps) == [1, 2, 3]

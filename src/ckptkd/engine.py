@@ -67,8 +67,6 @@ def cache_settings(cfg: dict, data: Data) -> dict | None:
     `kd.cache: auto` caches when building the bank costs no more teacher forwards than one student run online
     (views <= epochs): every later student, seed or epoch then reuses it."""
     kd = cfg["kd"]
-    if kd["teacher_mode"] == "train":  # outputs depend on the batch they are computed in: nothing to cache
-        return None
     if kd["cache"] == "auto":
         use = min(kd["views"], data.distinct_views()) <= cfg["schedule"]["epochs"]
     else:

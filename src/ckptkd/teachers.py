@@ -118,6 +118,8 @@ class Teacher:
         self.to(data.train_x.device)
         self.match_normalisation(data)
         self.measure(data)
+        if cache is not None and self.mode == "train":
+            cache = None  # train-mode outputs depend on the batch they are computed in: there is nothing to cache
         if cache is not None:
             if distributed.is_main():
                 self.attach_cache(data, **cache)

@@ -56,11 +56,11 @@ def _scalars(record: dict) -> dict:
 
 
 class _TensorBoard:
-    def __init__(self, cfg: dict, folder: Path, resumed: bool):
+    def __init__(self, cfg: dict, folder: Path, history: list[dict] | None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"))
-        if not resumed:
+        if not history:
             self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in _flat(cfg).items()))
 
     def epoch(self, record: dict) -> None:
@@ -74,7 +74,7 @@ class _TensorBoard:
         for key, value in _scalars(final).items():
             self.writer.add_scalar(f"final/{key}", value, final.get("epoch", 0))
 
-    def close(self) -> None:
+    def close(self, completed: bool) -> None:
         self.writer.close()
 
 
@@ -83,7 +83,7 @@ class _MLflow:
     sqlite:///mlflow.db, and MLFLOW_EXPERIMENT_NAME); without them, MLflow's default store and the experiment
     "ckptkd"."""
 
-    def __init__(self, cfg: dict, folder: Path, resumed: bool):
+    def __init__(self, cfg: dict, folder: Path, history: list[dict] | None):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient()
@@ -92,10 +92,15 @@ class _MLflow:
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
         where = str(folder.resolve())
         found = self.client.search_runs([experiment_id], filter_string=f"tags.`ckptkd.folder` = '{where}'",
-                                        max_results=1) if resumed else []
+                                        max_results=1) if history else []
         if found:
             self.run_id = found[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
+            # A kill between the run folder's epoch and ours loses that epoch here: send what MLflow lacks.
+            logged = {m.step for m in self.client.get_metric_history(self.run_id, "val_acc")}
+            for record in history:
+                if record["epoch"] not in logged:
+                    self.epoch(record)
         else:
             self.run_id = self.client.create_run(experiment_id, run_name=cfg["name"],
                                                  tags={"ckptkd.folder": where}).info.run_id
@@ -112,16 +117,16 @@ class _MLflow:
     def finished(self, final: dict) -> None:
         for key, value in _scalars(final).items():
             self.client.log_metric(self.run_id, f"final.{key}", value)
-        self.client.set_terminated(self.run_id, status="FINISHED")
 
-    def close(self) -> None:
-        pass  # an unfinished run stays RUNNING in MLflow until it resumes and finishes
+    def close(self, completed: bool) -> None:
+        # An interrupted or failed run is KILLED in MLflow; `--resume` finds it again and sets it RUNNING.
+        self.client.set_terminated(self.run_id, status="FINISHED" if completed else "KILLED")
 
 
 class _Wandb:
     """Project and mode come from wandb's own settings (WANDB_PROJECT, WANDB_MODE=offline, ...)."""
 
-    def __init__(self, cfg: dict, folder: Path, resumed: bool):
+    def __init__(self, cfg: dict, folder: Path, history: list[dict] | None):
         import wandb
 
         run_id = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
@@ -138,24 +143,25 @@ class _Wandb:
         for key, value in _scalars(final).items():
             self.run.summary[f"final.{key}"] = value
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, completed: bool) -> None:
+        self.run.finish(exit_code=0 if completed else 1)
 
 
 _TRACKER_CLASSES = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _Wandb}
 
 
-def _trackers(cfg: dict, folder: Path, resumed: bool) -> list:
+def _trackers(cfg: dict, folder: Path, history: list[dict] | None) -> list:
+    """The trackers of `cfg`, started; `history`: the epochs a resumed run already has (None for a new run)."""
     names = list(cfg["log"]["report_to"])
     setting = cfg["log"]["tensorboard"]
     if "tensorboard" not in names and setting is not False and (
             setting is True or importlib.util.find_spec("tensorboard") is not None):
         names.append("tensorboard")  # log.tensorboard: auto writes event files whenever tensorboard is installed
-    check_trackers(names, None)
+    # Every name was checked when the config was validated (`check_trackers`), and auto only adds one found above.
     trackers = []
     for name in dict.fromkeys(names):
         try:
-            trackers.append(_TRACKER_CLASSES[name](cfg, folder, resumed))
+            trackers.append(_TRACKER_CLASSES[name](cfg, folder, history))
         except Exception as e:  # a tracker's own configuration problem (its store, its login): one line, exit 2
             reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
             raise UserError(f"log.report_to: {name} could not start ({reason})") from None
@@ -181,11 +187,12 @@ class RunLog:
 
             tqdm.write(message, file=sys.stderr)
 
-    def started(self, resumed_from: int | None) -> None:
-        if resumed_from:
-            self.say(f"resuming {self.folder} after epoch {resumed_from} of {self.epochs}")
+    def started(self, history: list[dict] | None) -> None:
+        """`history`: the epochs a resumed run already has; None (or empty) for a run that starts now."""
+        if history:
+            self.say(f"resuming {self.folder} after epoch {history[-1]['epoch']} of {self.epochs}")
         if self.writes:
-            self.trackers = _trackers(self.cfg, self.folder, resumed=bool(resumed_from))
+            self.trackers = _trackers(self.cfg, self.folder, history or None)
 
     def bar(self, batches: Iterable, epoch: int, steps: int):
         """The epoch's batches behind a progress bar, and the per-step callback that updates it."""
@@ -220,11 +227,13 @@ class RunLog:
                 tracker.checkpoint(record["epoch"], checkpoint.path, checkpoint.sha256)
 
     def finished(self, final: dict) -> None:
+        """The run completed: the trackers get its final numbers and are closed as finished."""
         for tracker in self.trackers:
             tracker.finished(final)
-        self.close()
+        self.close(completed=True)
 
-    def close(self) -> None:
-        trackers, self.trackers = self.trackers, []  # once: `finished` closes, and `fit`'s finally may again
+    def close(self, completed: bool = False) -> None:
+        """Close the trackers, once (`fit` calls this after `finished` too); not completed: interrupted or failed."""
+        trackers, self.trackers = self.trackers, []
         for tracker in trackers:
-            tracker.close()
+            tracker.close(completed)

@@ -48,7 +48,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
     net = distributed.wrap(model, device)  # what the step calls; `model` is what is evaluated and saved
     progress = folder.begin(new_manifest(cfg, kind, spec, data, device, teacher), model, optimizer)
     log = RunLog(cfg, folder.path, quiet=quiet or not main, writes=main)
-    log.started(progress.epoch if folder.resumable else None)
+    log.started(progress.history if folder.resumable else None)
     objective, steps = Objective(cfg["kd"], teacher), data.steps_per_epoch(cfg["data"]["batch_size"])
     saved_at, tested_at = checkpoint_epochs(cfg), test_epochs(cfg)
     try:
