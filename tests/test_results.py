@@ -294,3 +294,27 @@ def test_processes_creating_the_database_at_once(tmp_path, spawn):
         finish(proc)
     with ResultsDB(path) as db:
         assert sorted(r["run_id"] for r in db.rows()) == ["own0", "own1", "own2", "own3", "shared"]
+
+
+def test_a_group_is_claimed_whole_once_every_member_can_start(tmp_path):
+    db = ResultsDB(tmp_path / "r.sqlite")
+    add_run(db, "t1")
+    add_run(db, "t2")
+    for name, deps in (("a", ["t1"]), ("b", ["t1"]), ("c", ["t1", "t2"]), ("d", [])):
+        add_run(db, name, kind="student", depends_on=deps)
+    groups = {r: ["a", "b", "c"] for r in ("a", "b", "c")}
+    first = db.claim_group("w", groups)
+    assert [r["run_id"] for r in first] == ["t1"]
+    db.complete("t1", metrics={}, timings={})
+    # a and b could start, but c waits for t2: the group waits whole, and d (alone) goes first
+    assert [r["run_id"] for r in db.claim_group("w", groups)] == ["t2"]
+    assert [r["run_id"] for r in db.claim_group("w", groups)] == ["d"]
+    db.complete("t2", metrics={}, timings={})
+    claimed = db.claim_group("w", groups)
+    assert [r["run_id"] for r in claimed] == ["a", "b", "c"] and all(r["status"] == "running" for r in claimed)
+    db.complete("a", metrics={}, timings={})
+    db.fail("b", error="diverged")
+    db.fail("c", error="diverged")
+    # a is done: a retry of the group takes the members still to do, each attempt counted
+    retried = db.claim_group("w", groups)
+    assert [(r["run_id"], r["attempts"]) for r in retried] == [("b", 2), ("c", 2)]

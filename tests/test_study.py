@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import sqlite3
@@ -91,7 +92,8 @@ def _start(config_path, out):
 
 def test_killed_half_way_then_rerun_finishes_without_redoing_finished_runs(tmp_path):
     config_path = tmp_path / "study.yaml"
-    config_path.write_text(yaml.safe_dump(tiny_study(variants=["none", "T0.5", "Tfull", "snapshot"])))
+    # Groups of 2 students, so the study has several groups to finish after the kill.
+    config_path.write_text(yaml.safe_dump(tiny_study(variants=["none", "T0.5", "Tfull", "snapshot"], fuse=2)))
     out = tmp_path / "s"
     proc = _start(config_path, out)
 
@@ -215,3 +217,28 @@ def test_an_option_added_later_leaves_task_identity_alone_at_the_value_that_repr
     assert task_id("distill", now) == task_id("distill", before)
     live = config_mod.resolve(None, {"data.name": "digits", "kd.teacher_mode": "train"})
     assert task_id("distill", live) != task_id("distill", now)
+
+
+def test_fused_groups_follow_the_plan_and_each_run_keeps_its_row(tmp_path):
+    from ckptkd.study import fuse_groups
+
+    study = tiny_study(fuse=3)
+    tasks = plan(resolve_study(study))
+    groups = fuse_groups(tasks, 3)
+    students = [t.run_id for t in tasks if t.kind == "distill"]
+    teachers = [t.run_id for t in tasks if t.kind == "train"]
+    assert groups[teachers[0]] == teachers  # the two teachers differ only in their seed
+    assert [groups[s] for s in students[:3]] == [students[:3]] * 3 and groups[students[-1]] == students[15:]
+    assert not any(t.run_id in groups for t in tasks if t.kind == "analyze")
+    assert fuse_groups(tasks, 3) == groups  # fixed by the plan alone
+    with pytest.raises(UserError, match="fuse"):
+        resolve_study(tiny_study(fuse="sometimes"))
+    done = run_study(study, out=tmp_path / "s", quiet=True)
+    rows = ResultsDB(done / "results.sqlite").rows()
+    assert all(r["status"] == "complete" and r["attempts"] == 1 for r in rows)
+    fused = [json.loads((done / r["path"] / "manifest.json").read_text()).get("fused") for r in rows
+             if r["kind"] == "distill"]
+    assert [f["members"] for f in fused[:15]] == [3] * 15
+    assert fused[15] is None  # a group of one is an ordinary run
+    # fuse says how runs are trained, not what they compute: the same study resumes under another setting
+    run_study(tiny_study(fuse="off"), out=tmp_path / "s", quiet=True)

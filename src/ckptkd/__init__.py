@@ -15,7 +15,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 __version__ = "0.2.0"
 
 _LAZY = {
-    "train": ("trainer", "train"), "distill": ("trainer", "distill"), "analyze": ("analysis", "analyze"),
+    "train": ("trainer", "train"), "distill": ("trainer", "distill"), "distill_fused": ("trainer", "distill_fused"),
+    "fit_group": ("group", "fit_group"), "analyze": ("analysis", "analyze"),
     "select": ("analysis", "select"), "run_study": ("study", "run_study"), "Run": ("run", "Run"),
     "import_trajectory": ("importer", "import_trajectory"),
     "resolve_reference": ("run", "resolve"), "UserError": ("errors", "UserError"),

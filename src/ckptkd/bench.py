@@ -1,5 +1,8 @@
 """`ckptkd bench`: images per second of KD training, measured side by side in one run on a fixed synthetic workload.
 
+`--workload fused` measures something else (`run_fused_bench`): N students trained one at a time through our loop
+against the same N trained as one group (`ckptkd.group`), on the Fashion study's student and on a CIFAR resnet20.
+
 Modes (all train the same student with the same optimizer on the same data):
   student_alone     our loop, cross-entropy only
   kd_online_1       our loop, one teacher checkpoint run on every batch
@@ -13,6 +16,7 @@ Modes (all train the same student with the same optimizer on the same data):
 
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 import tempfile
@@ -267,3 +271,119 @@ def print_bench(result: dict) -> None:
 
 def main_json(result: dict) -> str:
     return json.dumps({k: result[k] for k in ("workload", "img_per_s", "cache_build_s", "compute_limit_parts", "ratios")})
+
+
+# N students, each with its own seed and cached teacher, trained one at a time (`engine.train_epoch`'s loop: our
+# batches, `Objective`, `train_step`) and as one group (`group.train_group_epoch`), side by side in one run.
+FUSED_WORKLOADS = {
+    # The Fashion study's student (results/fashion/study.yaml: a 13k-parameter CNN) on its no-augmentation data.
+    "fashion": {"shape": [1, 28, 28], "classes": 10, "images": 5000, "batch": 128, "augment": False,
+                "teacher": "cnn", "teacher_kwargs": {"channels": [16, 32, 64], "hidden": 256},
+                "student": "cnn", "student_kwargs": {"channels": [4, 8], "hidden": 32}, "steps": 12, "rounds": 3},
+    # A CIFAR-shaped resnet20 student (crop + flip), compute-bound on a CPU.
+    "cifar_resnet20": {"shape": [3, 32, 32], "classes": 100, "images": 1024, "batch": 128, "augment": True,
+                       "teacher": "resnet8", "student": "resnet20", "steps": 4, "rounds": 3},
+}
+
+
+def run_fused_bench(*, members: int = 8, steps: int | None = None, rounds: int | None = None,
+                    threads: int | None = None, device: str = "cpu", workloads: list[str] | None = None) -> dict:
+    """Aggregate img/s of `members` students trained one at a time and as one group, per workload, with the
+    engine the group chose (`group.choose_engine`) and `fused_over_sequential`. Where the group chose to loop,
+    the wide fused model is timed too (`wide_fused_img_s`), to show what it would have cost."""
+    from .group import ENGINES, GroupObjective, Member, choose_engine, train_group_epoch
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = pick_device(device)
+    results = {}
+    for name in workloads or list(FUSED_WORKLOADS):
+        w = FUSED_WORKLOADS[name]
+        n_steps, n_rounds = steps or w["steps"], rounds or w["rounds"]
+        with tempfile.TemporaryDirectory(prefix="ckptkd-bench-") as tmp:
+            tmp = Path(tmp)
+            npz = _synthetic_npz(tmp, {**w, "images": w["images"]})
+            base = {"device": str(dev), "data": {"name": "npz", "root": str(npz), "val_fraction": 0.1,
+                                                "batch_size": w["batch"], "augment": w["augment"],
+                                                "hflip": w["shape"][0] == 3},
+                    "log": {"progress": False, "tensorboard": False},
+                    "kd": {"temperature": 4.0, "alpha": 0.1, "cache": "on", "views": 4}}
+            teacher_cfg = config_mod.resolve({**base, "model": {"name": w["teacher"], **w.get("teacher_kwargs", {})}})
+            data = data_mod.build(teacher_cfg["data"], dev)
+            run = _fake_teacher_run(tmp / "teacher", teacher_cfg, data, seeds=[1, 2, 3, 4])
+            # Student i learns from checkpoint i % 4 (a study's students name a few teachers between them).
+            teachers = [Teacher.from_references([f"{run}@epoch={k}"], quiet=True) for k in (1, 2, 3, 4)]
+            for t in teachers:
+                t.prepare(data, cache={"views": 4, "cache_dir": tmp / "cache"})
+            cfgs = [config_mod.resolve({**base, "seed": i, "model": {"name": w["student"],
+                                                                     **w.get("student_kwargs", {})}})
+                    for i in range(members)]
+            group = [Member(c, tmp / f"s{i}", teachers[i % 4], "distill") for i, c in enumerate(cfgs)]
+            spec = model_spec(cfgs[0], data)
+
+            def students():
+                models = []
+                for c in cfgs:
+                    torch.manual_seed(c["seed"])
+                    models.append(from_spec(spec).to(dev))
+                return models, [make_optimizer(c, m) for c, m in zip(cfgs, models)]
+
+            engine_name, why = choose_engine(students()[0][0], spec, dev)
+            engines = [engine_name] + (["fused"] if engine_name == "looped" and "cannot be fused" not in why else [])
+            seconds = {"sequential": [], **{e: [] for e in engines}}
+            for r in range(n_rounds):
+                models, optimizers = students()
+                for i, (m, o) in enumerate(zip(models, optimizers)):  # warm-up
+                    _timed_epoch_steps(m, o, data, teacher=group[i].teacher, kd=cfgs[i]["kd"], steps=1,
+                                       batch=w["batch"], seed=cfgs[i]["seed"])
+                seconds["sequential"].append(sum(
+                    _timed_epoch_steps(m, o, data, teacher=group[i].teacher, kd=cfgs[i]["kd"], steps=n_steps,
+                                       batch=w["batch"], seed=cfgs[i]["seed"])
+                    for i, (m, o) in enumerate(zip(models, optimizers))))
+                for e in engines:
+                    models, optimizers = students()
+                    engine = ENGINES[e](models, optimizers, cfgs[0], dev)
+                    objective = GroupObjective(group, data.num_classes, dev)
+                    _timed_group_steps(engine, objective, data, cfgs, steps=1, epoch=1)  # warm-up
+                    seconds[e].append(_timed_group_steps(engine, objective, data, cfgs, steps=n_steps, epoch=2))
+        images = members * n_steps * w["batch"]
+        rate = {k: images / min(v) for k, v in seconds.items()}  # the least disturbed round of each
+        results[name] = {"student": w["student"], "shape": w["shape"], "members": members, "steps": n_steps,
+                         "rounds": n_rounds, "batch": w["batch"], "engine": engine_name, "engine_reason": why,
+                         "sequential_img_s": round(rate["sequential"], 1),
+                         "fused_img_s": round(rate[engine_name], 1),
+                         "fused_over_sequential": round(rate[engine_name] / rate["sequential"], 3)}
+        if engine_name == "looped" and "fused" in rate:
+            results[name]["wide_fused_img_s"] = round(rate["fused"], 1)
+    return {"workload": "fused", "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(), "results": results}
+
+
+def _timed_group_steps(engine, objective, data, cfgs: list[dict], *, steps: int, epoch: int) -> float:
+    """Seconds for `steps` group steps through `group.train_group_epoch` (batches built, teacher targets looked up,
+    one step for all members, inside the timing)."""
+    from .group import train_group_epoch
+
+    device = data.train_x.device
+    plans = [data.epoch_plan(seed=c["seed"], epoch=epoch, view_bank=objective.view_bank(i))
+             for i, c in enumerate(cfgs)]
+    _sync(device)
+    started = time.perf_counter()
+    objective.begin_epoch(plans, data.train_x.shape[0])
+    batches = itertools.islice(data.group_batches(plans, cfgs[0]["data"]["batch_size"]), steps)
+    train_group_epoch(engine, objective, batches, cfg=cfgs[0], steps_per_epoch=data.steps_per_epoch(
+        cfgs[0]["data"]["batch_size"]), step=0)
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def print_fused_bench(result: dict) -> None:
+    from .report import terminal_console
+
+    console = terminal_console()
+    for name, r in result["results"].items():
+        wide = f" (the wide fused model: {r['wide_fused_img_s']:.0f} img/s)" if "wide_fused_img_s" in r else ""
+        console.print(f"{name}: {r['student']} x{r['members']} on {r['shape']}: one at a time "
+                      f"{r['sequential_img_s']:.0f} img/s, as one group ({r['engine']}) {r['fused_img_s']:.0f} img/s"
+                      f"{wide}; fused_over_sequential {r['fused_over_sequential']:.2f}. Engine: {r['engine_reason']}")

@@ -28,8 +28,17 @@ def cmd_train(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from .trainer import distill
+    from .errors import UserError
+    from .trainer import distill, distill_fused
 
+    if args.fuse or args.seeds:
+        if not args.teacher:
+            raise UserError("distill --fuse: name each student's teachers with --teacher (none for no teacher)")
+        runs = distill_fused(args.config, teachers=args.teacher, seeds=args.seeds, overrides=args.set, out=args.out,
+                             resume=args.resume, allow_incomplete=args.allow_incomplete, group_size=args.fuse or 8)
+        for run in runs:
+            print(run.path)
+        return
     run = distill(args.config, teachers=args.teacher, overrides=args.set, out=args.out, resume=args.resume,
                   allow_incomplete=args.allow_incomplete)
     _print_trajectory(run.path)
@@ -91,7 +100,18 @@ def cmd_demo(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import main_json, print_bench, run_bench
+    from .bench import main_json, print_bench, print_fused_bench, run_bench, run_fused_bench
+
+    if args.workload == "fused":
+        result = run_fused_bench(members=args.members, steps=args.steps, rounds=args.rounds,
+                                 threads=args.threads, device=args.device)
+        if args.json:
+            import json
+
+            print(json.dumps(result))
+        else:
+            print_fused_bench(result)
+        return
 
     result = run_bench(args.workload, steps=args.steps, rounds=args.rounds, threads=args.threads, device=args.device,
                        autocast=args.autocast)
@@ -99,6 +119,26 @@ def cmd_bench(args) -> None:
         print(main_json(result))
     else:
         print_bench(result)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"expected seeds like 0,1,2, got {text!r}")
+    return seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="train a student from teacher checkpoints (none: the CE baseline)")
     add_run_options(p)
     p.add_argument("--teacher", action="append", default=[], metavar="REF",
-                   help="checkpoint reference, e.g. runs/t@0.5 or runs/t@0.3,0.5,0.7; repeat for an ensemble")
+                   help="checkpoint reference, e.g. runs/t@0.5 or runs/t@0.3,0.5,0.7; repeat for an ensemble "
+                        "(with --fuse: one student per --teacher, A+B an ensemble, none no teacher)")
+    p.add_argument("--fuse", type=_positive, nargs="?", const=8, default=None, metavar="N",
+                   help="one student per --teacher and seed, trained together in groups of N (default 8) into "
+                        "OUT/TEACHER-sSEED")
+    p.add_argument("--seeds", type=_seed_list, default=None, metavar="S,S,...",
+                   help="student seeds for --fuse (default: the config's seed)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     add_allow_incomplete(p)
     p.set_defaults(func=cmd_distill)
@@ -170,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="images/s of KD training modes, side by side on a synthetic workload")
     p.add_argument("--json", action="store_true", help="print one JSON line")
-    p.add_argument("--workload", default="cifar", help="cifar (default: 3x32x32, resnet56 -> resnet20), fashion, digits")
+    p.add_argument("--workload", default="cifar",
+                   help="cifar (default: 3x32x32, resnet56 -> resnet20), fashion, digits, or fused (N students one "
+                        "at a time vs as one group)")
+    p.add_argument("--members", type=_positive, default=8, help="students for --workload fused (default 8)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode and round")
     p.add_argument("--rounds", type=int, default=None, help="rounds; the best of them counts")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

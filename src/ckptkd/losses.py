@@ -119,3 +119,37 @@ def kd_loss(
     terms = kd_terms(student_logits, teacher_logits, targets, temperature=temperature, ensemble=ensemble)
     loss = alpha * terms["ce"] + (1 - alpha) * terms["kd"]
     return (loss, terms) if return_terms else loss
+
+
+def soft_targets(teacher_logits: TeacherLogits, *, temperature: float,
+                 ensemble: str = "probs") -> tuple[torch.Tensor, torch.Tensor]:
+    """What the KD term needs of a teacher, ahead of the student: ``(P, plogp)`` with ``P`` the soft targets
+    ``[B, C]`` (for ``"per_teacher"`` the mean of the teachers' probabilities) and ``plogp`` ``[B]`` the sum over
+    classes of ``P log P`` (for ``"per_teacher"`` the mean of each teacher's), so that for every mode
+
+        ``KL term = tau^2 * mean_b (plogp - sum_c P log softmax(s / tau))``,
+
+    the form `kd_loss_members` computes for many students at once."""
+    _check_options(temperature, ensemble)
+    log_p = _teacher_log_probs(_stack_teachers(teacher_logits).float(), temperature, ensemble)
+    p = log_p.exp()
+    plogp = torch.where(p > 0, p * log_p, 0.0).sum(dim=-1).mean(dim=0)  # 0 log 0 = 0
+    return p.mean(dim=0), plogp
+
+
+def kd_loss_members(student_logits: torch.Tensor, targets: torch.Tensor, *, soft: torch.Tensor, plogp: torch.Tensor,
+                    temperature: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`kd_loss` for N students at once, each with its own teacher targets, temperature and alpha.
+
+    ``student_logits`` ``[N, B, C]``, ``targets`` ``[N, B]``; ``soft`` ``[N, B, C]`` and ``plogp`` ``[N, B]`` from
+    `soft_targets` (zeros for a student without a teacher, whose alpha is then 1); ``temperature`` and ``alpha``
+    ``[N]``. Returns each student's loss ``[N]`` and its unweighted terms ``{"ce": [N], "kd": [N]}``: student i's
+    values equal ``kd_loss(student_logits[i], ..., return_terms=True)`` up to float rounding (tested), and the
+    gradient of the SUM of the losses reaches each student as its own loss's gradient."""
+    n, b, c = student_logits.shape
+    tau = temperature.to(student_logits)
+    log_q = F.log_softmax(student_logits / tau.view(n, 1, 1), dim=-1)
+    kd = (plogp - (soft * log_q).sum(dim=-1)).mean(dim=1) * tau**2
+    ce = F.cross_entropy(student_logits.reshape(n * b, c), targets.reshape(n * b), reduction="none").view(n, b).mean(1)
+    alpha = alpha.to(student_logits)
+    return alpha * ce + (1 - alpha) * kd, {"ce": ce, "kd": kd}

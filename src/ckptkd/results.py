@@ -160,23 +160,50 @@ class ResultsDB:
 
     def claim(self, worker: str | None = None) -> dict | None:
         """Take one run that can start now (its dependencies complete) and mark it running; None if there is none."""
+        claimed = self.claim_group(worker)
+        return claimed[0] if claimed else None
+
+    def claim_group(self, worker: str | None = None, groups: dict[str, list[str]] | None = None) -> list[dict]:
+        """Take the first run that can start now, with the rest of its group (`groups`: run_id -> the run_ids
+        trained together with it), all in one transaction; [] if nothing can start.
+
+        A group is taken whole: the members still to do (not complete, not failed for good) must all be able to
+        start now, or the group waits, so a study trains the same groups whatever the timing of its workers."""
+        groups = groups or {}
         with self._write():
             now = time.time()
             self._settle_dead_claims(self._conn.execute("SELECT * FROM runs").fetchall(), now)
             rows = self._conn.execute("SELECT * FROM runs ORDER BY rowid").fetchall()
+            by_id = {row["run_id"]: row for row in rows}
             status = {row["run_id"]: row["status"] for row in rows}
+
+            def ready(row) -> bool:
+                return self._claimable(row, now) and all(status.get(dep) == "complete"
+                                                         for dep in json.loads(row["depends_on"]))
+
+            def done(row) -> bool:
+                return row["status"] == "complete" or (row["status"] == "failed"
+                                                       and row["attempts"] >= self.max_attempts)
+
+            chosen = None
             for row in rows:
-                deps = json.loads(row["depends_on"])
-                if self._claimable(row, now) and all(status.get(dep) == "complete" for dep in deps):
+                if not ready(row):
+                    continue
+                members = [by_id[r] for r in groups.get(row["run_id"], [row["run_id"]]) if r in by_id]
+                todo = [m for m in members if not done(m)]
+                if all(ready(m) for m in todo):
+                    chosen = todo
                     break
-            else:
-                return None
+            if not chosen:
+                return []
             claimer = f"{self._pid}@{self._host}" + (f"/{worker}" if worker else "")
-            self._conn.execute(
-                "UPDATE runs SET status = 'running', claimer = ?, claimer_pid = ?, claimer_host = ?, started_at = ?,"
-                " heartbeat = ?, attempts = attempts + 1 WHERE run_id = ?",
-                (claimer, self._pid, self._host, now, now, row["run_id"]))
-            return self._decode(self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (row["run_id"],)).fetchone())
+            for row in chosen:
+                self._conn.execute(
+                    "UPDATE runs SET status = 'running', claimer = ?, claimer_pid = ?, claimer_host = ?, "
+                    "started_at = ?, heartbeat = ?, attempts = attempts + 1 WHERE run_id = ?",
+                    (claimer, self._pid, self._host, now, now, row["run_id"]))
+            return [self._decode(self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (row["run_id"],))
+                                 .fetchone()) for row in chosen]
 
     def _owned(self, run_id: str) -> sqlite3.Row:
         row = self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()

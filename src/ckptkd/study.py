@@ -43,8 +43,18 @@ STUDY_DEFAULTS: dict[str, Any] = {
     "curve": False,
     "compare_online": [],
     "max_attempts": 3,
+    "fuse": "auto",
     "pairs": [],
 }
+
+# Study keys that say how the grid is run, not what it computes: a study resumes under another setting of them.
+HOW_KEYS = ("description", "fuse")
+
+
+def _fuse(v):
+    if v in ("auto", "off") or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024):
+        return None
+    return "auto, off or the largest number of runs trained as one group (1 to 1024)"
 
 
 def _seeds(v):
@@ -71,6 +81,7 @@ STUDY_FIELDS = {
     "snapshot": _snapshot,
     "compare_online": list_of(lambda v: "a variant other than none" if v == "none" else variants_mod.check(v)),
     "max_attempts": integer(1, 100),
+    "fuse": _fuse,
 }
 
 
@@ -280,6 +291,43 @@ def plan(study: dict) -> list[Task]:
     return list(tasks.values())
 
 
+def fuse_groups(tasks: list[Task], size: int) -> dict[str, list[str]]:
+    """run_id -> the run_ids trained together with it: training and distillation tasks of one kind whose configs
+    differ only in what `group.MEMBER_KEYS` allows (seed, name, teachers, KD settings), in plan order, at most `size`
+    to a group. Fixed by the plan alone, so every rerun and every worker forms the same groups."""
+    from .group import group_key
+
+    by_key: dict[tuple, list[str]] = {}
+    for task in tasks:
+        if task.kind in ("train", "distill"):
+            by_key.setdefault((task.kind, group_key(task.config)), []).append(task.run_id)
+    groups = {}
+    for ids in by_key.values():
+        for start in range(0, len(ids), size):
+            chunk = ids[start:start + size]
+            for run_id in chunk:
+                groups[run_id] = chunk
+    return groups
+
+
+def group_size(fuse, cfg: dict) -> int:
+    """`fuse: auto` groups 8 runs on a CPU (fused throughput levels off there: benchmarks/README.md) and 32 on a
+    GPU; `off` is 1; a number is that many."""
+    if fuse == "off":
+        return 1
+    if fuse != "auto":
+        return fuse
+    from .engine import pick_device
+
+    return 32 if pick_device(cfg["device"]).type == "cuda" else 8
+
+
+def _student_config(task: dict, study_dir: Path) -> dict:
+    cfg = copy.deepcopy(task["config"])
+    cfg["kd"]["teachers"] = [str(study_dir / reference) for reference in cfg["kd"]["teachers"]]
+    return cfg
+
+
 def _execute(task: dict, study_dir: Path, db: ResultsDB) -> tuple[dict, dict]:
     """Run one task (resuming its folder if an earlier attempt left one); returns (metrics, timings)."""
     from .analysis import analyze
@@ -297,21 +345,78 @@ def _execute(task: dict, study_dir: Path, db: ResultsDB) -> tuple[dict, dict]:
     if task["kind"] == "train":
         run = fit(cfg, out, resume=True, quiet=True, on_epoch=heartbeat)
     else:
-        cfg["kd"]["teachers"] = [str(study_dir / reference) for reference in cfg["kd"]["teachers"]]
-        run = distill(cfg, out=out, resume=True, quiet=True, on_epoch=heartbeat)
+        run = distill(_student_config(task, study_dir), out=out, resume=True, quiet=True, on_epoch=heartbeat)
+    return run_metrics(task["kind"], run)
+
+
+def _execute_group(rows: list[dict], study_dir: Path, db: ResultsDB,
+                   say) -> list[tuple[dict, dict] | Exception]:
+    """Train the runs of `rows` as one group (`group.fit_group`); per row its (metrics, timings) or the error that
+    stopped it alone."""
+    from .group import Member, fit_group
+    from .trainer import make_teacher
+
+    members, teachers = [], {}
+    for row in rows:
+        cfg = _student_config(row, study_dir) if row["kind"] == "distill" else copy.deepcopy(row["config"])
+        teacher = None
+        if cfg["kd"]["teachers"]:
+            kd = cfg["kd"]
+            key = json.dumps([kd["teachers"], kd["channels_last"], kd["autocast"], kd["teacher_mode"],
+                              cfg["precision"]])
+            if key not in teachers:  # members that name the same teachers share one (prepared and cached once)
+                teachers[key] = make_teacher(cfg, quiet=True)
+            teacher = teachers[key]
+        members.append(Member(cfg, study_dir / row["path"], teacher, row["kind"]))
+
+    def heartbeat(_record):
+        for row in rows:
+            db.heartbeat(row["run_id"])
+
+    outcomes = fit_group(members, resume=True, quiet=True, on_epoch=heartbeat, announce=say)
+    return [outcome if isinstance(outcome, Exception) else run_metrics(row["kind"], outcome)
+            for row, outcome in zip(rows, outcomes)]
+
+
+def run_metrics(kind: str, run) -> tuple[dict, dict]:
+    """What the study database keeps of a finished training run: (metrics, timings)."""
     manifest = run.manifest
     final = manifest.final
     metrics = {"test_acc": final.test_acc, "val_acc": final.val_acc, "train_acc": final.train_acc,
                "best_val_acc": final.best_val_acc, "best_val_epoch": final.best_val_epoch,
                "train_time_s": final.train_time_s, "test_acc_last_k": final.test_acc_last_k, "last_k": final.last_k,
                "health": manifest.health}
-    if task["kind"] == "distill":
+    if kind == "distill":
         ensemble = manifest.teacher_ensemble or {}
         metrics.update(teacher_val_acc=ensemble.get("val_acc"), teacher_test_acc=ensemble.get("test_acc"),
                        teachers=[t["reference"] for t in manifest.teachers],
                        teacher_epochs=[t["epoch"] for t in manifest.teachers],
                        teacher_cache=ensemble.get("cache"))
     return metrics, {"train_time_s": final.train_time_s}
+
+
+def _release(db: ResultsDB, rows: list[dict]) -> None:
+    for row in rows:
+        try:
+            db.release(row["run_id"])
+        except ClaimLost:
+            pass  # taken over by another worker already
+
+
+def _record(db: ResultsDB, row: dict, result, seconds: float, say) -> None:
+    """Record one task's result (its (metrics, timings), or the error that stopped it) and say so."""
+    if isinstance(result, Exception):
+        message = str(result) if isinstance(result, UserError) else f"{type(result).__name__}: {result}"
+        db.fail(row["run_id"], error=message)
+        say(f"    failed: {message.splitlines()[0] if message else type(result).__name__}")
+        return
+    metrics, timings = result
+    db.complete(row["run_id"], metrics=metrics, timings=timings)
+    outcome = (f"T* = epoch {metrics['selected_epoch']}" if row["kind"] == "analyze"
+               else f"test {100 * metrics['test_acc']:.2f}%")
+    flags = [] if row["kind"] == "analyze" else metrics["health"]["flags"]
+    flagged = f"  warning: {', '.join(f['flag'] for f in flags)}" if flags else ""
+    say(f"    {outcome} ({seconds:.1f} s){flagged}")
 
 
 def analysis_metrics(analysis: dict, path: Path, recorded: dict[int, dict] | None = None) -> dict:
@@ -349,9 +454,9 @@ def run_study(source: str | Path | dict, out: str | Path | None = None, *, overr
     saved = study_dir / "study.yaml"
     text_ = config_mod.dump(study)
     if saved.is_file():
-        # The description is prose for the report, not part of what the study computes.
-        before = {k: v for k, v in config_mod.read_yaml(saved).items() if k != "description"}
-        now = {k: v for k, v in study.items() if k != "description"}
+        # The description is prose for the report and `fuse` says how runs are trained, not what they compute.
+        before = {k: v for k, v in config_mod.read_yaml(saved).items() if k not in HOW_KEYS}
+        now = {k: v for k, v in study.items() if k not in HOW_KEYS}
         if config_mod.identity(before) != config_mod.identity(now):
             raise UserError(f"study: {study_dir} holds a different study (its study.yaml differs); "
                             "choose another --out")
@@ -364,39 +469,43 @@ def run_study(source: str | Path | dict, out: str | Path | None = None, *, overr
                depends_on=task.depends_on, group=task.group)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     say = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    first_run = next((t.config for t in tasks if t.kind in ("train", "distill")), None)
+    groups = fuse_groups(tasks, group_size(study["fuse"], first_run)) if first_run is not None else {}
     done = 0
     total = len(tasks)
     try:
         while max_tasks is None or done < max_tasks:
-            row = db.claim(worker)
-            if row is None:
+            rows = db.claim_group(worker, groups)
+            if not rows:
                 if db.pending_count() == 0:
                     break
                 time.sleep(poll_s)  # another process holds the tasks ours depend on
                 continue
             finished = total - db.pending_count()
-            say(f"[{finished + 1}/{total}] {row['kind']:<8} {row['name']} (attempt {row['attempts']}) ...")
             started = time.perf_counter()
+            if len(rows) == 1:
+                row = rows[0]
+                say(f"[{finished + 1}/{total}] {row['kind']:<8} {row['name']} (attempt {row['attempts']}) ...")
+                work = lambda: [_execute(row, study_dir, db)]  # noqa: E731
+            else:
+                say(f"[{finished + 1}-{finished + len(rows)}/{total}] {rows[0]['kind']:<8} {len(rows)} runs as one "
+                    f"group: {', '.join(r['name'] for r in rows)} (attempt {max(r['attempts'] for r in rows)}) ...")
+                work = lambda: _execute_group(rows, study_dir, db, say)  # noqa: E731
             try:
-                metrics, timings = _execute(row, study_dir, db)
+                results = work()
             except KeyboardInterrupt:
-                db.release(row["run_id"])  # not the task's fault: it keeps its attempts and is claimed again
+                _release(db, rows)  # not the tasks' fault: they keep their attempts and are claimed again
                 raise
             except ClaimLost as lost:  # judged stale and taken over by another worker, which now owns it
                 say(f"    given up: {lost}")
+                _release(db, rows)
                 continue
             except Exception as error:  # noqa: BLE001 - any failure of one task is recorded, the study goes on
-                message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
-                db.fail(row["run_id"], error=message)
-                say(f"    failed: {message.splitlines()[0] if message else type(error).__name__}")
-                continue
-            db.complete(row["run_id"], metrics=metrics, timings=timings)
-            done += 1
-            outcome = (f"T* = epoch {metrics['selected_epoch']}" if row["kind"] == "analyze"
-                       else f"test {100 * metrics['test_acc']:.2f}%")
-            flags = [] if row["kind"] == "analyze" else metrics["health"]["flags"]
-            flagged = f"  warning: {', '.join(f['flag'] for f in flags)}" if flags else ""
-            say(f"    {outcome} ({time.perf_counter() - started:.1f} s){flagged}")
+                results = [error] * len(rows)
+            for row, result in zip(rows, results):
+                _record(db, row, result, time.perf_counter() - started, say if len(rows) == 1 else
+                        (lambda msg, name=row["name"]: say(f"{msg.rstrip()}  {name}")))
+            done += len(rows)
     finally:
         db.close()
     if report and (max_tasks is None or done < max_tasks):

@@ -8,7 +8,9 @@ Under torchrun every rank runs `fit`; rank 0 alone evaluates and writes (see `ck
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import statistics
 import time
 from pathlib import Path
@@ -134,22 +136,93 @@ def train(config: str | Path | dict, overrides: dict | list | None = None, out: 
     return fit(cfg, out if out is not None else default_out(cfg), resume=resume, quiet=quiet, on_epoch=on_epoch)
 
 
+def make_teacher(cfg: dict, *, quiet: bool = False, allow_incomplete: bool = False):
+    """The frozen teacher a resolved config names in kd.teachers (None when it names none)."""
+    from .teachers import Teacher
+
+    kd = cfg["kd"]
+    if not kd["teachers"]:
+        return None
+    # Teachers compute at the run's precision unless kd.autocast says otherwise.
+    autocast = kd["autocast"] if kd["autocast"] != "auto" else {"fp32": "none", "bf16": "bf16"}[cfg["precision"]]
+    return Teacher.from_references(kd["teachers"], quiet=quiet, channels_last=kd["channels_last"], autocast=autocast,
+                                   allow_incomplete=allow_incomplete, mode=kd["teacher_mode"])
+
+
 def distill(config: str | Path | dict, teachers: list[str] | None = None, overrides: dict | list | None = None,
             out: str | Path | None = None, *, resume: bool = False, quiet: bool = False,
             allow_incomplete: bool = False, on_epoch: Callable[[dict], None] | None = None) -> Run:
     """Train a student under teachers given as checkpoint references (none: the CE-only baseline).
 
     A teacher run that did not complete is refused unless `allow_incomplete`, which the manifest then records."""
-    from .teachers import Teacher
-
     cfg = config_mod.resolve(config, overrides)
     if teachers:
         cfg["kd"]["teachers"] = list(teachers)
-    kd = cfg["kd"]
-    # Teachers compute at the run's precision unless kd.autocast says otherwise.
-    autocast = kd["autocast"] if kd["autocast"] != "auto" else {"fp32": "none", "bf16": "bf16"}[cfg["precision"]]
-    teacher = (Teacher.from_references(kd["teachers"], quiet=quiet, channels_last=kd["channels_last"],
-                                       autocast=autocast, allow_incomplete=allow_incomplete, mode=kd["teacher_mode"])
-               if kd["teachers"] else None)
+    teacher = make_teacher(cfg, quiet=quiet, allow_incomplete=allow_incomplete)
     return fit(cfg, out if out is not None else default_out(cfg), resume=resume, kind="distill",
                teacher=teacher, quiet=quiet, on_epoch=on_epoch)
+
+
+def distill_fused(config: str | Path | dict, teachers: list[str | list[str] | None], seeds: list[int] | None = None,
+                  overrides: dict | list | None = None, out: str | Path | None = None, *, resume: bool = False,
+                  quiet: bool = False, allow_incomplete: bool = False, group_size: int = 8,
+                  engine: str = "auto") -> list[Run]:
+    """Distill one student per (teacher, seed), trained together in groups of `group_size` (`ckptkd.group`).
+
+    Each entry of `teachers` is one student's teachers: a reference (`RUN@0.5`, `RUN@0.3,0.5,0.7`), several joined
+    by `+` or given as a list (a full ensemble), or None / "none" for the CE-only baseline. Student (t, s) is written
+    to OUT/<teacher>-s<seed>, an ordinary run folder; `seeds` defaults to the config's seed."""
+    from .group import Member, fit_group
+
+    base = config_mod.resolve(config, overrides)
+    root = Path(out) if out is not None else default_out(base)
+    seeds = list(seeds) if seeds else [base["seed"]]
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds: a seed is listed twice ({seeds})")
+    members, shared = [], {}
+    for entry in teachers:
+        references = parse_teacher_entry(entry)
+        for seed in seeds:
+            cfg = copy.deepcopy(base)
+            cfg["seed"], cfg["kd"]["teachers"] = seed, references
+            key = json.dumps(references)
+            if key not in shared:
+                shared[key] = make_teacher(cfg, quiet=quiet, allow_incomplete=allow_incomplete)
+            members.append(Member(cfg, root / f"{teacher_slug(references)}-s{seed}", shared[key], "distill"))
+    names = [m.out.name for m in members]
+    if len(set(names)) != len(names):
+        raise UserError(f"two students would share a folder ({sorted(n for n in names if names.count(n) > 1)[0]}); "
+                        "list each teacher once")
+    runs: list[Run] = []
+    failed: list[tuple[Member, Exception]] = []
+    for start in range(0, len(members), group_size):
+        group = members[start:start + group_size]
+        for member, outcome in zip(group, fit_group(group, resume=resume, quiet=quiet, engine=engine)):
+            if isinstance(outcome, Exception):
+                failed.append((member, outcome))
+            else:
+                runs.append(outcome)
+    if failed:
+        member, error = failed[0]
+        raise UserError(f"{len(failed)} of {len(members)} students failed ({member.out}: {error}); the others are "
+                        "complete")
+    return runs
+
+
+def parse_teacher_entry(entry: str | list[str] | None) -> list[str]:
+    if entry is None or entry == "none":
+        return []
+    references = entry.split("+") if isinstance(entry, str) else list(entry)
+    if not references or any(not isinstance(r, str) or not r.strip() for r in references):
+        raise UserError(f"--teacher: {entry!r} is not a checkpoint reference (RUN@SELECTOR, A+B for an ensemble, "
+                        "or none)")
+    return [r.strip() for r in references]
+
+
+def teacher_slug(references: list[str]) -> str:
+    """A folder name for a student's teachers: `none`, or the references with path separators made safe."""
+    if not references:
+        return "none"
+    text = "+".join(f"{Path(r.split('@')[0]).name}@{r.split('@', 1)[1]}" if "@" in r else Path(r).name
+                    for r in references)
+    return "".join(c if c.isalnum() or c in "._-+@=," else "-" for c in text)

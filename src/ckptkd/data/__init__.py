@@ -17,7 +17,7 @@ from ..errors import UserError
 from .augment import apply_views, identity_views, normalize, sample_views
 from .sources import SOURCES, RawData, load_raw
 
-__all__ = ["Data", "Batch", "build", "SOURCES", "RawData", "load_raw", "epoch_generator"]
+__all__ = ["Data", "Batch", "EpochPlan", "build", "SOURCES", "RawData", "load_raw", "epoch_generator"]
 
 _RAW_CACHE: dict[tuple[str, str | None], RawData] = {}
 
@@ -30,6 +30,15 @@ class Batch:
     index: torch.Tensor    # positions in the training split (int64 [B]), so per-image caches can be looked up
     views: torch.Tensor    # the augmentation views applied (int16 [B, 3])
     view_ids: torch.Tensor | None = None  # which of each image's banked views was drawn (int64 [B])
+
+
+@dataclass
+class EpochPlan:
+    """One run's epoch: the order of the training images and each one's view, on the data's device."""
+    order: torch.Tensor                # int64 [n]
+    views: torch.Tensor                # int16 [n, 3], indexed by image (not by position in `order`)
+    view_ids: torch.Tensor | None      # int64 [n]: which banked view each image shows, with a view bank
+    plain: bool                        # every view is the identity: images go in as they are
 
 
 @dataclass
@@ -106,14 +115,10 @@ class Data:
         gen = torch.Generator().manual_seed(seed + 424_242)
         return sample_views(n * views, pad=self.pad, hflip=self.hflip, generator=gen).view(n, views, 3)
 
-    def train_batches(self, *, seed: int, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                      view_bank: torch.Tensor | None = None) -> Iterator[Batch]:
-        """One epoch of augmented, normalised training batches.
-
-        The permutation and the views depend only on (seed, epoch), so resuming at an epoch boundary replays exactly,
-        and every rank of a distributed run draws the same global order and takes its own slice of each global batch.
-        With a `view_bank`, each image's view is drawn from its banked ones (so cached teacher outputs apply).
-        """
+    def epoch_plan(self, *, seed: int, epoch: int, view_bank: torch.Tensor | None = None) -> EpochPlan:
+        """The epoch's order and augmentation, drawn from (seed, epoch) alone, so resuming at an epoch boundary
+        replays exactly. With a `view_bank`, each image's view is drawn from its banked ones (so cached teacher
+        outputs apply)."""
         n = self.train_x.shape[0]
         gen = epoch_generator(seed, epoch)
         order = torch.randperm(n, generator=gen)
@@ -123,19 +128,45 @@ class Data:
         else:
             view_ids = torch.randint(0, view_bank.shape[1], (n,), generator=gen)
             views = view_bank[torch.arange(n), view_ids]
-        plain = self.pad == 0 and not bool(views[:, 2].any())  # nothing to crop or flip this epoch
+        # Nothing to crop or flip this epoch: the views are all the identity.
+        plain = not bool(views[:, 2].any()) and bool((views[:, :2] == self.pad).all())
         # The epoch's draws go to the device once: a copy per batch would make a GPU wait for the host every step.
         device = self.train_x.device
-        order, views = order.to(device), views.to(device)
-        view_ids = None if view_ids is None else view_ids.to(device)
+        return EpochPlan(order.to(device), views.to(device), None if view_ids is None else view_ids.to(device), plain)
+
+    def train_batches(self, *, seed: int, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                      view_bank: torch.Tensor | None = None) -> Iterator[Batch]:
+        """One epoch of augmented, normalised training batches (`epoch_plan`): every rank of a distributed run
+        draws the same global order and takes its own slice of each global batch."""
+        plan = self.epoch_plan(seed=seed, epoch=epoch, view_bank=view_bank)
         per_rank = batch_size // world_size
-        num_batches = self.steps_per_epoch(batch_size)  # drop the ragged tail (a different one each epoch)
-        for b in range(num_batches):
-            idx = order[b * batch_size:(b + 1) * batch_size][rank * per_rank:(rank + 1) * per_rank]
-            view = views[idx]
-            x = self.train_x[idx].float() if plain else apply_views(self.train_x[idx], view, pad=self.pad)
-            yield Batch(self.normalize(x), self.train_y[idx], idx, view,
-                        None if view_ids is None else view_ids[idx])
+        for b in range(self.steps_per_epoch(batch_size)):  # drop the ragged tail (a different one each epoch)
+            idx = plan.order[b * batch_size:(b + 1) * batch_size][rank * per_rank:(rank + 1) * per_rank]
+            yield Batch(self.images(idx, plan.views[idx], plan.plain), self.train_y[idx], idx, plan.views[idx],
+                        None if plan.view_ids is None else plan.view_ids[idx])
+
+    def group_batches(self, plans: list[EpochPlan], batch_size: int) -> Iterator[Batch]:
+        """One epoch for N runs trained together: batch b of each run's own plan, stacked ([N, B, ...] for every
+        field; a run whose plan draws from no view bank has view ids 0, which nothing reads). Each run sees exactly
+        the batches it would see alone, built in one gather for all N."""
+        order = torch.stack([p.order for p in plans])
+        views = torch.stack([p.views for p in plans])
+        view_ids = None
+        if any(p.view_ids is not None for p in plans):
+            view_ids = torch.stack([torch.zeros_like(p.order) if p.view_ids is None else p.view_ids for p in plans])
+        plain = all(p.plain for p in plans)
+        n = len(plans)
+        for b in range(self.steps_per_epoch(batch_size)):
+            idx = order[:, b * batch_size:(b + 1) * batch_size]
+            chosen = views.gather(1, idx[..., None].expand(-1, -1, 3))
+            x = self.images(idx.reshape(-1), chosen.reshape(-1, 3), plain)
+            yield Batch(x.unflatten(0, (n, -1)), self.train_y[idx], idx, chosen,
+                        None if view_ids is None else view_ids.gather(1, idx))
+
+    def images(self, idx: torch.Tensor, views: torch.Tensor, plain: bool) -> torch.Tensor:
+        """Training images `idx` with their views applied, normalised."""
+        x = self.train_x[idx].float() if plain else apply_views(self.train_x[idx], views, pad=self.pad)
+        return self.normalize(x)
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         x_all, y_all = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")

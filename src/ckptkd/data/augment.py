@@ -35,7 +35,9 @@ def apply_views(images: torch.Tensor, views: torch.Tensor, *, pad: int) -> torch
     cols = torch.where(flip, cols.flip(1), cols)
     batch = torch.arange(b, device=x.device)[:, None, None]
     out = x.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
-    return out.permute(0, 3, 1, 2).contiguous()
+    # clone, not contiguous(): with one channel the permuted view already counts as contiguous, but its strides
+    # read as channels-last, and convolutions then run (and pass on) that layout, 2x slower for few channels.
+    return out.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

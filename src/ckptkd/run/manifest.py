@@ -72,6 +72,7 @@ class Manifest:
     torch: str | None = None
     threads: int | None = None
     distributed: dict | None = None
+    fused: dict | None = None    # trained in a group (`ckptkd.group`): engine, members, index, the group's folders
     ckptkd: dict = field(default_factory=lambda: provenance())
     format: int = FORMAT
     extra: dict = field(default_factory=dict)
@@ -93,6 +94,8 @@ class Manifest:
                 value = [_drop_none(dataclasses.asdict(c), "source") for c in value]
             elif f.name == "final" and value is not None:
                 value = dataclasses.asdict(value)
+            elif f.name == "fused" and value is None:
+                continue  # a run trained alone has the manifest it always had
             out[f.name] = value
         return {**out, **self.extra}
 

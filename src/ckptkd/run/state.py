@@ -5,7 +5,7 @@ No pickle: tensors are tensors, everything else is one JSON string in the file's
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,9 @@ def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    save_tensors(path, tensors, metadata={"progress": asdict(progress), "optimizer": opt_meta})
+    # A shallow dict: it is only serialised, and asdict's deep copy of the history cost more than the write.
+    shallow = {f.name: getattr(progress, f.name) for f in fields(progress)}
+    save_tensors(path, tensors, metadata={"progress": shallow, "optimizer": opt_meta})
 
 
 def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Progress:
