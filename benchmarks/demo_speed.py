@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def export(commit: str, into: Path) -> Path:
     archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "src"], check=True, capture_output=True).stdout
+    into.mkdir(parents=True)
     tar_path = into / "src.tar"
     tar_path.write_bytes(archive)
     with tarfile.open(tar_path) as tar:
