@@ -39,6 +39,13 @@ def manifest_json(run) -> dict:
     return json.loads((Path(run) / "manifest.json").read_text())
 
 
+def rewrite_manifest(run, manifest: dict) -> None:
+    """Put a run in a state by rewriting its manifest, sealed as ckptkd seals it (an unsealed edit is damage)."""
+    from ckptkd.storage import write_sealed_json
+
+    write_sealed_json(Path(run) / "manifest.json", manifest)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     return subprocess.run([sys.executable, "-m", "ckptkd", *args], capture_output=True, text=True, cwd=cwd,

@@ -13,7 +13,7 @@ from ckptkd.errors import UserError
 from ckptkd.run import resolve
 from ckptkd.selection import CRITERIA, evaluate, ranking
 
-from conftest import run_cli, tiny_config
+from conftest import rewrite_manifest, run_cli, tiny_config
 
 SPLIT_KEYS = {"n", "acc", "nll", "ece", "confidence", "entropy_t", "nontarget_entropy", "nontarget_entropy_t",
               "p_target_t", "nc1", "soft_matrix", "class_correlation", "seeds", "estimates", "notes"}
@@ -168,7 +168,7 @@ def test_degenerate_features_are_reported_not_fatal(tmp_path, teacher_run):
     weights = {k: (torch.full_like(v, math.nan) if k.startswith("layer3") and v.is_floating_point() else v)
                for k, v in weights.items()}
     entry["sha256"] = save_tensors(run / entry["path"], weights)
-    (run / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(run, manifest)
     analysis = analyze(run, plots=True, quiet=True, seeds=2)
     first = analysis["checkpoints"][0]["train"]
     assert first["estimates"]["i_xf"]["mean"] is None and first["estimates"]["i_xf"]["failed"] == 2

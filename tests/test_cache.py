@@ -1,6 +1,10 @@
+from pathlib import Path
+
+import pytest
 import torch
 
 from ckptkd import config, data as data_mod, distill
+from ckptkd.errors import UserError
 from ckptkd.teachers import Teacher
 
 from conftest import tiny_config
@@ -39,13 +43,19 @@ def test_cached_logits_equal_online_logits_on_the_same_views(tmp_path, teacher_r
     assert again.attach_cache(data, views=32, cache_dir=tmp_path / "cache")["built"] == 0  # reused across ensembles
 
 
-def test_a_damaged_or_foreign_cache_file_is_rebuilt(tmp_path, teacher_run):
+def test_a_damaged_cache_file_is_refused_and_a_foreign_one_rebuilt(tmp_path, teacher_run):
     data = _data()
     teacher = Teacher.from_references([teacher_run.ref("last")], quiet=True)
     teacher.prepare(data)
-    path = teacher.attach_cache(data, views=4, cache_dir=tmp_path)["files"][0]
-    with open(path, "r+b") as f:
-        f.truncate(100)
+    path = Path(teacher.attach_cache(data, views=4, cache_dir=tmp_path)["files"][0])
+    good = path.read_bytes()
+    flipped = bytearray(good)
+    flipped[-3] ^= 0x40  # one bit of one stored logit
+    for damaged in (bytes(flipped), good[:100]):
+        path.write_bytes(damaged)
+        with pytest.raises(UserError, match=f"teacher cache {path} is damaged .*delete it"):
+            teacher.attach_cache(data, views=4, cache_dir=tmp_path)
+    path.unlink()
     assert teacher.attach_cache(data, views=4, cache_dir=tmp_path)["built"] == 1
     other = _data(hflip=True)  # other augmentation settings: another key, another file
     teacher.prepare(other)

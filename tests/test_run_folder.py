@@ -33,7 +33,7 @@ from ckptkd.results import ResultsDB
 from ckptkd.run import resolve
 from ckptkd.storage import read_metadata, sha256_file
 
-from conftest import REPO, manifest_json, run_cli, tiny_config
+from conftest import REPO, manifest_json, rewrite_manifest, run_cli, tiny_config
 
 STUDENT = {"model": {"name": "mlp", "widths": [16]}, "schedule": {"epochs": 1}, "checkpoints": {"fractions": [1.0]}}
 
@@ -210,7 +210,7 @@ def failed_teacher(tmp_path, teacher_run):
     shutil.copytree(teacher_run.path, run)
     manifest = manifest_json(run)
     manifest.update(status="failed", error="interrupted", final=None)
-    (run / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    rewrite_manifest(run, manifest)
     return run
 
 

@@ -12,7 +12,7 @@ import os
 # OpenMP threads wait passively; it must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _LAZY = {
     "train": ("trainer", "train"), "distill": ("trainer", "distill"), "distill_fused": ("trainer", "distill_fused"),

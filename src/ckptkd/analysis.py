@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from . import data as data_mod
 from . import info, selection
 from .errors import UserError
-from .run import Run, resolve
-from .storage import atomic_write_json, read_json
+from .run import Run, provenance, resolve
+from .storage import read_sealed_json, write_sealed_json
 
 FORMAT = 2
 # Bump when a measurement changes, so cached per-checkpoint results are recomputed rather than mixed.
@@ -278,11 +278,12 @@ def analyze(run: str | Path, *, temperature: float | None = None, seed: int = 0,
     records, computed = [], 0
     for ckpt in tqdm(checkpoints, desc="analyze", leave=False, disable=True if quiet else None, file=sys.stderr):
         cache_file = folder.analysis_cache_dir / f"{ckpt.sha256[:24]}-{settings_key}.json"
-        record = read_json(cache_file, "analysis cache") if cache_file.is_file() else None
+        record = (read_sealed_json(cache_file, "analysis cache", remedy="delete it; it is computed again",
+                                   required=lambda _r: False) if cache_file.is_file() else None)
         if record is None:
             record = measure_checkpoint(ckpt.build_model("cpu"), data, plans, subsets, temperature=tau,
                                         probe_epochs=PROBE_EPOCHS)
-            atomic_write_json(cache_file, record)
+            write_sealed_json(cache_file, record)
             computed += 1
         for name in SPLITS:
             for note in record[name]["notes"]:
@@ -314,7 +315,8 @@ def analyze(run: str | Path, *, temperature: float | None = None, seed: int = 0,
         notes.append(f"only {len(records)} checkpoint(s): normalising across so few says little")
     best = chosen["t_star"]
     analysis = {
-        "format": FORMAT, "run": str(run), "split": split, "seed": seed, "seeds": seeds, "temperature": tau,
+        "format": FORMAT, "ckptkd": provenance(), "run": str(run), "split": split, "seed": seed, "seeds": seeds,
+        "temperature": tau,
         "splits": {name: {"n": int(getattr(data, f"{name}_x").shape[0]), "estimator_samples": len(subsets[name]),
                           "estimators": bool(plans[name])} for name in SPLITS},
         "class_names": data.class_names,

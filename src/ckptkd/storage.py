@@ -1,21 +1,30 @@
-"""Crash-safe files: everything is written to a temporary name, fsynced and renamed into place.
+"""Crash-safe, self-verifying files.
 
-A reader therefore sees either the old file or the new one, never half of one. Weights are safetensors; nothing is
-ever unpickled here.
+Everything is written to a temporary name, fsynced and renamed into place, so a reader sees either the old file or
+the new one, never half of one. Every file ckptkd writes can also tell when it was damaged afterwards (a flipped
+byte, a truncated copy):
+  safetensors   the header carries a sha256 of the metadata and every tensor's name, dtype, shape and bytes
+  sealed JSON   (manifests, analyses) a top-level "checksum" of the rest of the object
+and readers refuse a file that does not match, naming it and what to do. Weights are safetensors; nothing is ever
+unpickled here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from .errors import UserError
 
@@ -60,23 +69,71 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(error, OSError) and error.filename is None:
+            # A full disk fails inside write(), which names no file: name the one that could not be written.
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
     _fsync_dir(path.parent)
 
 
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def remove_stale_temporaries(folder: str | Path, names: list[str] | None = None) -> list[Path]:
     """Delete what writes killed half-way (power loss, SIGKILL) left in `folder`: `.NAME.*.tmp` files never renamed
-    into place. Only for a folder no other process is writing to; returns what was removed."""
+    into place, for the files `names` (default: any). Only for files no other process is writing; returns what was
+    removed."""
     folder = Path(folder)
-    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    patterns = [".*.tmp"] if names is None else [f".{glob_escape(n)}.*.tmp" for n in names]
+    stale = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | Path, *, wait: bool, what: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock (flock) on the lock file `path` while the block runs.
+
+    The kernel drops the lock when its holder dies, SIGKILL included, so a crash never leaves a folder locked.
+    `wait=False` refuses at once, naming the holder's pid; `wait=True` waits for it. On a file system without
+    flock (some network mounts) the block runs unlocked rather than not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"{what} is in use by another process (pid {holder}); wait for it to finish") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -87,14 +144,49 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | Path, what: str = "file") -> Any:
+def read_json(path: str | Path, what: str = "file", remedy: str = "") -> Any:
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder, not a file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{what} {path} is not valid JSON ({e})") from None
+        raise UserError(f"{what} {path} is not valid JSON ({e}){_then(remedy)}") from None
+
+
+CHECKSUM = "checksum"
+
+
+def _then(remedy: str) -> str:
+    return f"; {remedy}" if remedy else ""
+
+
+def json_checksum(obj: dict) -> str:
+    body = {k: v for k, v in obj.items() if k != CHECKSUM}
+    return "sha256:" + sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def write_sealed_json(path: str | Path, obj: dict) -> None:
+    """Write a JSON object with a checksum of itself, so a later edit or damage is noticed."""
+    atomic_write_json(path, {**{k: v for k, v in obj.items() if k != CHECKSUM}, CHECKSUM: json_checksum(obj)})
+
+
+def read_sealed_json(path: str | Path, what: str, *, remedy: str = "",
+                     required: Callable[[dict], bool] = lambda _obj: True) -> Any:
+    """Read a sealed JSON object (returned without its checksum), refusing it if its checksum does not match, or is
+    missing where `required(obj)` says a file of that kind always has one (older versions wrote none)."""
+    obj = read_json(path, what, remedy)
+    if not isinstance(obj, dict):
+        return obj  # the caller's schema check names what is wrong
+    if CHECKSUM in obj:
+        if obj[CHECKSUM] != json_checksum(obj):
+            raise UserError(f"{what} {path} does not match its checksum: it was edited or damaged{_then(remedy)}")
+        return {k: v for k, v in obj.items() if k != CHECKSUM}
+    if required(obj):
+        raise UserError(f"{what} {path} has no checksum: it was edited or damaged{_then(remedy)}")
+    return obj
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -109,43 +201,83 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-METADATA_KEY = "ckptkd"
+METADATA_KEY = "ckptkd"  # the metadata, one JSON string
+SEAL = "seal"            # in it: a sha256 of the rest of the metadata and of every tensor's name, dtype, shape, bytes
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor], metadata_text: str) -> str:
+    digest = hashlib.sha256(metadata_text.encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype
+    return digest.hexdigest()
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> str:
-    """Write tensors as safetensors atomically; returns the file's sha256.
+    """Write tensors as safetensors atomically, sealed (`load_tensors` checks the seal); returns the file's sha256.
 
-    The metadata travels as one JSON string under one key: safetensors writes several keys in a random order, and
-    the same weights must always give the same bytes (and so the same sha256).
+    The metadata, seal included, travels as one JSON string under one key: safetensors writes several keys in a
+    random order, and the same weights must always give the same bytes (so the same sha256).
     """
-    header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata is not None else None
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=header)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {k: v for k, v in (metadata or {}).items() if k != SEAL}
+    seal = _tensor_digest(tensors, json.dumps(metadata, sort_keys=True))
+    data = save(tensors, metadata={METADATA_KEY: json.dumps({**metadata, SEAL: seal}, sort_keys=True)})
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
 
 
-def load_tensors(path: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, refusing it if its sha256 differs from the one recorded for it."""
+def _header(data: bytes) -> dict:
+    size = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or size > len(data) - 8:
+        raise ValueError("the header is cut short")
+    header = json.loads(data[8:8 + size])
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a mapping")
+    return header
+
+
+def read_tensors(path: str | Path, *, what: str, remedy: str = "",
+                 sealed: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a file `save_tensors` wrote, in one read, verified as `load_tensors` does."""
+    return _read_tensors(path, None, what, remedy, sealed)
+
+
+def load_tensors(path: str | Path, expected_sha256: str | None = None, *, what: str = "checkpoint",
+                 remedy: str = "", sealed: bool = False) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, refusing it if it is damaged: unreadable, its sha256 differs from the one recorded
+    for it (`expected_sha256`), or its contents differ from the seal written with them. `sealed`: the file must be
+    one ckptkd wrote (sealed, or from a version before seals), not another program's."""
+    return _read_tensors(path, expected_sha256, what, remedy, sealed)[0]
+
+
+def read_metadata(path: str | Path, *, what: str = "file", remedy: str = "", sealed: bool = False) -> dict:
+    """The metadata `save_tensors` wrote (verified with the tensors)."""
+    return _read_tensors(path, None, what, remedy, sealed)[1]
+
+
+def _read_tensors(path: str | Path, expected_sha256: str | None, what: str, remedy: str,
+                  sealed: bool) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint file missing: {path}")
-    if expected_sha256 is not None:
-        actual = sha256_file(path)
-        if actual != expected_sha256:
-            raise UserError(f"checkpoint {path} does not match its manifest (sha256 {actual[:12]}…, expected "
-                            f"{expected_sha256[:12]}…): the file was changed or truncated")
+        raise UserError(f"{what} file missing: {path}{_then(remedy)}")
+    data = path.read_bytes()
+    if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
+        raise UserError(f"{what} {path} does not match its manifest (sha256 {sha256_bytes(data)[:12]}…, expected "
+                        f"{expected_sha256[:12]}…): the file was changed or truncated{_then(remedy)}")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
-
-
-def read_metadata(path: str | Path) -> dict:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        return json.loads(header.get(METADATA_KEY, "{}"))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+        header = _header(data).get("__metadata__") or {}
+        tensors = load(data)
+        metadata = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else None
+        if isinstance(metadata, dict) and SEAL in metadata:
+            seal = metadata.pop(SEAL)
+            if len(header) > 1 or seal != _tensor_digest(tensors, json.dumps(metadata, sort_keys=True)):
+                raise ValueError("its contents do not match the seal written with them")
+        elif sealed and (metadata is None or len(header) > 1):
+            raise ValueError("it carries no ckptkd seal")
+        # Otherwise written before seals (as good as its manifest's sha256), or another program's file (an import).
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"{what} {path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                        f"{_then(remedy)}") from None
+    return tensors, metadata if isinstance(metadata, dict) else {}

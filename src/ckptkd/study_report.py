@@ -34,7 +34,7 @@ from .errors import UserError
 from .results import ResultsDB
 from .report import terminal_console
 from .schedules import epoch_at_fraction
-from .storage import atomic_write_bytes, atomic_write_text, read_json
+from .storage import atomic_write_bytes, atomic_write_text, read_sealed_json
 
 EMPTY = "—"
 CSV_COLUMNS = ("run_id", "kind", "name", "status", "pair", "role", "variant", "seed", "teacher_seed", "test_acc",
@@ -600,11 +600,15 @@ def _trajectory_rows(pair: _Pair, study: Path, t: int) -> tuple[dict | None, str
     if path.is_file():
         from .study import analysis_metrics
 
-        analysis = read_json(path, "analysis")
+        from .run import Run
+        from .run.folder import sealed_since_0_3
+
+        analysis = read_sealed_json(path, "analysis", remedy=f"rerun `ckptkd analyze {path.parent}`",
+                                    required=sealed_since_0_3)
         if analysis.get("format") == 2:
-            manifest = study / row["path"] / "manifest.json"
-            recorded = ({c["epoch"]: c["metrics"] for c in read_json(manifest, "manifest")["checkpoints"]}
-                        if manifest.is_file() else None)
+            run = Run(study / row["path"])
+            recorded = ({c.epoch: c.metrics for c in run.manifest.checkpoints}
+                        if (run.path / "manifest.json").is_file() else None)
             return analysis_metrics(analysis, Path(row["path"]), recorded), row["path"]
     return None, row["path"]
 

@@ -28,7 +28,7 @@ from .data.augment import apply_views
 from .ensemble import EnsembleForward, fold_batchnorm
 from .errors import UserError
 from .run import Checkpoint, resolve_all
-from .storage import load_tensors, read_metadata, save_tensors
+from .storage import read_tensors, save_tensors
 
 # Bump when the bank or the stored logits change meaning, so old cache files are not reused.
 CACHE_VERSION = 2
@@ -301,16 +301,16 @@ class Teacher:
 
 
 def _read_cache(path: Path, settings: dict, teacher_sha256: str) -> torch.Tensor | None:
-    """A cache file's table if it exists and was built for exactly this teacher and these settings, else None."""
+    """A cache file's table if it exists and was built for exactly this teacher and these settings, else None (it
+    is then built). A damaged file is refused, naming it: a teacher's outputs are never read from one."""
     if not path.is_file():
         return None
-    try:
-        meta = read_metadata(path)
-        if meta.get("teacher_sha256") != teacher_sha256 or any(meta.get(k) != v for k, v in settings.items()):
-            return None
-        table = load_tensors(path)["logits"]
-    except (UserError, KeyError):
-        return None  # unreadable or foreign: rebuild it
+    tensors, meta = read_tensors(path, what="teacher cache", remedy="delete it; it is built again on the next run")
+    if meta.get("teacher_sha256") != teacher_sha256 or any(meta.get(k) != v for k, v in settings.items()):
+        return None  # built for other settings (an older cache version): build it anew
+    table = tensors.get("logits")
+    if table is None:
+        return None
     if table.dtype != torch.float16 or tuple(table.shape) != (settings["images"], settings["views"],
                                                               settings["classes"]):
         return None

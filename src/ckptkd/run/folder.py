@@ -32,8 +32,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..health import assess
-from ..storage import (atomic_write_json, atomic_write_text, read_json, remove_stale_temporaries, save_tensors,
-                       shared_permissions)
+from ..storage import (atomic_write_text, read_sealed_json, remove_stale_temporaries, save_tensors, shared_permissions,
+                       write_sealed_json)
 from .manifest import CheckpointEntry, Final, Manifest
 from .state import Progress, load_state, save_state
 
@@ -45,6 +45,17 @@ ANALYSIS = "analysis.json"
 # Everything a run (or a kill of one) may leave in its folder; anything else belongs to somebody else.
 _OWNED = {CONFIG, MANIFEST, METRICS, ANALYSIS, "checkpoints", "state", "tensorboard", "analysis-cache", "plots",
           "cache"}
+
+
+def sealed_since_0_3(written: dict) -> bool:
+    """Manifests and analyses written by ckptkd 0.3 and later (their `ckptkd.version`) always carry a checksum;
+    older ones never did."""
+    ckptkd = written.get("ckptkd")
+    version = ckptkd.get("version", "0") if isinstance(ckptkd, dict) else "0"
+    try:
+        return tuple(int(part) for part in str(version).split(".")[:2]) >= (0, 3)
+    except ValueError:
+        return True  # not a version any ckptkd wrote: damaged
 
 
 def checkpoint_path(epoch: int) -> str:
@@ -73,7 +84,9 @@ class Run:
         path = self.path / MANIFEST
         if not path.is_file():
             raise UserError(f"{self.path} is not a ckptkd run (no {MANIFEST})")
-        return Manifest.from_dict(read_json(path, "manifest"), str(path))
+        raw = read_sealed_json(path, "manifest", remedy=f"run `ckptkd verify {self.path}` to see what else is damaged",
+                               required=sealed_since_0_3)
+        return Manifest.from_dict(raw, str(path))
 
     @property
     def final(self) -> Final | None:
@@ -107,13 +120,14 @@ class Run:
         if not path.is_file():
             raise UserError(f"{what or self.path}: {self.path} has not been analysed; run `ckptkd analyze "
                             f"{self.path}` first")
-        analysis = read_json(path, "analysis")
+        analysis = read_sealed_json(path, "analysis", remedy=f"rerun `ckptkd analyze {self.path}`",
+                                    required=sealed_since_0_3)
         if not isinstance(analysis, dict) or not isinstance(analysis.get("checkpoints"), list):
             raise UserError(f"{path} is not a ckptkd analysis; rerun `ckptkd analyze {self.path}`")
         return analysis
 
     def write_analysis(self, analysis: dict) -> Path:
-        atomic_write_json(self.path / ANALYSIS, analysis)
+        write_sealed_json(self.path / ANALYSIS, analysis)
         return self.path / ANALYSIS
 
     def ranking(self, what: str) -> list[int]:
@@ -230,7 +244,7 @@ class RunWriter:
 
     def _write_views(self, progress: Progress) -> None:
         atomic_write_text(self.path / METRICS, "".join(json.dumps(h) + "\n" for h in progress.history))
-        atomic_write_json(self.path / MANIFEST, self.manifest.to_dict())
+        write_sealed_json(self.path / MANIFEST, self.manifest.to_dict())
 
 
 def write_run(out: str | Path, cfg: dict, manifest: Manifest, checkpoints: list[tuple[dict, dict]],
@@ -258,7 +272,7 @@ def write_run(out: str | Path, cfg: dict, manifest: Manifest, checkpoints: list[
             entries.append(CheckpointEntry(**fields, path=path, sha256=sha))
         manifest.checkpoints = entries
         atomic_write_text(building / METRICS, "".join(json.dumps(h) + "\n" for h in history or []))
-        atomic_write_json(building / MANIFEST, manifest.to_dict())
+        write_sealed_json(building / MANIFEST, manifest.to_dict())
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(building, out)

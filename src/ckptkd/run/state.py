@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..storage import load_tensors, read_metadata, save_tensors
+from ..storage import read_tensors, save_tensors
 
 
 @dataclass
@@ -67,8 +67,8 @@ def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Progress:
-    meta = read_metadata(path)
-    tensors = load_tensors(path)
+    tensors, meta = read_tensors(path, what="resume state", remedy=(
+        f"it cannot be resumed: restart the run in a new --out (or delete {path.parent} to restart it in place)"))
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     _restore_optimizer(optimizer, tensors, meta["optimizer"])
     torch.set_rng_state(tensors["rng.torch"])
