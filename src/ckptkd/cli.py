@@ -99,6 +99,23 @@ def cmd_demo(args) -> None:
     print(f"report: {study / 'report.md'}")
 
 
+def cmd_verify(args) -> None:
+    from .errors import UserError
+    from .verify import verify
+
+    report = verify(args.path)
+    for line in report.damaged:
+        print(f"damaged: {line}")
+    for line in report.leftovers:
+        print(f"leftover (harmless, removed by the next --resume): {line}")
+    if report.missing_runs:
+        print(f"note: {report.missing_runs} finished runs have no folder here (their numbers are in the database)")
+    if not report.ok:
+        raise UserError(f"verify: {len(report.damaged)} of {report.checked} files in {args.path} are damaged "
+                        "(listed above)")
+    print(f"verified {report.checked} files in {args.path}: all intact")
+
+
 def cmd_bench(args) -> None:
     from .bench import main_json, print_bench, print_fused_bench, run_bench, run_fused_bench
 
@@ -227,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"],
                    help="teachers' autocast dtype (default: none)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("verify", help="check every file of a run or study (checksums, seals, the database); "
+                                      "exit 2 if something is damaged")
+    p.add_argument("path", help="a run folder or a study folder")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("show", help="print a run's trajectory table")
     p.add_argument("run")
