@@ -158,10 +158,17 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line, as every other input error (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ckptkd", description="Knowledge distillation from model checkpoints.")
+    parser = _Parser(prog="ckptkd", description="Knowledge distillation from model checkpoints.")
     parser.add_argument("--version", action="version", version=f"ckptkd {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def add_allow_incomplete(p):
         p.add_argument("--allow-incomplete", action="store_true",
