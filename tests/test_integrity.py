@@ -157,3 +157,39 @@ def test_a_manifest_from_before_seals_is_still_read(tmp_path, sealed_run):
     manifest["ckptkd"]["version"] = "0.2.0"
     (run / "manifest.json").write_text(json.dumps(manifest))
     assert Run(run).manifest.complete
+
+
+def test_a_full_disk_during_a_save_keeps_the_last_state_and_says_so(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from ckptkd.run import RunWriter
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(schedule={"epochs": 4}, checkpoints={"every": 1})))
+    assert main(["train", str(cfg), "--out", str(tmp_path / "ref")]) == 0
+    reference = manifest_json(tmp_path / "ref")
+    full = {"on": False}
+    real_fsync, real_end_epoch = os.fsync, RunWriter.end_epoch
+
+    def fsync(fd):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    def end_epoch(self, record, *args, **kwargs):
+        full["on"] = record["epoch"] == 3  # the disk fills up while epoch 3's checkpoint is written
+        return real_end_epoch(self, record, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(RunWriter, "end_epoch", end_epoch)
+    out = tmp_path / "full"
+    err = _one_line_error(capsys, ["train", str(cfg), "--out", str(out)], "disk is full", "epoch 2", "--resume")
+    assert "epoch-0003.safetensors" in err
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.setattr(RunWriter, "end_epoch", real_end_epoch)
+    manifest = manifest_json(out)  # still the sealed manifest of epoch 2
+    assert [c["epoch"] for c in manifest["checkpoints"]] == [1, 2] and not list(out.rglob("*.tmp"))
+    assert main(["verify", str(out)]) == 0
+    assert main(["train", str(cfg), "--out", str(out), "--resume"]) == 0
+    assert [c["sha256"] for c in manifest_json(out)["checkpoints"]] == [c["sha256"] for c in reference["checkpoints"]]

@@ -30,7 +30,7 @@ from . import data as data_mod
 from . import info, selection
 from .errors import UserError
 from .run import Run, provenance, resolve
-from .storage import read_sealed_json, write_sealed_json
+from .storage import read_sealed_json, remove_stale_temporaries, write_sealed_json
 
 FORMAT = 2
 # Bump when a measurement changes, so cached per-checkpoint results are recomputed rather than mixed.
@@ -258,6 +258,8 @@ def analyze(run: str | Path, *, temperature: float | None = None, seed: int = 0,
     checkpoints = resolve(f"{run}@all", allow_incomplete=allow_incomplete)
     manifest = folder.manifest
     cfg = folder.config()
+    for leftovers in (folder.path, folder.analysis_cache_dir, folder.plots_dir):  # of a killed analysis
+        remove_stale_temporaries(leftovers, shared=True)
     tau = temperature if temperature is not None else cfg["kd"]["temperature"]
     say = (lambda _m: None) if quiet else (lambda m: print(f"analyze: {m}", file=sys.stderr))
     started = time.perf_counter()

@@ -49,7 +49,7 @@ from .models import from_spec
 from .run import Run, RunWriter
 from .schedules import lr_at
 from .tracking import RunLog
-from .trainer import final_numbers, new_manifest
+from .trainer import final_numbers, new_manifest, stopped
 
 # Config sections that may differ between the members of a group: each member's seed, name, teachers and KD
 # settings, and where it logs. Everything else (model, data, optimizer, schedule, checkpoints, evaluation, device,
@@ -451,12 +451,19 @@ def fit_group(members: list[Member], *, resume: bool = False, quiet: bool = Fals
         try:
             state.run(on_epoch)
         except BaseException as error:
-            reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
             for later in chunks[chunks.index(chunk):]:  # this group's runs and those not started
                 for i in later:
-                    if i not in chunk or state.outcomes[chunk.index(i)] is None:
-                        folders[i].fail(progress[i], reason)
                     logs[i].close()
+            full = None
+            for later in chunks[chunks.index(chunk):]:
+                for i in later:
+                    if i not in chunk or state.outcomes[chunk.index(i)] is None:
+                        try:
+                            stopped(folders[i], progress[i], error)
+                        except UserError as disk_full:
+                            full = disk_full
+            if full is not None:
+                raise full from error
             raise
         for position, i in enumerate(chunk):
             outcomes[active[i]] = state.outcomes[position]

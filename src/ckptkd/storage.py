@@ -11,16 +11,15 @@ unpickled here.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -58,13 +57,34 @@ def shared_permissions(path: str | Path, *, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
 
 
+# Fault injection for the crash campaign (benchmarks/crash_campaign.py): with CKPTKD_FAULT_KILL_WRITE=N, the N-th
+# atomic write of the process writes half its bytes and the process kills itself with SIGKILL, mid-write. Unset, it
+# does nothing.
+_KILL_WRITE = int(os.environ.get("CKPTKD_FAULT_KILL_WRITE", "0") or 0)
+_writes = 0
+
+
+def _maybe_die_mid_write(f, data: bytes) -> None:
+    global _writes
+    _writes += 1
+    if _writes == _KILL_WRITE:
+        import signal
+
+        f.write(data[:len(data) // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The writer's host and pid in the name tell a crashed write's leftover from a live one (remove_stale_temporaries).
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
+            if _KILL_WRITE:
+                _maybe_die_mid_write(f, data)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -85,55 +105,38 @@ def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def remove_stale_temporaries(folder: str | Path, names: list[str] | None = None) -> list[Path]:
+def remove_stale_temporaries(folder: str | Path, *, shared: bool = False) -> list[Path]:
     """Delete what writes killed half-way (power loss, SIGKILL) left in `folder`: `.NAME.*.tmp` files never renamed
-    into place, for the files `names` (default: any). Only for files no other process is writing; returns what was
-    removed."""
+    into place; returns what was removed. `shared`: other processes may be writing there right now (a teacher cache,
+    an analysis cache), so only temporaries whose writer is gone are removed: a process of this host that no longer
+    runs, or a write older than an hour."""
     folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    patterns = [".*.tmp"] if names is None else [f".{glob_escape(n)}.*.tmp" for n in names]
-    stale = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+    stale = sorted(p for p in folder.glob(".*.tmp") if p.is_file() and (not shared or _abandoned(p))) \
+        if folder.is_dir() else []
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
 
 
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+_HOST = socket.gethostname().replace(".", "_").replace("-", "_") or "host"
 
 
-@contextlib.contextmanager
-def folder_lock(path: str | Path, *, wait: bool, what: str) -> Iterator[None]:
-    """Hold an exclusive advisory lock (flock) on the lock file `path` while the block runs.
-
-    The kernel drops the lock when its holder dies, SIGKILL included, so a crash never leaves a folder locked.
-    `wait=False` refuses at once, naming the holder's pid; `wait=True` waits for it. On a file system without
-    flock (some network mounts) the block runs unlocked rather than not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+def _abandoned(path: Path) -> bool:
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(f"{what} is in use by another process (pid {holder}); wait for it to finish") from None
-        except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-def age_s(path: Path) -> float:
-    try:
-        return time.time() - path.stat().st_mtime
+        if time.time() - path.stat().st_mtime > 3600:
+            return True
     except FileNotFoundError:
-        return 0.0
+        return False  # renamed into place meanwhile
+    host, _, pid = path.name.rsplit(".", 3)[-3].rpartition("-") if path.name.count(".") >= 3 else ("", "", "")
+    if host != _HOST or not pid.isdigit():
+        return False  # another host's write (a shared file system), or one from before writers were named
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -23,7 +23,7 @@ from . import variants as variants_mod
 from .config import boolean, integer, list_of, number, text
 from .errors import UserError
 from .results import ClaimLost, ResultsDB
-from .storage import atomic_write_text
+from .storage import atomic_write_text, remove_stale_temporaries
 
 # The paper's grid; any name of `variants.GRAMMAR` may be listed.
 VARIANTS = ("none", "T0.3", "T0.5", "T0.7", "Tfull", "Tstar", "snapshot", "full_ensemble")
@@ -451,6 +451,7 @@ def run_study(source: str | Path | dict, out: str | Path | None = None, *, overr
     study = resolve_study(source, overrides)
     study_dir = Path(out) if out is not None else Path("studies") / study["name"]
     study_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(study_dir, shared=True)  # a killed worker's half-written study.yaml
     saved = study_dir / "study.yaml"
     text_ = config_mod.dump(study)
     if saved.is_file():

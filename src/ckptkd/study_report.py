@@ -34,7 +34,7 @@ from .errors import UserError
 from .results import ResultsDB
 from .report import terminal_console
 from .schedules import epoch_at_fraction
-from .storage import atomic_write_bytes, atomic_write_text, read_sealed_json
+from .storage import atomic_write_bytes, atomic_write_text, read_sealed_json, remove_stale_temporaries
 
 EMPTY = "—"
 CSV_COLUMNS = ("run_id", "kind", "name", "status", "pair", "role", "variant", "seed", "teacher_seed", "test_acc",
@@ -797,6 +797,8 @@ def write_report(study: str | Path, *, console: Console | None = None,
     """
     study = Path(study)
     config, rows, db = _load(study)
+    for leftovers in (study, study / "plots"):  # of a killed report
+        remove_stale_temporaries(leftovers, shared=True)
     try:
         blocked = {r["run_id"]: r["blocked_by"] for r in db.blocked()}
     finally:

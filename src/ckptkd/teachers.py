@@ -28,7 +28,7 @@ from .data.augment import apply_views
 from .ensemble import EnsembleForward, fold_batchnorm
 from .errors import UserError
 from .run import Checkpoint, resolve_all
-from .storage import read_tensors, save_tensors
+from .storage import read_tensors, remove_stale_temporaries, save_tensors
 
 # Bump when the bank or the stored logits change meaning, so old cache files are not reused.
 CACHE_VERSION = 2
@@ -200,6 +200,7 @@ class Teacher:
         for i, ckpt in enumerate(self.checkpoints):
             key = hashlib.sha256((ckpt.sha256 + settings_text).encode()).hexdigest()[:32]
             folder = Path(cache_dir) if cache_dir is not None else ckpt.run / "cache"
+            remove_stale_temporaries(folder, shared=True)  # what a killed build left; others may be building now
             path = folder / f"logits-{key}.safetensors"
             paths.append(path)
             tables[i] = _read_cache(path, settings, ckpt.sha256)

@@ -26,6 +26,7 @@ from .engine import (Objective, cache_settings, checkpoint_epochs, evaluate, mak
 from .errors import UserError
 from .models import from_spec
 from .run import Final, Manifest, Progress, Run, RunWriter
+from .storage import is_disk_full
 from .tracking import RunLog
 
 
@@ -78,8 +79,7 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
                 on_epoch(record)
     except BaseException as error:
         if main:
-            folder.fail(progress, "interrupted" if isinstance(error, KeyboardInterrupt)
-                        else f"{type(error).__name__}: {error}")
+            stopped(folder, progress, error)
         log.close()
         raise
     if main:
@@ -89,6 +89,20 @@ def fit(cfg: dict, out: str | Path, *, resume: bool = False, kind: str = "train"
     log.close()
     distributed.barrier()  # the other ranks return once rank 0 has written the finished run
     return folder.run
+
+
+def stopped(folder: RunWriter, progress: Progress, error: BaseException) -> None:
+    """Mark a run that stopped early as failed (`fit` and `group.fit_group`); a full disk becomes the one-line
+    error it is, saying what is still safe."""
+    reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+    try:
+        folder.fail(progress, reason)
+    except OSError:
+        pass  # the disk that stopped the run may not take the manifest either; the previous one stays in place
+    if is_disk_full(error):
+        kept = f"epoch {progress.epoch}" if progress.epoch else "nothing yet"
+        raise UserError(f"the disk is full ({error.filename or folder.path}): the run stopped; its last saved state "
+                        f"({kept}) and manifest are intact. Free space and continue with --resume") from error
 
 
 def evaluate_epoch(model, data: data_mod.Data, cfg: dict, epoch: int, progress: Progress, *, test: bool) -> dict:
