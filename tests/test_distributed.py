@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import yaml
@@ -57,7 +58,7 @@ def test_two_ranks_train_the_model_one_process_trains(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in single.path.iterdir())
 
 
-def test_two_rank_cached_distill_killed_and_resumed_is_bit_identical(tmp_path, teacher_run):
+def test_one_rank_killed_ends_the_job_and_resume_is_bit_identical(tmp_path, teacher_run):
     cfg = write_config(tmp_path / "cfg.yaml", schedule={"epochs": 5}, checkpoints={"every": 1},
                        kd={"cache": "on", "cache_dir": str(tmp_path / "cache")})
     common = ("distill", str(cfg), "--teacher", teacher_run.ref("0.5,1.0"), "--set", "log.progress=false")
@@ -68,16 +69,23 @@ def test_two_rank_cached_distill_killed_and_resumed_is_bit_identical(tmp_path, t
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(torchrun_args(*common, "--out", str(out)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         metrics = out / "metrics.jsonl"
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
-    proc.wait()
-    assert manifest_json(out)["status"] == "running"  # it was cut off, not finished
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)  # one rank, mid-epoch: the other is left waiting in a collective
+    killed_at = time.time()
+    try:
+        _, err = proc.communicate(timeout=60)  # the job ends, bounded: it never hangs
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and time.time() - killed_at < 60
+    assert re.search(r"rank\s*:\s*1\b", err) and "SIGKILL" in err, err[-2000:]  # torchrun names the killed rank
+    assert manifest_json(out)["status"] in ("running", "failed")  # cut off (rank 0 may have seen its peer go)
 
     resumed = torchrun(*common, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -87,6 +95,23 @@ def test_two_rank_cached_distill_killed_and_resumed_is_bit_identical(tmp_path, t
     for c in manifest["checkpoints"]:
         assert sha256_file(out / c["path"]) == c["sha256"]
     assert not list(out.rglob("*.tmp"))
+
+
+def _rank_pid(torchrun_pid: int, rank: int) -> int:
+    """The pid of the worker torchrun started as `rank` (read from its environment)."""
+    for _ in range(200):
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                env = (proc / "environ").read_bytes().split(b"\0")
+                parents = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(parents[1]) == torchrun_pid and f"RANK={rank}".encode() in env:
+                return int(proc.name)
+        time.sleep(0.05)
+    raise AssertionError(f"no rank {rank} under torchrun {torchrun_pid}")
 
 
 def test_a_global_batch_that_does_not_split_and_other_commands_are_refused(tmp_path):
