@@ -92,3 +92,28 @@ def test_teacher_numerics_resolve_and_key_the_cache(tmp_path, teacher_run):
 
 def test_default_crop_padding_follows_the_image_size():
     assert [data_mod.default_pad(h) for h in (8, 28, 32, 96)] == [1, 2, 4, 4]
+
+
+def test_two_processes_building_one_cache_leave_one_valid_file_and_no_temporaries(tmp_path, teacher_run):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from ckptkd.storage import read_tensors
+
+    cfg = tmp_path / "student.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(model={"name": "mlp", "widths": [8]}, schedule={"epochs": 1},
+                                              kd={"cache": "on", "cache_dir": str(tmp_path / "cache")})))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    procs = [subprocess.Popen([sys.executable, "-m", "ckptkd", "distill", str(cfg), "--teacher",
+                               teacher_run.ref("0.3,0.5,1.0"), "--out", str(tmp_path / f"s{i}")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    files = sorted((tmp_path / "cache").iterdir())
+    assert len(files) == 3 and all(f.suffix == ".safetensors" for f in files)  # one per teacher, no temporaries
+    for f in files:
+        read_tensors(f, what="teacher cache")  # sealed and intact

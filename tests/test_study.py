@@ -242,3 +242,28 @@ def test_fused_groups_follow_the_plan_and_each_run_keeps_its_row(tmp_path):
     assert fused[15] is None  # a group of one is an ordinary run
     # fuse says how runs are trained, not what they compute: the same study resumes under another setting
     run_study(tiny_study(fuse="off"), out=tmp_path / "s", quiet=True)
+
+
+def test_one_of_two_workers_killed_the_other_finishes_and_nothing_is_done_twice(tmp_path):
+    config_path = tmp_path / "study.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_study(variants=["none", "T0.5", "Tfull"], fuse=1)))
+    out = tmp_path / "s"
+    doomed, survivor = _start(config_path, out), _start(config_path, out)
+
+    def running_claims() -> list[dict]:
+        try:
+            with ResultsDB(out / "results.sqlite", readonly=True) as db:
+                return [r for r in db.rows() if r["status"] == "running" and r["claimer_pid"] == doomed.pid]
+        except (FileNotFoundError, sqlite3.OperationalError):
+            return []
+
+    while doomed.poll() is None and not running_claims():  # kill it while it holds a task
+        time.sleep(0.05)
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    assert survivor.wait(timeout=600) == 0, survivor.stderr.read()
+    rows = ResultsDB(out / "results.sqlite").rows()
+    assert len(rows) == 2 + 2 * 3 and all(r["status"] == "complete" for r in rows)  # teacher, analysis, students
+    taken_over = [r for r in rows if r["attempts"] == 2]
+    assert len(taken_over) <= 1 and all(r["attempts"] == 1 for r in rows if r not in taken_over)
+    assert all(r["claimer_pid"] == survivor.pid for r in taken_over)
