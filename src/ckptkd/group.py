@@ -417,10 +417,11 @@ def fit_group(members: list[Member], *, resume: bool = False, quiet: bool = Fals
     members, folders = [members[i] for i in active], [folders[i] for i in active]
     data = data_mod.build(cfg["data"], device)
     spec = model_spec(cfg, data)
-    prepared: dict[int, object] = {}
+    prepared: set[int] = set()
     for m in members:  # members that share a teacher object prepare it once
         if m.teacher is not None and id(m.teacher) not in prepared:
-            prepared[id(m.teacher)] = m.teacher.prepare(data, cache=cache_settings(m.cfg, data), quiet=quiet)
+            prepared.add(id(m.teacher))
+            m.teacher.prepare(data, cache=cache_settings(m.cfg, data), quiet=quiet)
     models, optimizers = [], []
     for m in members:
         torch.manual_seed(m.cfg["seed"])
@@ -434,7 +435,7 @@ def fit_group(members: list[Member], *, resume: bool = False, quiet: bool = Fals
         say(f"a group of {len(members)} runs needs about {len(members) * per_member / 2**20:.0f} MiB, more than "
             f"{MEMORY_SHARE:.0%} of the memory free here: training it as {len(chunks)} groups of up to "
             f"{len(chunks[0])}")
-    progress, logs = [], []
+    progress, logs = [], []  # by member: the chunks are consecutive runs of members, in order
     for chunk in chunks:
         for position, i in enumerate(chunk):
             manifest = new_manifest(members[i].cfg, members[i].kind, spec, data, device, members[i].teacher)
@@ -451,17 +452,16 @@ def fit_group(members: list[Member], *, resume: bool = False, quiet: bool = Fals
         try:
             state.run(on_epoch)
         except BaseException as error:
-            for later in chunks[chunks.index(chunk):]:  # this group's runs and those not started
-                for i in later:
-                    logs[i].close()
+            # This group's unfinished runs and the later groups' (not started) are marked as `fit` marks a run.
+            unfinished = [i for later in chunks[chunks.index(chunk):] for i in later
+                          if i not in chunk or state.outcomes[chunk.index(i)] is None]
             full = None
-            for later in chunks[chunks.index(chunk):]:
-                for i in later:
-                    if i not in chunk or state.outcomes[chunk.index(i)] is None:
-                        try:
-                            stopped(folders[i], progress[i], error)
-                        except UserError as disk_full:
-                            full = disk_full
+            for i in unfinished:
+                logs[i].close()
+                try:
+                    stopped(folders[i], progress[i], error)
+                except UserError as disk_full:
+                    full = disk_full
             if full is not None:
                 raise full from error
             raise
