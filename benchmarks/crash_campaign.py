@@ -218,8 +218,8 @@ def main() -> int:
             work = root / name
             work.mkdir(parents=True, exist_ok=False)
             ok, killed, misses = campaign(COMMANDS[name](work), args.runs, seed)
-            print(f"{name}: {ok}/{args.runs} resumed bit-identical ({killed} killed mid-run, the others finished "
-                  "before their kill)", flush=True)
+            rest = f", {args.runs - killed} finished before their kill" if killed < args.runs else ""
+            print(f"{name}: {ok}/{args.runs} resumed bit-identical ({killed} killed mid-run{rest})", flush=True)
             failed |= bool(misses)
     return 1 if failed else 0
 
