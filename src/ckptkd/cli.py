@@ -37,7 +37,9 @@ def cmd_distill(args) -> None:
         runs = distill_fused(args.config, teachers=args.teacher, seeds=args.seeds, overrides=args.set, out=args.out,
                              resume=args.resume, allow_incomplete=args.allow_incomplete, group_size=args.fuse or 8)
         for run in runs:
-            print(run.path)
+            final = run.manifest.final
+            print(f"{run.path}  test {100 * final.test_acc:.2f}% (mean of the last {final.last_k}: "
+                  f"{100 * final.test_acc_last_k:.2f}%), best val {100 * final.best_val_acc:.2f}%")
         return
     run = distill(args.config, teachers=args.teacher, overrides=args.set, out=args.out, resume=args.resume,
                   allow_incomplete=args.allow_incomplete)
