@@ -19,6 +19,7 @@ import io
 import math
 import re
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -403,7 +404,21 @@ def _ensemble_table(pairs: list[_Pair], expected: dict) -> _Table:
 
 
 def _duration(row: dict) -> float | None:
-    return (row.get("timings") or {}).get("duration_s") if row["status"] == "complete" else None
+    """A run's share of the wall time: runs trained as one group (claimed together: one claimer, one start) split
+    the group's time evenly, so a sum over runs is the time the workers spent."""
+    seconds = (row.get("timings") or {}).get("duration_s") if row["status"] == "complete" else None
+    return None if seconds is None else seconds / row.get("claimed_with", 1)
+
+
+def _mark_groups(rows: list[dict]) -> int:
+    """Set each completed row's `claimed_with` (the size of the group it was claimed in); returns how many groups
+    of more than one run there were."""
+    key = lambda r: (r.get("claimer"), (r.get("timings") or {}).get("started_at"))  # noqa: E731
+    sizes = Counter(key(r) for r in rows if r["status"] == "complete")
+    for r in rows:
+        if r["status"] == "complete":
+            r["claimed_with"] = sizes[key(r)]
+    return sum(1 for n in sizes.values() if n > 1)
 
 
 def _mean_seconds(rows) -> str:
@@ -797,6 +812,7 @@ def write_report(study: str | Path, *, console: Console | None = None,
     """
     study = Path(study)
     config, rows, db = _load(study)
+    groups = _mark_groups(rows)  # before any time is read: a group's runs share its time
     for leftovers in (study, study / "plots"):  # of a killed report
         remove_stale_temporaries(leftovers, shared=True)
     try:
@@ -875,9 +891,16 @@ def write_report(study: str | Path, *, console: Console | None = None,
     lines.append("")
 
     time_table, cache_note = _time_table(rows)
+    timings = [r["timings"] for r in rows if r["status"] == "complete" and (r.get("timings") or {}).get("started_at")]
+    span = (f" From the first run's start to the last run's end the study took "
+            f"{(max(t['finished_at'] for t in timings) - min(t['started_at'] for t in timings)) / 60:.1f} minutes "
+            f"on {len({r['claimer'] for r in rows if r['status'] == 'complete'})} worker process(es)."
+            if timings else "")
+    fused = (f" {groups} groups of runs were trained together (fused; `fuse` in study.yaml): each run of a group is "
+             "given an even share of the group's time." if groups else "")
     lines += ["## Compute time", "", "Wall time of each completed run as the study measured it (this machine, "
               "whatever else it was doing), summed by kind of run. A cache is built by the first student that needs "
-              "it and reused by every later one.", ""]
+              f"it and reused by every later one.{fused}{span}", ""]
     lines += time_table.markdown() + ["", cache_note, ""]
 
     figures = []
