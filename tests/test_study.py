@@ -267,3 +267,17 @@ def test_one_of_two_workers_killed_the_other_finishes_and_nothing_is_done_twice(
     taken_over = [r for r in rows if r["attempts"] == 2]
     assert len(taken_over) <= 1 and all(r["attempts"] == 1 for r in rows if r not in taken_over)
     assert all(r["claimer_pid"] == survivor.pid for r in taken_over)
+
+
+def test_online_students_in_a_fused_group_run_their_teachers_online(tmp_path):
+    """An @online student shares its group (and its teachers' references) with the cached one, never the cache."""
+    study = tiny_study(variants=["T0.5", "snapshot"], compare_online=["T0.5", "snapshot"], seeds=1, fuse=4,
+                       kd={"cache": "on"})
+    done = run_study(study, out=tmp_path / "s", quiet=True)
+    students = [r for r in ResultsDB(done / "results.sqlite").rows() if r["kind"] == "distill"]
+    assert len(students) == 4
+    for row in students:
+        manifest = json.loads((done / row["path"] / "manifest.json").read_text())
+        assert manifest["fused"]["members"] == 4
+        online = row["group"]["variant"].endswith("@online")
+        assert ("cache" in manifest["teacher_ensemble"]) is not online, row["group"]["variant"]

@@ -417,11 +417,17 @@ def fit_group(members: list[Member], *, resume: bool = False, quiet: bool = Fals
     members, folders = [members[i] for i in active], [folders[i] for i in active]
     data = data_mod.build(cfg["data"], device)
     spec = model_spec(cfg, data)
-    prepared: set[int] = set()
-    for m in members:  # members that share a teacher object prepare it once
-        if m.teacher is not None and id(m.teacher) not in prepared:
-            prepared.add(id(m.teacher))
-            m.teacher.prepare(data, cache=cache_settings(m.cfg, data), quiet=quiet)
+    prepared: dict[int, dict | None] = {}
+    for m in members:  # members that share a teacher object prepare it once, so they must cache it alike
+        if m.teacher is None:
+            continue
+        cache = cache_settings(m.cfg, data)
+        if id(m.teacher) not in prepared:
+            prepared[id(m.teacher)] = cache
+            m.teacher.prepare(data, cache=cache, quiet=quiet)
+        elif prepared[id(m.teacher)] != cache:
+            raise ValueError(f"{m.out} shares a teacher object with another member but caches it otherwise "
+                             f"({cache} against {prepared[id(m.teacher)]}): give it a teacher of its own")
     models, optimizers = [], []
     for m in members:
         torch.manual_seed(m.cfg["seed"])

@@ -361,10 +361,10 @@ def _execute_group(rows: list[dict], study_dir: Path, db: ResultsDB,
         cfg = _student_config(row, study_dir) if row["kind"] == "distill" else copy.deepcopy(row["config"])
         teacher = None
         if cfg["kd"]["teachers"]:
-            kd = cfg["kd"]
-            key = json.dumps([kd["teachers"], kd["channels_last"], kd["autocast"], kd["teacher_mode"],
-                              cfg["precision"]])
-            if key not in teachers:  # members that name the same teachers share one (prepared and cached once)
+            # Members that name the same teachers, computed and cached the same way, share one (prepared once). The
+            # cache settings are part of it: an @online student must not get a teacher answering from a cache.
+            key = teacher_key(cfg)
+            if key not in teachers:
                 teachers[key] = make_teacher(cfg, quiet=True)
             teacher = teachers[key]
         members.append(Member(cfg, study_dir / row["path"], teacher, row["kind"]))
@@ -376,6 +376,13 @@ def _execute_group(rows: list[dict], study_dir: Path, db: ResultsDB,
     outcomes = fit_group(members, resume=True, quiet=True, on_epoch=heartbeat, announce=say)
     return [outcome if isinstance(outcome, Exception) else run_metrics(row["kind"], outcome)
             for row, outcome in zip(rows, outcomes)]
+
+
+def teacher_key(cfg: dict) -> str:
+    """What makes two students' teachers the same object: their references and how they compute and cache."""
+    kd = cfg["kd"]
+    return json.dumps([{k: kd[k] for k in ("teachers", "channels_last", "autocast", "teacher_mode", "cache", "views",
+                                           "cache_dir")}, cfg["precision"]], sort_keys=True)
 
 
 def run_metrics(kind: str, run) -> tuple[dict, dict]:
