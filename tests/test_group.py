@@ -101,7 +101,7 @@ def test_the_engine_loops_compute_bound_models_on_a_cpu_and_fuses_small_ones():
     big = {"name": "resnet20", "in_channels": 3, "image_size": [32, 32]}
     small = {"name": "cnn", "in_channels": 1, "image_size": [28, 28]}
     engine, why = choose_engine(create("resnet20", num_classes=100, in_channels=3), big, cpu)
-    assert engine == "looped" and "compute-bound" in why
+    assert engine == "looped-channels-last" and "compute-bound" in why
     model = create("cnn", num_classes=10, in_channels=1, image_size=(28, 28), channels=[4, 8], hidden=32)
     assert choose_engine(model, small, cpu)[0] == "fused"
     assert choose_engine(model, small, cpu, "looped")[0] == "looped"
@@ -168,7 +168,8 @@ def _weights(run) -> list[str]:
     return [c.sha256 for c in run.manifest.checkpoints]
 
 
-@pytest.mark.parametrize("engine, model", [("fused", "cnn"), ("looped", "cnn"), ("fused", "mlp")])
+@pytest.mark.parametrize("engine, model", [("fused", "cnn"), ("looped", "cnn"), ("looped-channels-last", "cnn"),
+                                           ("fused", "mlp")])
 def test_a_group_trains_each_run_as_it_would_train_alone(teacher_run, tmp_path, engine, model):
     """Same initial weights, same batches, the same first epoch to float32 rounding; final test accuracies within
     0.5 points. (Only for the MLP: the CNN's channels-last max-pooling breaks ties between equal values in another
@@ -199,11 +200,13 @@ def test_a_fused_rerun_is_bit_identical(teacher_run, tmp_path):
     assert [_weights(r) for r in first] == [_weights(r) for r in again]
 
 
-def test_members_left_at_different_epochs_resume_to_the_uninterrupted_weights(teacher_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", ["fused", "looped-channels-last"])
+def test_members_left_at_different_epochs_resume_to_the_uninterrupted_weights(teacher_run, tmp_path, monkeypatch,
+                                                                              engine):
     """A kill between two members' writes leaves one an epoch ahead: the group holds it until the others catch up."""
     from ckptkd.run import RunWriter
 
-    reference = fit_group(_students(teacher_run, tmp_path / "ref"), quiet=True, engine="fused")
+    reference = fit_group(_students(teacher_run, tmp_path / "ref"), quiet=True, engine=engine)
     real_end_epoch = RunWriter.end_epoch
 
     def dies_after_member_0_of_epoch_2(self, record, *args, **kwargs):
@@ -213,11 +216,11 @@ def test_members_left_at_different_epochs_resume_to_the_uninterrupted_weights(te
 
     monkeypatch.setattr(RunWriter, "end_epoch", dies_after_member_0_of_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        fit_group(_students(teacher_run, tmp_path / "cut"), quiet=True, engine="fused")
+        fit_group(_students(teacher_run, tmp_path / "cut"), quiet=True, engine=engine)
     monkeypatch.setattr(RunWriter, "end_epoch", real_end_epoch)
     assert [json.loads(line)["epoch"] for line in (tmp_path / "cut/s0/metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert manifest_json(tmp_path / "cut/s1")["status"] == "failed"
-    resumed = fit_group(_students(teacher_run, tmp_path / "cut"), resume=True, quiet=True, engine="fused")
+    resumed = fit_group(_students(teacher_run, tmp_path / "cut"), resume=True, quiet=True, engine=engine)
     assert [_weights(r) for r in resumed] == [_weights(r) for r in reference]
     assert all(r.manifest.complete for r in resumed)
 
