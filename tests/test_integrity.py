@@ -31,6 +31,7 @@ def sealed_run(tmp_path_factory, teacher_run):
     root = tmp_path_factory.mktemp("integrity")
     run = root / "t"
     shutil.copytree(teacher_run.path, run)
+    shutil.rmtree(run / "cache", ignore_errors=True)  # other tests' caches of the shared teacher: only this one's
     analyze(run, plots=False, quiet=True, seeds=2)
     distill(tiny_config(model={"name": "mlp", "widths": [8]}, schedule={"epochs": 1}, kd={"cache": "on"}),
             teachers=[f"{run}@last"], out=root / "student", quiet=True)

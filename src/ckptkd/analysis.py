@@ -393,6 +393,10 @@ def select(run: str | Path, *, k: int = 1, by: str = "info", split: str | None =
         epochs = selection.ranking(result)
     if not 1 <= k <= len(epochs):
         raise UserError(f"select: --k must be between 1 and {len(epochs)} (the run's checkpoints)")
+    unknown = [e for e in epochs[:k] if e not in by_epoch]
+    if unknown:
+        raise UserError(f"select: {folder.path}/analysis.json names epoch {unknown[0]}, which the run has no "
+                        f"checkpoint of; rerun `ckptkd analyze {folder.path}`")
     return {"run": str(folder.path), "criterion": result["criterion"], "t_star": result["t_star"],
             "ties": result["ties"], "references": [by_epoch[e].reference for e in epochs[:k]],
             "checkpoints": [{k_: row.get(k_) for k_ in ("epoch", "score", "se", "tied")} for row in result["scores"]],

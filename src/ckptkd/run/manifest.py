@@ -104,9 +104,12 @@ class Manifest:
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise UserError(f"{where} is not a ckptkd manifest (format {FORMAT})")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        for key in ("kind", "name", "model", "data", "epochs", "checkpoints", "status"):
+        for key in ("kind", "name", "model", "data", "seed", "epochs", "checkpoints", "status"):
             if key not in raw:
                 raise UserError(f"{where}: the manifest has no '{key}'")
+        for key, (check, expected) in _FIELD_TYPES.items():
+            if key in raw:
+                _expect(check(raw[key]), where, key, raw[key], expected)
         _expect(raw["kind"] in KINDS, where, "kind", raw["kind"], f"one of {', '.join(KINDS)}")
         _expect(raw["status"] in STATUSES, where, "status", raw["status"], f"one of {', '.join(STATUSES)}")
         _expect(isinstance(raw["epochs"], int) and raw["epochs"] >= 1, where, "epochs", raw["epochs"],
@@ -121,8 +124,51 @@ class Manifest:
                 values["final"] = Final(**raw["final"])
             except TypeError:
                 raise UserError(f"{where}: 'final' is not a ckptkd final record") from None
+            for key, value in raw["final"].items():
+                _expect(_number(value) or (value is None and key in ("test_acc_last_k", "last_k")), where,
+                        f"final.{key}", value, "a number")
         values.setdefault("ckptkd", {})  # written before versions were recorded
         return cls(**values, extra={k: v for k, v in raw.items() if k not in known})
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+def _is(kind):
+    """isinstance, except that true and false are not integers here."""
+    return lambda v: isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
+
+
+# The type of every other field a reader uses (what it is, for the message naming the field).
+_FIELD_TYPES = {
+    "name": (_is(str), "text"),
+    "data": (lambda v: isinstance(v, dict) and all(isinstance(v.get(k, ""), str) for k in ("name", "label")),
+             "a mapping"),
+    "seed": (_optional(_is(int)), "an integer or null"),
+    "steps_per_epoch": (lambda v: _is(int)(v) and v >= 0, "an integer >= 0"),
+    "teachers": (lambda v: isinstance(v, list) and all(isinstance(t, dict) for t in v), "a list of mappings"),
+    "teacher_ensemble": (_optional(_is(dict)), "a mapping or null"),
+    "allow_incomplete": (_is(bool), "true or false"),
+    "health": (lambda v: isinstance(v, dict) and isinstance(v.get("ok", True), bool) and isinstance(
+        v.get("flags", []), list) and all(isinstance(f, dict) and isinstance(f.get("flag"), str) and isinstance(
+            f.get("epoch"), int) and isinstance(f.get("detail"), str) for f in v.get("flags", [])),
+        "a mapping with ok and flags"),
+    "error": (_optional(_is(str)), "text or null"),
+    "source": (_optional(_is(dict)), "a mapping or null"),
+    "device": (_optional(_is(str)), "text or null"),
+    "precision": (_optional(_is(str)), "text or null"),
+    "torch": (_optional(_is(str)), "text or null"),
+    "threads": (_optional(_is(int)), "an integer or null"),
+    "distributed": (_optional(_is(dict)), "a mapping or null"),
+    "fused": (_optional(_is(dict)), "a mapping or null"),
+    "ckptkd": (_is(dict), "a mapping"),
+    "final": (_optional(_is(dict)), "a mapping or null"),
+}
 
 
 def _entry(raw: Any, where: str, i: int) -> CheckpointEntry:
@@ -137,13 +183,21 @@ def _entry(raw: Any, where: str, i: int) -> CheckpointEntry:
             entry.sha256, "a sha256 hex digest")
     _expect(isinstance(entry.path, str) and not Path(entry.path).is_absolute() and ".." not in Path(entry.path).parts,
             where, f"checkpoints[{i}].path", entry.path, "a path inside the run folder")
-    _expect(isinstance(entry.metrics, dict), where, f"checkpoints[{i}].metrics", entry.metrics, "a mapping")
+    _expect(isinstance(entry.step, int) and not isinstance(entry.step, bool), where, f"checkpoints[{i}].step",
+            entry.step, "an integer")
+    for key in ("fraction", "lr"):
+        _expect(_number(getattr(entry, key)), where, f"checkpoints[{i}].{key}", getattr(entry, key), "a number")
+    _expect(isinstance(entry.metrics, dict) and all(v is None or _number(v) for v in entry.metrics.values()), where,
+            f"checkpoints[{i}].metrics", entry.metrics, "a mapping of numbers")
+    _expect(entry.source is None or isinstance(entry.source, dict), where, f"checkpoints[{i}].source", entry.source,
+            "a mapping or null")
     return entry
 
 
 def _expect(ok: bool, where: str, key: str, value: Any, expected: str) -> None:
     if not ok:
-        raise UserError(f"{where}: {key} must be {expected}, got {value!r}")
+        shown = repr(value)
+        raise UserError(f"{where}: {key} must be {expected}, got {shown if len(shown) <= 80 else shown[:77] + '...'}")
 
 
 def _drop_none(d: dict, key: str) -> dict:
