@@ -43,12 +43,24 @@ def test_bad_configs_are_one_line_exit_2(tmp_path, capsys, text, needles):
     ("schedule.epochs=-1", "schedule.epochs"),
     ("data.root=/nonexistent/folder", "/nonexistent/folder"),
     ("model.name=wrn_41_2", "wrn_41_2"),
+    # A mapping where a value belongs is checked like any other wrong value (found by the fuzz test in CI).
+    ("data.batch_size={}", "data.batch_size"),
+    ("data.mean={}", "data.mean"),
+    ("checkpoints.epochs={a: 1}", "checkpoints.epochs"),
 ])
 def test_bad_overrides_are_one_line_exit_2(tmp_path, capsys, override, needle):
     argv = ["train", str(REPO / "configs" / "digits_teacher.yaml"), "--out", str(tmp_path / "r"), "--set", override]
     if override.startswith("data.root"):
         argv += ["--set", "data.name=fashion-mnist"]
     one_line_error(capsys, argv, needle)
+
+
+@pytest.mark.parametrize("widths", ["'0'", "null", "[-1]", "[[1]]"])
+def test_a_model_argument_the_constructor_cannot_use_is_one_line(tmp_path, capsys, widths):
+    argv = ["train", str(REPO / "configs" / "digits_teacher.yaml"), "--out", str(tmp_path / "r"),
+            "--set", "model.name=mlp", "--set", f"model.widths={widths}"]
+    one_line_error(capsys, argv, "model 'mlp'", "model.widths=")
+    assert not (tmp_path / "r").exists()
 
 
 def test_missing_config_file(tmp_path, capsys):

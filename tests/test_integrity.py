@@ -160,6 +160,27 @@ def test_a_manifest_from_before_seals_is_still_read(tmp_path, sealed_run):
     assert Run(run).manifest.complete
 
 
+@pytest.mark.parametrize("damage, needle", [
+    (lambda a: a["criteria"].pop("val@val"), "val@val"),  # found by the fuzz test: select raised a KeyError
+    (lambda a: a["selected"].update(criterion="nope@val"), "selected"),
+    (lambda a: a["criteria"]["info@val"].update(scores=[{"epoch": "2"}]), "criteria.info@val.scores"),
+])
+def test_a_well_sealed_but_malformed_analysis_is_refused_naming_the_field(tmp_path, capsys, sealed_run, damage,
+                                                                          needle):
+    from ckptkd.storage import write_sealed_json
+
+    run = tmp_path / "t"
+    shutil.copytree(sealed_run, run)
+    analysis = json.loads((run / "analysis.json").read_text())
+    analysis.pop("checksum")
+    damage(analysis)
+    write_sealed_json(run / "analysis.json", analysis)  # resealed, as a careless tool would
+    for argv in (["select", str(run), "--by", "val", "--split", "val"], ["select", str(run)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "analysis.json" in err and needle in err, err
+
+
 def test_a_full_disk_during_a_save_keeps_the_last_state_and_says_so(tmp_path, capsys, monkeypatch):
     import errno
     import os

@@ -316,14 +316,15 @@ def resolve(source: str | Path | dict | None = None, overrides: dict[str, Any] |
 
 
 def validate(cfg: dict) -> None:
-    flat = flatten({k: v for k, v in cfg.items() if k != "model"})
-    flat.update({f"model.{k}": v for k, v in cfg["model"].items() if k in MODEL_FIXED_KEYS})
     for path, check in FIELDS.items():
-        if path not in flat:
+        section, _, key = path.rpartition(".")
+        node = cfg[section] if section else cfg
+        if key not in node:  # a model's fixed keys are optional
             continue
-        expected = check(flat[path])
+        # Looked up by path, not flattened: a mapping given where a value belongs must meet the check, not vanish.
+        expected = check(node[key])
         if expected is not None:
-            raise UserError(f"config: {path} must be {expected}, got {flat[path]!r}")
+            raise UserError(f"config: {path} must be {expected}, got {node[key]!r}")
     sched = cfg["schedule"]
     epochs = sched["epochs"]
     if sched["name"] == "multistep" and any(_is_int(m) and m > epochs for m in sched["milestones"]):

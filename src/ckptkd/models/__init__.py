@@ -62,7 +62,16 @@ def create(name: str, *, num_classes: int, in_channels: int = 3, image_size=None
                 raise UserError(f"model '{name}' does not take '{key}' (it takes: {takes})")
     if image_size is not None and "image_size" in inspect.signature(factory).parameters:
         kw["image_size"] = _as_hw(image_size)
-    model = factory(num_classes=num_classes, in_channels=in_channels, **kw)
+    extra = {k: v for k, v in kw.items() if k != "image_size"}
+    try:
+        model = factory(num_classes=num_classes, in_channels=in_channels, **kw)
+    except (TypeError, ValueError, RuntimeError) as e:
+        if not extra:
+            raise  # no argument of the user's is at fault: a bug of the constructor's, shown whole
+        # Constructor arguments come from the config (model.<key>); a value the constructor cannot use is bad input.
+        args = ", ".join(f"model.{k}={v!r}" for k, v in extra.items())
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"model '{name}' cannot be built with {args}: {reason}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"model '{name}' did not build a torch.nn.Module (got {type(model).__name__})")
     return model

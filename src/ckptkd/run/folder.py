@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..health import assess
+from ..selection import CRITERIA
 from ..storage import (atomic_write_text, read_sealed_json, remove_stale_temporaries, save_tensors, shared_permissions,
                        write_sealed_json)
 from .manifest import CheckpointEntry, Final, Manifest
@@ -160,6 +161,9 @@ def analysis_problem(analysis) -> str | None:
     criteria = analysis.get("criteria")
     if not isinstance(criteria, dict):
         return "criteria must be a mapping"
+    missing = [f"{name}@{split}" for name in CRITERIA for split in ("train", "val") if f"{name}@{split}" not in criteria]
+    if missing:  # analyze writes every criterion on both splits; select and reports may ask for any of them
+        return f"criteria lack {missing[0]}"
     for key, c in criteria.items():
         where = f"criteria.{key}"
         if not isinstance(c, dict):
