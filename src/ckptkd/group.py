@@ -173,7 +173,7 @@ def choose_engine(model: torch.nn.Module, spec: dict, device: torch.device, requ
             f"model '{spec['name']}' takes {flops / 1e6:.1f} MFLOPs per image, compute-bound on a CPU (fusion pays "
             f"below {CPU_FUSE_MAX_FLOPS / 1e6:g}); its runs train one after another"
             + (", channels-last" if convolutional else ""))
-    return "fused", f"{flops / 1e6:.2f} MFLOPs per image: overhead-bound on a CPU"
+    return "fused", f"{flops / 1e6:.3g} MFLOPs per image: overhead-bound on a CPU"
 
 
 # -- engines ---------------------------------------------------------------------------------------------------------
