@@ -55,6 +55,21 @@ def test_bad_overrides_are_one_line_exit_2(tmp_path, capsys, override, needle):
     one_line_error(capsys, argv, needle)
 
 
+def test_numbers_in_scientific_notation_are_numbers(tmp_path):
+    """YAML 1.1 reads `1e-3` as a string; ckptkd reads it as the learning rate it is, in files and overrides, and a
+    string that looks like one (a run named 1e3) is quoted when saved, so the saved config reads back the same."""
+    from ckptkd import config as config_mod
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text("name: '1e3'\noptim: {lr: 5e-4, weight_decay: 1E-8}\n")
+    cfg = config_mod.resolve(path, ["schedule.min_lr=1e-6", "data.mean=[1e-1]"])
+    assert (cfg["optim"]["lr"], cfg["optim"]["weight_decay"], cfg["schedule"]["min_lr"]) == (5e-4, 1e-8, 1e-6)
+    assert cfg["data"]["mean"] == [0.1] and cfg["name"] == "1e3"
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(config_mod.dump(cfg))
+    assert config_mod.resolve(saved) == cfg
+
+
 @pytest.mark.parametrize("widths", ["'0'", "null", "[-1]", "[[1]]"])
 def test_a_model_argument_the_constructor_cannot_use_is_one_line(tmp_path, capsys, widths):
     argv = ["train", str(REPO / "configs" / "digits_teacher.yaml"), "--out", str(tmp_path / "r"),

@@ -51,6 +51,25 @@ DEFAULTS: dict[str, Any] = {
 MODEL_FIXED_KEYS = {"name", "num_classes", "in_channels"}
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader (no tag builds an object), reading `1e-3` as the number it is. YAML 1.1, which PyYAML
+    implements, makes a float need a dot (`1.0e-3`), so a learning rate written the usual way came back a string."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes a string that `_Loader` would read as a number (a run named `1e3`), so a saved config reads back."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float",
+                               re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                               list("-+0123456789"))
+
+
+def load_yaml(text_: str) -> Any:
+    return yaml.load(text_, Loader=_Loader)  # noqa: S506 -- _Loader is a SafeLoader
+
+
 Check = Callable[[Any], str | None]  # returns a description of what was expected, or None when the value is fine
 
 
@@ -257,7 +276,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
         raise UserError(f"--set {item!r}: {key!r} is not a dotted config key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise UserError(f"--set {key}: cannot parse value {raw!r} ({str(e).splitlines()[0]})") from None
     return key, value
@@ -283,7 +302,7 @@ def read_yaml(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read config {path}: {e}") from None
     try:
-        data = yaml.safe_load(text_)
+        data = load_yaml(text_)
     except yaml.YAMLError as e:
         where = ""
         mark = getattr(e, "problem_mark", None)
@@ -348,4 +367,4 @@ def validate(cfg: dict) -> None:
 
 
 def dump(cfg: dict) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+    return yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, default_flow_style=None)
