@@ -113,6 +113,8 @@ def load_checkpoints(run):
     ("@best-info", "ckptkd analyze"),
     ("@top-info:2", "ckptkd analyze"),
     ("@sideways", "unknown selector"),
+    ("@", "unknown selector ''"),
+    ("@best val", "unknown selector 'best val'"),
 ])
 def test_bad_references_name_what_exists(teacher_run, selector, needle):
     with pytest.raises(UserError, match=None) as error:

@@ -296,6 +296,51 @@ def test_distill_fuse_on_the_command_line_writes_one_folder_per_teacher_and_seed
     twice = run_cli("distill", str(cfg_path), "--fuse", "--seeds", "0,0", "--teacher", "none", "--out",
                     str(tmp_path / "twice"))
     assert twice.returncode == 2 and "listed twice" in twice.stderr
+    shown = run_cli("show", str(out))  # the folder of students is shown and verified as a whole
+    assert shown.returncode == 0 and all(name in shown.stdout for name in names), shown.stdout + shown.stderr
+    verified = run_cli("verify", str(out))
+    assert verified.returncode == 0 and "all intact" in verified.stdout, verified.stdout + verified.stderr
+    (out / "t@0.5-s1" / "manifest.json").write_text("{}")
+    damaged = run_cli("verify", str(out))
+    assert damaged.returncode == 2 and str(out / "t@0.5-s1" / "manifest.json") in damaged.stdout
+    into_a_run = run_cli("distill", str(cfg_path), "--fuse", "--teacher", "none", "--out", str(teacher_run.path))
+    assert into_a_run.returncode == 2 and "is a run or a study folder" in into_a_run.stderr
+    assert not (teacher_run.path / "none-s0").exists()
+
+
+def test_student_folders_tell_teachers_of_the_same_name_apart(tmp_path):
+    from ckptkd.trainer import parse_teacher_entry, teacher_slugs
+
+    entries = [[f"{tmp_path}/a/t@0.5"], [f"{tmp_path}/b/t@0.5"], [f"{tmp_path}/a/u@last"], [],
+               [f"{tmp_path}/a/t@0.3", f"{tmp_path}/c/v@all"]]
+    assert teacher_slugs(entries) == ["a-t@0.5", "b-t@0.5", "u@last", "none", "t@0.3+v@all"]
+    assert teacher_slugs([["runs/t@0.5"], ["runs/t@0.5/"]])[0] == teacher_slugs([["runs/t@0.5"]])[0]
+    with pytest.raises(UserError, match="cannot join an ensemble"):
+        parse_teacher_entry("runs/t@0.5+none")
+
+
+def test_a_group_of_one_is_an_ordinary_run(teacher_run, tmp_path):
+    """Bit-identical to `distill` on its own, and its manifest says nothing of a group."""
+    from ckptkd.trainer import distill, distill_fused
+
+    cfg = tiny_config(model={"name": "mlp", "widths": [16]}, schedule={"epochs": 2})
+    alone = distill(cfg, teachers=[teacher_run.ref("0.5")], out=tmp_path / "alone", quiet=True)
+    [grouped] = distill_fused(cfg, teachers=[teacher_run.ref("0.5")], out=tmp_path / "group", quiet=True)
+    assert manifest_json(grouped.path).get("fused") is None
+    assert _weights(grouped) == _weights(alone)
+
+
+def test_plain_distill_reads_none_and_a_plus_b_as_the_fused_form_does(teacher_run, tmp_path):
+    from ckptkd.trainer import distill
+
+    cfg = tiny_config(model={"name": "mlp", "widths": [16]}, schedule={"epochs": 1})
+    baseline = distill(cfg, teachers=["none"], out=tmp_path / "none", quiet=True)
+    assert baseline.manifest.teachers == []
+    both = distill(cfg, teachers=[f"{teacher_run.ref('0.3')}+{teacher_run.ref('last')}"], out=tmp_path / "ab",
+                   quiet=True)
+    assert [t["epoch"] for t in both.manifest.teachers] == [2, 6]  # 0.3 of 6 epochs, and the last
+    with pytest.raises(UserError, match="none"):
+        distill(cfg, teachers=["none", teacher_run.ref("0.5")], out=tmp_path / "mixed", quiet=True)
 
 
 def test_a_killed_fused_distill_resumes_bit_identical(teacher_run, tmp_path):

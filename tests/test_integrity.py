@@ -99,6 +99,18 @@ def test_a_damaged_file_is_refused_by_name_and_listed_by_verify(tmp_path, capsys
     assert str(target) in out and "damaged" in err and len(err.strip().splitlines()) == 1
 
 
+def test_verify_checks_checkpoints_by_their_seals_when_the_manifest_is_damaged(tmp_path, capsys, sealed_run):
+    run = tmp_path / "t"
+    shutil.copytree(sealed_run, run)
+    _truncate(run / "manifest.json", 40)
+    checkpoint = sorted((run / "checkpoints").iterdir())[0]
+    _flip(checkpoint, -5)
+    assert main(["verify", str(run)]) == 2
+    out = capsys.readouterr().out
+    assert str(run / "manifest.json") in out and str(checkpoint) in out, out
+    assert out.count("damaged:") == 2  # the other checkpoints pass their seals
+
+
 def test_verify_passes_an_intact_run_and_study_and_lists_leftover_temporaries(tmp_path, capsys, sealed_run):
     run = tmp_path / "t"
     shutil.copytree(sealed_run, run)

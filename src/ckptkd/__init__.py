@@ -20,7 +20,8 @@ _LAZY = {
     "select": ("analysis", "select"), "run_study": ("study", "run_study"), "Run": ("run", "Run"),
     "import_trajectory": ("importer", "import_trajectory"),
     "resolve_reference": ("run", "resolve"), "UserError": ("errors", "UserError"),
-    "info": ("info", None), "losses": ("losses", None), "models": ("models", None),
+    "info": ("info", None), "losses": ("losses", None), "models": ("models", None), "fused": ("fused", None),
+    "group": ("group", None), "run": ("run", None), "storage": ("storage", None),
 }
 
 __all__ = [*_LAZY, "__version__"]

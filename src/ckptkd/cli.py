@@ -47,7 +47,15 @@ def cmd_distill(args) -> None:
 
 
 def cmd_show(args) -> None:
-    _print_trajectory(Path(args.run))
+    from .report import runs_table
+    from .run import MANIFEST, runs_under
+
+    path = Path(args.run)
+    runs = runs_under(path) if path.is_dir() and not (path / MANIFEST).is_file() else []
+    if runs:  # a folder of runs, e.g. what distill --fuse wrote
+        runs_table(path, runs)
+    else:
+        _print_trajectory(path)
 
 
 def cmd_import(args) -> None:
@@ -191,13 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="train a student from teacher checkpoints (none: the CE baseline)")
     add_run_options(p)
     p.add_argument("--teacher", action="append", default=[], metavar="REF",
-                   help="checkpoint reference, e.g. runs/t@0.5 or runs/t@0.3,0.5,0.7; repeat for an ensemble "
-                        "(with --fuse: one student per --teacher, A+B an ensemble, none no teacher)")
+                   help="checkpoint reference, e.g. runs/t@0.5 or runs/t@0.3,0.5,0.7; A+B or a repeated --teacher "
+                        "an ensemble, none no teacher (with --fuse: one student per --teacher)")
     p.add_argument("--fuse", type=_positive, nargs="?", const=8, default=None, metavar="N",
-                   help="one student per --teacher and seed, trained together in groups of N (default 8) into "
+                   help="one student per --teacher and seed, trained together in groups of at most N (default 8) into "
                         "OUT/TEACHER-sSEED")
     p.add_argument("--seeds", type=_seed_list, default=None, metavar="S,S,...",
-                   help="student seeds for --fuse (default: the config's seed)")
+                   help="one student per seed and --teacher (implies --fuse; default: the config's seed)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     add_allow_incomplete(p)
     p.set_defaults(func=cmd_distill)
@@ -256,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check every file of a run or study (checksums, seals, the database); "
                                       "exit 2 if something is damaged")
-    p.add_argument("path", help="a run folder or a study folder")
+    p.add_argument("path", help="a run folder, a study folder, or a folder of runs")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("show", help="print a run's trajectory table")

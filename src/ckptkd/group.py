@@ -48,9 +48,10 @@ from .errors import UserError
 from .losses import kd_loss_members, soft_targets
 from .models import from_spec
 from .run import Run, RunWriter
+from .run.folder import MANIFEST
 from .schedules import lr_at
 from .tracking import RunLog
-from .trainer import final_numbers, new_manifest, stopped
+from .trainer import final_numbers, fit, new_manifest, stopped
 
 # Config sections that may differ between the members of a group: each member's seed, name, teachers and KD
 # settings, and where it logs. Everything else (model, data, optimizer, schedule, checkpoints, evaluation, device,
@@ -418,6 +419,8 @@ def fit_group(members: list[Member], *, resume: bool = False, quiet: bool = Fals
     every member's folder marked as `fit` marks it. The engine chosen, and why, is said in one line (to `announce`
     when given, else to the terminal unless `quiet`)."""
     check_group(members)
+    if len(members) == 1 and engine == "auto":  # a group of one is an ordinary run: no `fused` in its manifest
+        return [_fit_alone(members[0], resume=resume, quiet=quiet, on_epoch=on_epoch)]
     cfg = members[0].cfg
     if distributed.launched():
         raise UserError("fused groups do not run under torchrun; train them in one process (or use fuse: off)")
@@ -487,6 +490,17 @@ def fit_group(members: list[Member], *, resume: bool = False, quiet: bool = Fals
         for position, i in enumerate(chunk):
             outcomes[active[i]] = state.outcomes[position]
     return outcomes
+
+
+def _fit_alone(member: Member, *, resume: bool, quiet: bool, on_epoch) -> Run | Exception:
+    try:
+        return fit(member.cfg, member.out, resume=resume, kind=member.kind, teacher=member.teacher, quiet=quiet,
+                   on_epoch=on_epoch)
+    except UserError as error:  # a diverged run is this member's outcome, as in a group; anything else is raised
+        folder = Run(member.out)
+        if (folder.path / MANIFEST).is_file() and folder.manifest.status == "failed":
+            return error
+        raise
 
 
 class _GroupState:

@@ -29,6 +29,23 @@ def data_label(data: dict) -> str:
     return data.get("label") or data.get("name", "?")
 
 
+def runs_table(folder: str | Path, runs: list[Path], console: Console | None = None) -> Table:
+    """Print (and return) one row per run of a folder of runs (the students of `distill --fuse`, say)."""
+    table = Table(title=f"{folder}  ({len(runs)} runs)")
+    for column in ("run", "kind", "model", "seed", "teachers", "status", "test %", "last-k %", "best val %"):
+        numeric = column in ("seed", "test %", "last-k %", "best val %")
+        table.add_column(column, justify="right" if numeric else "left")
+    for path in runs:
+        manifest = Run(path).manifest
+        final = manifest.final
+        table.add_row(str(path.relative_to(folder)), manifest.kind, manifest.model["name"], str(manifest.seed),
+                      " + ".join(t["reference"] for t in manifest.teachers) or "—", manifest.status,
+                      _pct(final.test_acc) if final else "—", _pct(final.test_acc_last_k) if final else "—",
+                      _pct(final.best_val_acc) if final else "—")
+    (console or terminal_console()).print(table)
+    return table
+
+
 def trajectory_table(run: str | Path, console: Console | None = None) -> Table:
     """Print (and return) one row per saved checkpoint, then the run's final numbers."""
     run = Path(run)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -170,8 +171,10 @@ def distill(config: str | Path | dict, teachers: list[str] | None = None, overri
 
     A teacher run that did not complete is refused unless `allow_incomplete`, which the manifest then records."""
     cfg = config_mod.resolve(config, overrides)
-    if teachers:
-        cfg["kd"]["teachers"] = list(teachers)
+    if teachers:  # `none` (alone) is the CE baseline; `A+B` is the ensemble of A and B, as `--teacher A --teacher B`
+        if "none" in teachers and len(teachers) > 1:
+            raise UserError("--teacher none (no teacher) cannot be given with other teachers")
+        cfg["kd"]["teachers"] = [r for entry in teachers for r in parse_teacher_entry(entry)]
     teacher = make_teacher(cfg, quiet=quiet, allow_incomplete=allow_incomplete)
     return fit(cfg, out if out is not None else default_out(cfg), resume=resume, kind="distill",
                teacher=teacher, quiet=quiet, on_epoch=on_epoch)
@@ -181,7 +184,8 @@ def distill_fused(config: str | Path | dict, teachers: list[str | list[str] | No
                   overrides: dict | list | None = None, out: str | Path | None = None, *, resume: bool = False,
                   quiet: bool = False, allow_incomplete: bool = False, group_size: int = 8,
                   engine: str = "auto") -> list[Run]:
-    """Distill one student per (teacher, seed), trained together in groups of `group_size` (`ckptkd.group`).
+    """Distill one student per (teacher, seed), trained together in groups of at most `group_size` (`ckptkd.group`),
+    as even as possible.
 
     Each entry of `teachers` is one student's teachers: a reference (`RUN@0.5`, `RUN@0.3,0.5,0.7`), several joined
     by `+` or given as a list (a full ensemble), or None / "none" for the CE-only baseline. Student (t, s) is written
@@ -190,27 +194,35 @@ def distill_fused(config: str | Path | dict, teachers: list[str | list[str] | No
 
     base = config_mod.resolve(config, overrides)
     root = Path(out) if out is not None else default_out(base)
+    if (root / "manifest.json").is_file() or (root / "results.sqlite").is_file():
+        raise UserError(f"--out {root} is a run or a study folder; students are written into a folder of their own, "
+                        "one subfolder each: choose another --out")
     seeds = list(seeds) if seeds else [base["seed"]]
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds: a seed is listed twice ({seeds})")
+    entries = [parse_teacher_entry(entry) for entry in teachers]
+    for i, references in enumerate(entries):
+        if references in entries[:i]:
+            raise UserError(f"--teacher {'+'.join(references) or 'none'} is listed twice: each --teacher is one "
+                            "student per seed")
     members, shared = [], {}
-    for entry in teachers:
-        references = parse_teacher_entry(entry)
+    for references, slug in zip(entries, teacher_slugs(entries)):
         for seed in seeds:
             cfg = copy.deepcopy(base)
             cfg["seed"], cfg["kd"]["teachers"] = seed, references
             key = json.dumps(references)
             if key not in shared:
                 shared[key] = make_teacher(cfg, quiet=quiet, allow_incomplete=allow_incomplete)
-            members.append(Member(cfg, root / f"{teacher_slug(references)}-s{seed}", shared[key], "distill"))
+            members.append(Member(cfg, root / f"{slug}-s{seed}", shared[key], "distill"))
     names = [m.out.name for m in members]
     if len(set(names)) != len(names):
-        raise UserError(f"two students would share a folder ({sorted(n for n in names if names.count(n) > 1)[0]}); "
-                        "list each teacher once")
+        clash = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"two --teacher entries name the same checkpoints ({clash}); list each once")
     runs: list[Run] = []
     failed: list[tuple[Member, Exception]] = []
-    for start in range(0, len(members), group_size):
-        group = members[start:start + group_size]
+    count = -(-len(members) // group_size)  # as few groups as group_size allows, as even as possible: 9 -> 5 + 4
+    for k in range(count):
+        group = members[k * len(members) // count:(k + 1) * len(members) // count]
         for member, outcome in zip(group, fit_group(group, resume=resume, quiet=quiet, engine=engine)):
             if isinstance(outcome, Exception):
                 failed.append((member, outcome))
@@ -218,8 +230,8 @@ def distill_fused(config: str | Path | dict, teachers: list[str | list[str] | No
                 runs.append(outcome)
     if failed:
         member, error = failed[0]
-        raise UserError(f"{len(failed)} of {len(members)} students failed ({member.out}: {error}); the others are "
-                        "complete")
+        others = f"the other {len(runs)} are complete" if runs else "none is complete"
+        raise UserError(f"{len(failed)} of {len(members)} students failed (first {member.out}: {error}); {others}")
     return runs
 
 
@@ -230,13 +242,30 @@ def parse_teacher_entry(entry: str | list[str] | None) -> list[str]:
     if not references or any(not isinstance(r, str) or not r.strip() for r in references):
         raise UserError(f"--teacher: {entry!r} is not a checkpoint reference (RUN@SELECTOR, A+B for an ensemble, "
                         "or none)")
+    if len(references) > 1 and "none" in (r.strip() for r in references):
+        raise UserError(f"--teacher {entry!r}: none (no teacher) cannot join an ensemble")
     return [r.strip() for r in references]
 
 
-def teacher_slug(references: list[str]) -> str:
-    """A folder name for a student's teachers: `none`, or the references with path separators made safe."""
-    if not references:
-        return "none"
-    text = "+".join(f"{Path(r.split('@')[0]).name}@{r.split('@', 1)[1]}" if "@" in r else Path(r).name
-                    for r in references)
-    return "".join(c if c.isalnum() or c in "._-+@=," else "-" for c in text)
+def teacher_slugs(entries: list[list[str]]) -> list[str]:
+    """Folder names for students' teachers: `none`, or the references with path separators made safe. A run is
+    named by its folder's name, with as many parent folders as it takes to tell it from the others' (runs/a/t and
+    runs/b/t give a-t and b-t)."""
+    def slug(references: list[str], depth: int) -> str:
+        if not references:
+            return "none"
+        parts = []
+        for r in references:
+            folder, at, selector = r.partition("@")
+            parts.append("-".join(Path(os.path.abspath(folder)).parts[-depth:]) + at + selector)
+        return "".join(c if c.isalnum() or c in "._-+@=," else "-" for c in "+".join(parts))
+
+    depths = [1] * len(entries)
+    while True:
+        slugs = [slug(refs, d) for refs, d in zip(entries, depths)]
+        clashing = [i for i, s in enumerate(slugs) if slugs.count(s) > 1]
+        deeper = [i for i in clashing if slug(entries[i], depths[i] + 1) != slugs[i]]
+        if not deeper:  # distinct at every depth, or as deep as their paths go
+            return slugs
+        for i in deeper:
+            depths[i] += 1

@@ -1,9 +1,10 @@
-"""`ckptkd verify RUN|STUDY`: check every file ckptkd wrote in a run folder, or in every run of a study, and say what is
-damaged.
+"""`ckptkd verify RUN|STUDY|FOLDER`: check every file ckptkd wrote in a run folder, in every run of a study or in every
+run below a folder, and say what is damaged.
 
 Read-only: it changes nothing. For each run it checks the manifest's checksum, every checkpoint against the sha256
-the manifest records and against its own seal, the resume state, the teacher caches, the analysis and its cache; for a
-study also the database (SQLite's integrity check) and that every finished task's folder is there. A temporary file a
+the manifest records and against its own seal (its seal alone when the manifest is damaged), the resume state, the
+teacher caches, the analysis and its cache; for a study also the database (SQLite's integrity check) and that every
+finished task's folder is there. A temporary file a
 killed write left behind is listed as harmless (the next --resume or run removes it).
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .run.folder import ANALYSIS, MANIFEST, STATE, Run, sealed_since_0_3
+from .run.folder import ANALYSIS, MANIFEST, STATE, Run, checkpoint_path, runs_under, sealed_since_0_3
 from .storage import read_sealed_json, read_tensors
 
 
@@ -40,8 +41,13 @@ def verify(path: str | Path) -> Report:
         _verify_study(path, report)
     elif (path / MANIFEST).is_file():
         _verify_run(path, report)
+    elif runs := runs_under(path):  # a folder of runs, e.g. the students of distill --fuse
+        for run in runs:
+            _verify_run(run, report)
+        report.leftovers += [str(p) for p in sorted(path.glob(".*.tmp"))]
     else:
-        raise UserError(f"verify: {path} is neither a ckptkd run (no {MANIFEST}) nor a study (no results.sqlite)")
+        raise UserError(f"verify: {path} is neither a ckptkd run (no {MANIFEST}), nor a study (no results.sqlite), "
+                        "nor a folder of runs")
     return report
 
 
@@ -62,6 +68,9 @@ def _verify_run(path: Path, report: Report) -> None:
         for entry in manifest.checkpoints:
             _check(report, lambda e=entry: read_tensors(path / e.path, what="checkpoint", sealed=False)
                    if _matches(path / e.path, e.sha256, report) else None)
+    else:  # without the manifest's sha256s, each checkpoint is still checked against its own seal
+        for file in sorted((path / checkpoint_path(0)).parent.glob("*.safetensors")):
+            _check(report, lambda f=file: read_tensors(f, what="checkpoint"))
     if (path / STATE).is_file():
         _check(report, lambda: read_tensors(path / STATE, what="resume state"))
     if (path / ANALYSIS).is_file():

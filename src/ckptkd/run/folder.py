@@ -85,8 +85,8 @@ class Run:
         path = self.path / MANIFEST
         if not path.is_file():
             raise UserError(f"{self.path} is not a ckptkd run (no {MANIFEST})")
-        raw = read_sealed_json(path, "manifest", remedy=f"run `ckptkd verify {self.path}` to see what else is damaged",
-                               required=sealed_since_0_3)
+        raw = read_sealed_json(path, "manifest", required=sealed_since_0_3, remedy=(
+            "restore it from a copy of the run, or train the run again (`ckptkd verify` lists every damaged file)"))
         return Manifest.from_dict(raw, str(path))
 
     @property
@@ -138,6 +138,12 @@ class Run:
         if not ranking or not all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in ranking):
             raise UserError(f"{what}: {self.path / ANALYSIS} has no ranking; rerun `ckptkd analyze {self.path}`")
         return [r["epoch"] for r in ranking]
+
+
+def runs_under(path: Path) -> list[Path]:
+    """The run folders below `path` (e.g. the students `distill --fuse` wrote), sorted; none nested in another."""
+    found = sorted(p.parent for p in path.rglob(MANIFEST) if not any(q.name.startswith(".") for q in p.parents))
+    return [run for run in found if not any(other in run.parents for other in found)]
 
 
 def analysis_problem(analysis) -> str | None:

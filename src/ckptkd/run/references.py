@@ -37,7 +37,9 @@ class Checkpoint:
     def state_dict(self) -> dict[str, torch.Tensor]:
         from ..storage import load_tensors
 
-        return load_tensors(self.path, expected_sha256=self.sha256)
+        return load_tensors(self.path, expected_sha256=self.sha256,
+                            remedy=f"restore it from a copy of {self.run}, or train the run again "
+                                   "(`ckptkd verify` lists every damaged file)")
 
     def build_model(self, device: torch.device | str = "cpu") -> torch.nn.Module:
         from ..models import from_spec
@@ -49,6 +51,9 @@ class Checkpoint:
             raise UserError(f"{self.reference}: weights do not fit model {self.manifest.model['name']!r}: "
                             f"{str(e).splitlines()[0]}") from None
         return model.to(device)
+
+
+SELECTORS = "use last, all, epoch=N, a fraction like 0.5, a list like 0.3,0.5,0.7, best-val, best-info or top-info:K"
 
 
 def split_reference(text: str) -> tuple[Path, str]:
@@ -80,6 +85,8 @@ def resolve(text: str, *, allow_incomplete: bool = False) -> list[Checkpoint]:
     """One reference -> the checkpoints it names (several for `@0.3,0.5,0.7` or `@top-info:K`)."""
     path, spec = split_reference(text)
     run = Run(path)
+    if not path.exists() and "@" in text and Path(text.rsplit("@", 1)[0]).is_dir():  # a run, then no usable selector
+        raise UserError(f"{text}: unknown selector {text.rsplit('@', 1)[1]!r} ({SELECTORS})")
     manifest = run.manifest
     check_usable(run, manifest, text, allow_incomplete)
     by_epoch = {c.epoch: c for c in manifest.checkpoints}
@@ -122,8 +129,7 @@ def resolve(text: str, *, allow_incomplete: bool = False) -> list[Checkpoint]:
                 raise UserError(f"{text}: {part!r} is not a fraction of training in (0, 1]")
             picked.append(pick(epoch_at_fraction(fraction, total)))
         return picked
-    raise UserError(f"{text}: unknown selector {spec!r} (use last, all, epoch=N, a fraction like 0.5, a list like "
-                    f"0.3,0.5,0.7, best-val, best-info or top-info:K)")
+    raise UserError(f"{text}: unknown selector {spec!r} ({SELECTORS})")
 
 
 def resolve_all(references: Iterable[str], *, allow_incomplete: bool = False) -> list[Checkpoint]:
