@@ -317,6 +317,9 @@ def test_student_folders_tell_teachers_of_the_same_name_apart(tmp_path):
     assert teacher_slugs([["runs/t@0.5"], ["runs/t@0.5/"]])[0] == teacher_slugs([["runs/t@0.5"]])[0]
     with pytest.raises(UserError, match="cannot join an ensemble"):
         parse_teacher_entry("runs/t@0.5+none")
+    (tmp_path / "t@0.3+t@last-s0").mkdir()  # a student of an ensemble, itself used as a teacher
+    assert parse_teacher_entry(f"{tmp_path}/t@0.3+t@last-s0@0.5") == [f"{tmp_path}/t@0.3+t@last-s0@0.5"]
+    assert parse_teacher_entry(f"{tmp_path}/a@0.5+{tmp_path}/b") == [f"{tmp_path}/a@0.5", f"{tmp_path}/b"]
 
 
 def test_a_group_of_one_is_an_ordinary_run(teacher_run, tmp_path):

@@ -26,7 +26,7 @@ from .engine import (Objective, cache_settings, checkpoint_epochs, evaluate, mak
                      test_epochs, train_epoch)
 from .errors import UserError
 from .models import from_spec
-from .run import Final, Manifest, Progress, Run, RunWriter
+from .run import Final, Manifest, Progress, Run, RunWriter, split_reference
 from .storage import is_disk_full
 from .tracking import RunLog
 
@@ -236,9 +236,14 @@ def distill_fused(config: str | Path | dict, teachers: list[str | list[str] | No
 
 
 def parse_teacher_entry(entry: str | list[str] | None) -> list[str]:
+    """One student's teachers: `none` -> [], `A+B` -> [A, B] (unless A+B is itself a run folder's path, as the
+    folders `distill --fuse` names after ensembles are)."""
     if entry is None or entry == "none":
         return []
-    references = entry.split("+") if isinstance(entry, str) else list(entry)
+    if isinstance(entry, str):
+        references = [entry] if split_reference(entry)[0].exists() else entry.split("+")
+    else:
+        references = list(entry)
     if not references or any(not isinstance(r, str) or not r.strip() for r in references):
         raise UserError(f"--teacher: {entry!r} is not a checkpoint reference (RUN@SELECTOR, A+B for an ensemble, "
                         "or none)")
