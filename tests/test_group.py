@@ -314,7 +314,8 @@ def test_student_folders_tell_teachers_of_the_same_name_apart(tmp_path):
     entries = [[f"{tmp_path}/a/t@0.5"], [f"{tmp_path}/b/t@0.5"], [f"{tmp_path}/a/u@last"], [],
                [f"{tmp_path}/a/t@0.3", f"{tmp_path}/c/v@all"]]
     assert teacher_slugs(entries) == ["a-t@0.5", "b-t@0.5", "u@last", "none", "t@0.3+v@all"]
-    assert teacher_slugs([["runs/t@0.5"], ["runs/t@0.5/"]])[0] == teacher_slugs([["runs/t@0.5"]])[0]
+    assert teacher_slugs([["runs/t@0.5"], ["runs/t"], ["runs/x/t@0.3+t@last-s0@0.5"]]) == [
+        "t@0.5", "t", "t@0.3+t@last-s0@0.5"]
     with pytest.raises(UserError, match="cannot join an ensemble"):
         parse_teacher_entry("runs/t@0.5+none")
     (tmp_path / "t@0.3+t@last-s0").mkdir()  # a student of an ensemble, itself used as a teacher

@@ -261,8 +261,9 @@ def teacher_slugs(entries: list[list[str]]) -> list[str]:
             return "none"
         parts = []
         for r in references:
-            folder, at, selector = r.partition("@")
-            parts.append("-".join(Path(os.path.abspath(folder)).parts[-depth:]) + at + selector)
+            folder, selector = split_reference(r)  # the selector as given: none if the reference names none
+            given = f"@{selector}" if r != str(folder) and r.endswith(f"@{selector}") else ""
+            parts.append("-".join(Path(os.path.abspath(folder)).parts[-depth:]) + given)
         return "".join(c if c.isalnum() or c in "._-+@=," else "-" for c in "+".join(parts))
 
     depths = [1] * len(entries)
