@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import yaml
@@ -54,7 +55,7 @@ def finished(proc: subprocess.Popen, what: str) -> None:
         raise RuntimeError(f"{what} exited {proc.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}")
 
 
-class Command:
+class Command(ABC):
     """One command of the campaign: how to start it, and what an uninterrupted run of it leaves."""
 
     def __init__(self, name: str, work: Path):
@@ -62,8 +63,9 @@ class Command:
         self.reference: dict[str, list[str]] = {}
         self.seconds = 0.0
 
+    @abstractmethod
     def args(self, out: Path, *, resume: bool) -> list[str]:
-        raise NotImplementedError
+        """The command line that runs (or, with `resume`, continues) this command into `out`."""
 
     def prepare(self) -> None:
         started = time.perf_counter()

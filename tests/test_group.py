@@ -323,6 +323,20 @@ def test_student_folders_tell_teachers_of_the_same_name_apart(tmp_path):
     assert parse_teacher_entry(f"{tmp_path}/a@0.5+{tmp_path}/b") == [f"{tmp_path}/a@0.5", f"{tmp_path}/b"]
 
 
+def test_distill_fused_splits_its_students_into_groups_as_even_as_possible(tmp_path, monkeypatch):
+    import ckptkd.group as group_mod
+    from ckptkd.run import Run
+    from ckptkd.trainer import distill_fused
+
+    sizes = []
+    monkeypatch.setattr(group_mod, "fit_group", lambda group, **kw: sizes.append(len(group)) or
+                        [Run(m.out) for m in group])
+    cfg = tiny_config(model={"name": "mlp", "widths": [4]}, schedule={"epochs": 1})
+    distill_fused(cfg, teachers=["none"], seeds=list(range(9)), out=tmp_path / "nine", quiet=True)
+    distill_fused(cfg, teachers=["none"], seeds=list(range(17)), out=tmp_path / "many", quiet=True, group_size=8)
+    assert sizes == [4, 5, 5, 6, 6]
+
+
 def test_a_group_of_one_is_an_ordinary_run(teacher_run, tmp_path):
     """Bit-identical to `distill` on its own, and its manifest says nothing of a group."""
     from ckptkd.trainer import distill, distill_fused

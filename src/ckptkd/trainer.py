@@ -220,7 +220,7 @@ def distill_fused(config: str | Path | dict, teachers: list[str | list[str] | No
         raise UserError(f"two --teacher entries name the same checkpoints ({clash}); list each once")
     runs: list[Run] = []
     failed: list[tuple[Member, Exception]] = []
-    count = -(-len(members) // group_size)  # as few groups as group_size allows, as even as possible: 9 -> 5 + 4
+    count = -(-len(members) // group_size)  # as few groups as group_size allows, as even as possible: 9 -> 4 + 5
     for k in range(count):
         group = members[k * len(members) // count:(k + 1) * len(members) // count]
         for member, outcome in zip(group, fit_group(group, resume=resume, quiet=quiet, engine=engine)):
