@@ -318,3 +318,20 @@ def test_a_group_is_claimed_whole_once_every_member_can_start(tmp_path):
     # a is done: a retry of the group takes the members still to do, each attempt counted
     retried = db.claim_group("w", groups)
     assert [(r["run_id"], r["attempts"]) for r in retried] == [("b", 2), ("c", 2)]
+
+
+def test_a_group_member_blocked_for_good_does_not_hold_back_the_others(tmp_path):
+    """A student whose teacher failed for good will never start; its group goes on without it (it had waited for
+    ever, and the study's worker with it)."""
+    db = ResultsDB(tmp_path / "r.sqlite", max_attempts=1)
+    add_run(db, "t1")
+    add_run(db, "t2")
+    add_run(db, "s1", kind="student", depends_on=["t1"])
+    add_run(db, "s2", kind="student", depends_on=["t2"])
+    groups = {r: ["s1", "s2"] for r in ("s1", "s2")}
+    assert [r["run_id"] for r in db.claim_group("w", groups)] == ["t1"]
+    db.fail("t1", error="diverged")
+    assert [r["run_id"] for r in db.claim_group("w", groups)] == ["t2"]
+    db.complete("t2", metrics={}, timings={})
+    assert [r["run_id"] for r in db.claim_group("w", groups)] == ["s2"]
+    assert [r["run_id"] for r in db.blocked()] == ["s1"]

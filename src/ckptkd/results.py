@@ -176,14 +176,14 @@ class ResultsDB:
             rows = self._conn.execute("SELECT * FROM runs ORDER BY rowid").fetchall()
             by_id = {row["run_id"]: row for row in rows}
             status = {row["run_id"]: row["status"] for row in rows}
+            failed, blocked_by = self._dead_ends([self._decode(row) for row in rows])
 
             def ready(row) -> bool:
                 return self._claimable(row, now) and all(status.get(dep) == "complete"
                                                          for dep in json.loads(row["depends_on"]))
 
-            def done(row) -> bool:
-                return row["status"] == "complete" or (row["status"] == "failed"
-                                                       and row["attempts"] >= self.max_attempts)
+            def done(row) -> bool:  # nothing left to do: complete, failed for good, or blocked by such a run
+                return row["status"] == "complete" or row["run_id"] in failed or row["run_id"] in blocked_by
 
             chosen = None
             for row in rows:
