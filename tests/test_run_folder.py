@@ -489,3 +489,29 @@ def test_a_stale_claim_on_the_last_attempt_is_marked_failed_on_the_next_claim(tm
     assert [r["run_id"] for r in other.blocked()] == ["s0"] and other.pending_count() == 0
     first.close()
     other.close()
+
+
+def test_a_shared_folder_loses_only_the_temporaries_of_dead_ckptkd_writers(tmp_path):
+    """Teacher caches, analyses and study folders are shared, and may be the user's own folders (`kd.cache_dir`,
+    a study's --out): only ckptkd's own temporaries whose writer is gone are removed, never another program's."""
+    import time
+
+    from ckptkd.storage import _HOST, remove_stale_temporaries
+
+    hours_ago = time.time() - 2 * 3600
+    files = {
+        "dead": f".logits.safetensors.{_HOST}-{2**22 + 12345}.ab12cd34.tmp",  # no such pid
+        "old-elsewhere": ".logits.safetensors.otherhost-77.ab12cd34.tmp",
+        "alive": f".logits.safetensors.{_HOST}-{os.getpid()}.ab12cd34.tmp",
+        "elsewhere": ".logits.safetensors.otherhost-77.ef56ab78.tmp",
+        "editor": ".notes.txt.tmp",
+        "old-editor": ".draft.tmp",
+    }
+    for key, name in files.items():
+        (tmp_path / name).write_text(key)
+        if key.startswith("old"):
+            os.utime(tmp_path / name, (hours_ago, hours_ago))
+    removed = {p.name for p in remove_stale_temporaries(tmp_path, shared=True)}
+    assert removed == {files["dead"], files["old-elsewhere"]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files[k] for k in
+                                                                ("alive", "elsewhere", "editor", "old-editor"))

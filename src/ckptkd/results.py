@@ -56,7 +56,8 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -139,7 +140,7 @@ class ResultsDB:
         if now - row["heartbeat"] > self.stale_after_s:
             return True
         # Another host's pids mean nothing here: only the heartbeat can tell that claimer is dead.
-        return row["claimer_host"] == self._host and not _pid_alive(row["claimer_pid"])
+        return row["claimer_host"] == self._host and not pid_alive(row["claimer_pid"])
 
     def _claimable(self, row: sqlite3.Row, now: float) -> bool:
         if row["status"] == "pending":

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from .errors import UserError
+from .results import pid_alive
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -122,21 +123,17 @@ _HOST = socket.gethostname().replace(".", "_").replace("-", "_") or "host"
 
 
 def _abandoned(path: Path) -> bool:
+    """Whether `path` is a ckptkd temporary (`.NAME.HOST-PID.RANDOM.tmp`) whose writer is gone."""
+    parts = path.name.rsplit(".", 3)
+    host, _, pid = parts[1].rpartition("-") if len(parts) == 4 else ("", "", "")
+    if not host or not pid.isdigit():
+        return False  # another program's file, or a ckptkd write from before writers were named: left alone
     try:
         if time.time() - path.stat().st_mtime > 3600:
-            return True
+            return True  # a write this old is dead, on any host (a shared file system)
     except FileNotFoundError:
         return False  # renamed into place meanwhile
-    host, _, pid = path.name.rsplit(".", 3)[-3].rpartition("-") if path.name.count(".") >= 3 else ("", "", "")
-    if host != _HOST or not pid.isdigit():
-        return False  # another host's write (a shared file system), or one from before writers were named
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return host == _HOST and not pid_alive(int(pid))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
