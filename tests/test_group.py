@@ -243,6 +243,16 @@ def test_a_member_whose_loss_is_not_finite_fails_alone(teacher_run, tmp_path, mo
     assert [o.manifest.complete for o in (outcomes[0], outcomes[2], outcomes[3])] == [True, True, True]
 
 
+def test_a_group_of_one_that_diverges_is_its_outcome_and_other_errors_are_raised(tmp_path):
+    cfg = config_mod.resolve(tiny_config(model={"name": "mlp", "widths": [16]}, schedule={"epochs": 2},
+                                         optim={"lr": 1e30}))
+    [outcome] = fit_group([Member(cfg, tmp_path / "alone", None, "train")], quiet=True)
+    assert isinstance(outcome, UserError) and "training loss" in str(outcome)
+    assert manifest_json(tmp_path / "alone")["status"] == "failed"
+    with pytest.raises(UserError, match="already exists"):  # not a member's outcome: the caller's mistake
+        fit_group([Member(cfg, tmp_path / "alone", None, "train")], quiet=True)
+
+
 def test_only_runs_that_differ_in_seed_teachers_kd_and_log_form_a_group(teacher_run, tmp_path):
     members = _students(teacher_run, tmp_path)
     assert len({group_key(m.cfg) for m in members}) == 1

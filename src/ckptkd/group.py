@@ -48,7 +48,6 @@ from .errors import UserError
 from .losses import kd_loss_members, soft_targets
 from .models import from_spec
 from .run import Run, RunWriter
-from .run.folder import MANIFEST
 from .schedules import lr_at
 from .tracking import RunLog
 from .trainer import final_numbers, fit, new_manifest, stopped
@@ -496,11 +495,8 @@ def _fit_alone(member: Member, *, resume: bool, quiet: bool, on_epoch) -> Run | 
     try:
         return fit(member.cfg, member.out, resume=resume, kind=member.kind, teacher=member.teacher, quiet=quiet,
                    on_epoch=on_epoch)
-    except UserError as error:  # a diverged run is this member's outcome, as in a group; anything else is raised
-        folder = Run(member.out)
-        if (folder.path / MANIFEST).is_file() and folder.manifest.status == "failed":
-            return error
-        raise
+    except health.Diverged as error:  # this member's outcome, as in a group; anything else is raised
+        return error
 
 
 class _GroupState:
@@ -556,7 +552,7 @@ class _GroupState:
                              if t in self.objective.terms[j]}}
                 try:
                     health.check_finite(record, last_good=self.progress[i].epoch)
-                except UserError as error:
+                except health.Diverged as error:
                     failed.append(i)
                     self.folders[i].fail(self.progress[i], str(error))
                     self.logs[i].say(f"{self.folders[i].path}: {error}")

@@ -44,10 +44,14 @@ def describe(health: dict) -> str:
     return "; ".join(f"{f['flag']} at epoch {f['epoch']}: {f['detail']}" for f in health.get("flags", []))
 
 
+class Diverged(UserError):
+    """A run's training loss became NaN or infinite: the run is marked failed, the others of its group go on."""
+
+
 def check_finite(record: dict, last_good: int) -> None:
     """Stop a run whose training loss is not finite: its weights are garbage from here on."""
     loss = record["train_loss"]
     if not math.isfinite(loss):
         kept = f"the last good state is epoch {last_good}" if last_good else "nothing was saved"
-        raise UserError(f"epoch {record['epoch']}: the training loss is {loss}; the run stops and is marked failed "
+        raise Diverged(f"epoch {record['epoch']}: the training loss is {loss}; the run stops and is marked failed "
                         f"({kept}). Lower optim.lr or add schedule.warmup_epochs, then start a new run")
