@@ -291,7 +291,8 @@ def run_fused_bench(*, members: int = 8, steps: int | None = None, rounds: int |
     """Aggregate img/s of `members` students trained one at a time and as one group, per workload, with the
     engine the group chose (`group.choose_engine`) and `fused_over_sequential`. Where the group chose to loop,
     the wide fused model is timed too (`wide_fused_img_s`), to show what it would have cost."""
-    from .group import ENGINES, GroupObjective, Member, choose_engine, train_group_epoch
+    from .fused import fusable
+    from .group import ENGINES, GroupObjective, Member, choose_engine
 
     if threads:
         torch.set_num_threads(threads)
@@ -302,7 +303,7 @@ def run_fused_bench(*, members: int = 8, steps: int | None = None, rounds: int |
         n_steps, n_rounds = steps or w["steps"], rounds or w["rounds"]
         with tempfile.TemporaryDirectory(prefix="ckptkd-bench-") as tmp:
             tmp = Path(tmp)
-            npz = _synthetic_npz(tmp, {**w, "images": w["images"]})
+            npz = _synthetic_npz(tmp, w)
             base = {"device": str(dev), "data": {"name": "npz", "root": str(npz), "val_fraction": 0.1,
                                                 "batch_size": w["batch"], "augment": w["augment"],
                                                 "hflip": w["shape"][0] == 3},
@@ -328,8 +329,10 @@ def run_fused_bench(*, members: int = 8, steps: int | None = None, rounds: int |
                     models.append(from_spec(spec).to(dev))
                 return models, [make_optimizer(c, m) for c, m in zip(cfgs, models)]
 
-            engine_name, why = choose_engine(students()[0][0], spec, dev)
-            engines = [engine_name] + (["fused"] if engine_name != "fused" and "cannot be fused" not in why else [])
+            torch.manual_seed(cfgs[0]["seed"])
+            probe = from_spec(spec).to(dev)
+            engine_name, why = choose_engine(probe, spec, dev)
+            engines = [engine_name] + (["fused"] if engine_name != "fused" and fusable(probe)[0] else [])
             seconds = {"sequential": [], **{e: [] for e in engines}}
             for r in range(n_rounds):
                 models, optimizers = students()

@@ -29,6 +29,7 @@ def cmd_train(args) -> None:
 
 def cmd_distill(args) -> None:
     from .errors import UserError
+    from .report import runs_table
     from .trainer import distill, distill_fused
 
     if args.fuse or args.seeds:
@@ -36,10 +37,7 @@ def cmd_distill(args) -> None:
             raise UserError("distill --fuse: name each student's teachers with --teacher (none for no teacher)")
         runs = distill_fused(args.config, teachers=args.teacher, seeds=args.seeds, overrides=args.set, out=args.out,
                              resume=args.resume, allow_incomplete=args.allow_incomplete, group_size=args.fuse or 8)
-        for run in runs:
-            final = run.manifest.final
-            print(f"{run.path}  test {100 * final.test_acc:.2f}% (mean of the last {final.last_k}: "
-                  f"{100 * final.test_acc_last_k:.2f}%), best val {100 * final.best_val_acc:.2f}%")
+        runs_table(runs[0].path.parent, [run.path for run in runs])  # every student's numbers, as `show` prints
         return
     run = distill(args.config, teachers=args.teacher, overrides=args.set, out=args.out, resume=args.resume,
                   allow_incomplete=args.allow_incomplete)

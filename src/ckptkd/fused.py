@@ -944,8 +944,7 @@ class FusedModel(nn.Module):
 
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """Each member's state dict: the original model's keys and shapes, values copied bit-exactly."""
-        own = self.state_dict(keep_vars=True)
-        return [{key: own[key][i].detach().clone() for key in self._member_keys} for i in range(self.num_members)]
+        return [self.member(i) for i in range(self.num_members)]
 
     def member(self, i: int) -> dict[str, torch.Tensor]:
         """Member i's state dict (as state_dicts()[i], without copying the others)."""

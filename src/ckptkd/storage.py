@@ -263,8 +263,8 @@ def _read_tensors(path: str | Path, expected_sha256: str | None, what: str, reme
     if not path.is_file():
         raise UserError(f"{what} file missing: {path}{_then(remedy)}")
     data = path.read_bytes()
-    if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
-        raise UserError(f"{what} {path} does not match its manifest (sha256 {sha256_bytes(data)[:12]}…, expected "
+    if expected_sha256 is not None and (actual := sha256_bytes(data)) != expected_sha256:
+        raise UserError(f"{what} {path} does not match its manifest (sha256 {actual[:12]}…, expected "
                         f"{expected_sha256[:12]}…): the file was changed or truncated{_then(remedy)}")
     try:
         header = _header(data).get("__metadata__") or {}

@@ -197,10 +197,11 @@ class Teacher:
                     "classes": data.num_classes, **self.numerics}
         settings_text = json.dumps(settings, sort_keys=True)
         paths, tables, missing = [], [None] * len(self.models), []
-        for i, ckpt in enumerate(self.checkpoints):
-            key = hashlib.sha256((ckpt.sha256 + settings_text).encode()).hexdigest()[:32]
-            folder = Path(cache_dir) if cache_dir is not None else ckpt.run / "cache"
+        folders = [Path(cache_dir) if cache_dir is not None else ckpt.run / "cache" for ckpt in self.checkpoints]
+        for folder in dict.fromkeys(folders):  # once each
             remove_stale_temporaries(folder, shared=True)  # what a killed build left; others may be building now
+        for i, (ckpt, folder) in enumerate(zip(self.checkpoints, folders)):
+            key = hashlib.sha256((ckpt.sha256 + settings_text).encode()).hexdigest()[:32]
             path = folder / f"logits-{key}.safetensors"
             paths.append(path)
             tables[i] = _read_cache(path, settings, ckpt.sha256)

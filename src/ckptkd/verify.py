@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .run.folder import ANALYSIS, MANIFEST, STATE, Run, checkpoint_path, runs_under, sealed_since_0_3
-from .storage import read_sealed_json, read_tensors
+from .run.folder import ANALYSIS, MANIFEST, STATE, Run, runs_under, sealed_since_0_3
+from .storage import load_tensors, read_sealed_json, read_tensors
 
 
 @dataclass
@@ -66,10 +66,9 @@ def _verify_run(path: Path, report: Report) -> None:
     manifest = _check(report, lambda: run.manifest)
     if manifest is not None:
         for entry in manifest.checkpoints:
-            _check(report, lambda e=entry: read_tensors(path / e.path, what="checkpoint", sealed=False)
-                   if _matches(path / e.path, e.sha256, report) else None)
+            _check(report, lambda e=entry: load_tensors(path / e.path, e.sha256, what="checkpoint"))
     else:  # without the manifest's sha256s, each checkpoint is still checked against its own seal
-        for file in sorted((path / checkpoint_path(0)).parent.glob("*.safetensors")):
+        for file in sorted((path / "checkpoints").glob("*.safetensors")):
             _check(report, lambda f=file: read_tensors(f, what="checkpoint"))
     if (path / STATE).is_file():
         _check(report, lambda: read_tensors(path / STATE, what="resume state"))
@@ -80,19 +79,6 @@ def _verify_run(path: Path, report: Report) -> None:
     for cached in sorted(run.cache_dir.glob("*.safetensors")):
         _check(report, lambda c=cached: read_tensors(c, what="teacher cache"))
     report.leftovers += [str(p) for p in sorted(path.rglob(".*.tmp"))]
-
-
-def _matches(file: Path, sha256: str, report: Report) -> bool:
-    """The checkpoint's bytes against the sha256 its manifest records (its seal is checked after)."""
-    from .storage import sha256_file
-
-    if not file.is_file():
-        report.damaged.append(f"checkpoint file missing: {file}")
-        return False
-    if sha256_file(file) != sha256:
-        report.damaged.append(f"checkpoint {file} does not match its manifest: the file was changed or truncated")
-        return False
-    return True
 
 
 def _verify_study(path: Path, report: Report) -> None:

@@ -142,7 +142,8 @@ class Data:
         per_rank = batch_size // world_size
         for b in range(self.steps_per_epoch(batch_size)):  # drop the ragged tail (a different one each epoch)
             idx = plan.order[b * batch_size:(b + 1) * batch_size][rank * per_rank:(rank + 1) * per_rank]
-            yield Batch(self.images(idx, plan.views[idx], plan.plain), self.train_y[idx], idx, plan.views[idx],
+            views = plan.views[idx]
+            yield Batch(self.images(idx, views, plan.plain), self.train_y[idx], idx, views,
                         None if plan.view_ids is None else plan.view_ids[idx])
 
     def group_batches(self, plans: list[EpochPlan], batch_size: int) -> Iterator[Batch]:
