@@ -95,14 +95,18 @@ class Objective:
                        ensemble=self.kd["ensemble"], return_terms=True)
 
 
+def forward(net: torch.nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """A training forward: with `autocast_dtype` under autocast, its logits returned in float32 for the loss."""
+    if autocast_dtype is None:
+        return net(x)
+    with torch.autocast(device_type=x.device.type, dtype=autocast_dtype):
+        return net(x).float()
+
+
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, batch: Batch,
                autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """One optimisation step; with `autocast_dtype` the forward runs under autocast, the loss in float32."""
-    if autocast_dtype is None:
-        logits = net(batch.x)
-    else:
-        with torch.autocast(device_type=batch.x.device.type, dtype=autocast_dtype):
-            logits = net(batch.x).float()
+    """One optimisation step (`forward`, the objective, backward, the optimizer's step)."""
+    logits = forward(net, batch.x, autocast_dtype)
     loss, terms = objective(logits, batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from . import config as config_mod
 from . import data as data_mod
 from . import distributed, health
-from .engine import cache_settings, checkpoint_epochs, make_optimizer, model_spec, pick_device, test_epochs
+from .engine import (cache_settings, checkpoint_epochs, forward, make_optimizer, model_spec, pick_device,
+                     test_epochs)
 from .errors import UserError
 from .losses import kd_loss_members, soft_targets
 from .models import from_spec
@@ -200,7 +201,7 @@ class FusedEngine:
 
     def train_step(self, batch, objective, lr: float, autocast_dtype=None):
         """One step of every member: returns (logits [N, B, C], losses [N], terms)."""
-        logits = _forward(self.model, batch.x, autocast_dtype)
+        logits = forward(self.model, batch.x, autocast_dtype)
         losses, terms = objective(logits, batch)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()  # the sum: each member's parameters get its own loss's gradient
@@ -240,13 +241,6 @@ class FusedEngine:
                     state[key] = value.clone() if isinstance(value, torch.Tensor) else value  # e.g. Adam's step
 
 
-def _forward(model, x: torch.Tensor, autocast_dtype) -> torch.Tensor:
-    if autocast_dtype is None:
-        return model(x)
-    with torch.autocast(device_type=x.device.type, dtype=autocast_dtype):
-        return model(x).float()  # the loss in float32, as `engine.train_step`
-
-
 def _member_slice(value, fused: torch.Tensor, i: int):
     if isinstance(value, torch.Tensor) and value.shape == fused.shape:
         return value[i].clone()
@@ -279,7 +273,7 @@ class LoopedEngine:
         soft, plogp = objective.targets(batch)
         logits, losses, terms = [], [], []
         for i, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
-            out = _forward(model, batch.x[i], autocast_dtype)
+            out = forward(model, batch.x[i], autocast_dtype)
             loss, term = objective.loss(out[None], batch.y[i:i + 1], soft[i:i + 1], plogp[i:i + 1], slice(i, i + 1))
             optimizer.zero_grad(set_to_none=True)
             loss.sum().backward()

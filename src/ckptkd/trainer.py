@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -26,7 +25,7 @@ from .engine import (Objective, cache_settings, checkpoint_epochs, evaluate, mak
                      test_epochs, train_epoch)
 from .errors import UserError
 from .models import from_spec
-from .run import Final, Manifest, Progress, Run, RunWriter, split_reference
+from .run import MANIFEST, Final, Manifest, Progress, Run, RunWriter, split_reference
 from .storage import is_disk_full
 from .tracking import RunLog
 
@@ -194,7 +193,7 @@ def distill_fused(config: str | Path | dict, teachers: list[str | list[str] | No
 
     base = config_mod.resolve(config, overrides)
     root = Path(out) if out is not None else default_out(base)
-    if (root / "manifest.json").is_file() or (root / "results.sqlite").is_file():
+    if (root / MANIFEST).is_file() or (root / "results.sqlite").is_file():
         raise UserError(f"--out {root} is a run or a study folder; students are written into a folder of their own, "
                         "one subfolder each: choose another --out")
     seeds = list(seeds) if seeds else [base["seed"]]
@@ -205,19 +204,19 @@ def distill_fused(config: str | Path | dict, teachers: list[str | list[str] | No
         if references in entries[:i]:
             raise UserError(f"--teacher {'+'.join(references) or 'none'} is listed twice: each --teacher is one "
                             "student per seed")
-    members, shared = [], {}
-    for references, slug in zip(entries, teacher_slugs(entries)):
-        for seed in seeds:
-            cfg = copy.deepcopy(base)
-            cfg["seed"], cfg["kd"]["teachers"] = seed, references
-            key = json.dumps(references)
-            if key not in shared:
-                shared[key] = make_teacher(cfg, quiet=quiet, allow_incomplete=allow_incomplete)
-            members.append(Member(cfg, root / f"{slug}-s{seed}", shared[key], "distill"))
-    names = [m.out.name for m in members]
-    if len(set(names)) != len(names):
-        clash = next(n for n in names if names.count(n) > 1)
+    slugs = teacher_slugs(entries)
+    clash = next((s for s in slugs if slugs.count(s) > 1), None)
+    if clash is not None:  # e.g. runs/t@0.5 and ./runs/t@0.5; refused before any teacher is loaded
         raise UserError(f"two --teacher entries name the same checkpoints ({clash}); list each once")
+    members = []
+    for references, slug in zip(entries, slugs):  # one teacher per entry, shared by its seeds' students
+        cfg = copy.deepcopy(base)
+        cfg["kd"]["teachers"] = references
+        teacher = make_teacher(cfg, quiet=quiet, allow_incomplete=allow_incomplete)
+        for seed in seeds:
+            member_cfg = copy.deepcopy(cfg)
+            member_cfg["seed"] = seed
+            members.append(Member(member_cfg, root / f"{slug}-s{seed}", teacher, "distill"))
     runs: list[Run] = []
     failed: list[tuple[Member, Exception]] = []
     count = -(-len(members) // group_size)  # as few groups as group_size allows, as even as possible: 9 -> 4 + 5
