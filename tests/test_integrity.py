@@ -187,10 +187,10 @@ def test_a_well_sealed_but_malformed_analysis_is_refused_naming_the_field(tmp_pa
     analysis.pop("checksum")
     damage(analysis)
     write_sealed_json(run / "analysis.json", analysis)  # resealed, as a careless tool would
-    for argv in (["select", str(run), "--by", "val", "--split", "val"], ["select", str(run)]):
+    for argv in (["select", str(run), "--by", "val", "--split", "val"], ["select", str(run)], ["verify", str(run)]):
         assert main(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "analysis.json" in err and needle in err, err
+        out, err = capsys.readouterr()
+        assert len(err.strip().splitlines()) == 1 and "analysis.json" in out + err and needle in out + err, err
 
 
 def test_a_full_disk_during_a_save_keeps_the_last_state_and_says_so(tmp_path, capsys, monkeypatch):

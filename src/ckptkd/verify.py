@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .run.folder import ANALYSIS, MANIFEST, STATE, Run, runs_under, sealed_since_0_3
+from .run.folder import ANALYSIS, MANIFEST, STATE, Run, runs_under
 from .storage import load_tensors, read_sealed_json, read_tensors
 
 
@@ -73,7 +73,7 @@ def _verify_run(path: Path, report: Report) -> None:
     if (path / STATE).is_file():
         _check(report, lambda: read_tensors(path / STATE, what="resume state"))
     if (path / ANALYSIS).is_file():
-        _check(report, lambda: read_sealed_json(path / ANALYSIS, "analysis", required=sealed_since_0_3))
+        _check(report, run.analysis)  # its seal, and the fields select and reports read
     for cached in sorted(run.analysis_cache_dir.glob("*.json")):
         _check(report, lambda c=cached: read_sealed_json(c, "analysis cache", required=lambda _r: False))
     for cached in sorted(run.cache_dir.glob("*.safetensors")):
