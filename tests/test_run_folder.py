@@ -31,7 +31,7 @@ from ckptkd.cli import main
 from ckptkd.errors import UserError
 from ckptkd.results import ResultsDB
 from ckptkd.run import resolve
-from ckptkd.storage import read_metadata, sha256_file
+from ckptkd.storage import read_tensors, sha256_file
 
 from conftest import REPO, manifest_json, rewrite_manifest, run_cli, tiny_config
 
@@ -430,7 +430,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_epoch(tmp_path, capsys
     assert [c["epoch"] for c in manifest["checkpoints"]] == [1]
     assert sha256_file(out / manifest["checkpoints"][0]["path"]) == manifest["checkpoints"][0]["sha256"]
     assert not (out / "checkpoints" / "epoch-0002.safetensors").exists()
-    assert read_metadata(out / "state" / "last.safetensors")["progress"]["epoch"] == 1
+    assert read_tensors(out / "state" / "last.safetensors", what="resume state")[1]["progress"]["epoch"] == 1
     assert [h["epoch"] for h in history(out)] == [1]
     with pytest.raises(UserError, match="allow-incomplete"):
         resolve(str(out))

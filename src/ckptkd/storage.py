@@ -245,16 +245,11 @@ def read_tensors(path: str | Path, *, what: str, remedy: str = "",
 
 
 def load_tensors(path: str | Path, expected_sha256: str | None = None, *, what: str = "checkpoint",
-                 remedy: str = "", sealed: bool = False) -> dict[str, torch.Tensor]:
+                 remedy: str = "") -> dict[str, torch.Tensor]:
     """Read a safetensors file, refusing it if it is damaged: unreadable, its sha256 differs from the one recorded
-    for it (`expected_sha256`), or its contents differ from the seal written with them. `sealed`: the file must be
-    one ckptkd wrote (sealed, or from a version before seals), not another program's."""
-    return _read_tensors(path, expected_sha256, what, remedy, sealed)[0]
-
-
-def read_metadata(path: str | Path, *, what: str = "file", remedy: str = "", sealed: bool = False) -> dict:
-    """The metadata `save_tensors` wrote (verified with the tensors)."""
-    return _read_tensors(path, None, what, remedy, sealed)[1]
+    for it (`expected_sha256`), or its contents differ from the seal written with them (an unsealed file, from
+    before seals or from another program, is read as it is)."""
+    return _read_tensors(path, expected_sha256, what, remedy, sealed=False)[0]
 
 
 def _read_tensors(path: str | Path, expected_sha256: str | None, what: str, remedy: str,
