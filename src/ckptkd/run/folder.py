@@ -134,8 +134,8 @@ class Run:
 
     def ranking(self, what: str) -> list[int]:
         """Epochs best first by the information criterion, T* first (what `ckptkd analyze` selected)."""
-        ranking = self.analysis(what).get("ranking")
-        if not ranking or not all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in ranking):
+        ranking = self.analysis(what)["ranking"]  # its entries checked by `analysis_problem`
+        if not ranking:
             raise UserError(f"{what}: {self.path / ANALYSIS} has no ranking; rerun `ckptkd analyze {self.path}`")
         return [r["epoch"] for r in ranking]
 
