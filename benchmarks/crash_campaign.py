@@ -147,7 +147,7 @@ def rows(study: Path) -> list[tuple[str, str]]:
 
 def checkpoints(root: Path) -> dict[str, list[str]]:
     """Every run folder under `root` (itself included): its checkpoints' sha256s, each checked against its file."""
-    from ckptkd.storage import sha256_file
+    from ckptkd.run.storage import sha256_file
 
     found = {}
     for manifest in sorted(root.rglob("manifest.json")):

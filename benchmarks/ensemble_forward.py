@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ckptkd.ensemble import EnsembleForward
+from ckptkd.teachers.forward import EnsembleForward
 from ckptkd.models import create
 
 

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from ckptkd.fused import fuse
+from ckptkd.training.fusion import fuse
 from ckptkd.losses import kd_loss
 from ckptkd.models import create
 

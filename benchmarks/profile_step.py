@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ckptkd import config as config_mod
 from ckptkd import data as data_mod
-from ckptkd.bench import WORKLOADS, _PerSampleDataset, _fake_teacher_run, _synthetic_npz
+from ckptkd.cli.bench import WORKLOADS, _PerSampleDataset, _fake_teacher_run, _synthetic_npz
 from ckptkd.losses import kd_terms
 from ckptkd.teachers import Teacher
 from ckptkd.engine import make_optimizer, model_spec

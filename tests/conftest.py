@@ -41,7 +41,7 @@ def manifest_json(run) -> dict:
 
 def rewrite_manifest(run, manifest: dict) -> None:
     """Put a run in a state by rewriting its manifest, sealed as ckptkd seals it (an unsealed edit is damage)."""
-    from ckptkd.storage import write_sealed_json
+    from ckptkd.run.storage import write_sealed_json
 
     write_sealed_json(Path(run) / "manifest.json", manifest)
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from ckptkd import distill
-from ckptkd.analysis import (analyze, class_matrices, estimator_subset, expected_calibration_error, nc1,
+from ckptkd.selection.analysis import (analyze, class_matrices, estimator_subset, expected_calibration_error, nc1,
                              nontarget_entropy, p_target, select)
 from ckptkd.errors import UserError
 from ckptkd.run import resolve
-from ckptkd.selection import CRITERIA, evaluate, ranking
+from ckptkd.selection.criteria import CRITERIA, evaluate, ranking
 
 from conftest import rewrite_manifest, run_cli, tiny_config
 
@@ -158,7 +158,7 @@ def test_t_star_is_stable_across_estimator_seeds_on_the_digits_teacher(tmp_path)
 def test_degenerate_features_are_reported_not_fatal(tmp_path, teacher_run):
     """A checkpoint whose features are NaN: its estimates fail with a note, the others are still analysed."""
     from ckptkd.run import Run
-    from ckptkd.storage import save_tensors
+    from ckptkd.run.storage import save_tensors
 
     run = tmp_path / "t"
     shutil.copytree(teacher_run.path, run)

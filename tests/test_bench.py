@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from ckptkd.bench import main_json, run_bench
+from ckptkd.cli.bench import main_json, run_bench
 from ckptkd.cli import main
 
 MODES = {"student_alone", "kd_online_1", "kd_online_4", "kd_cached_4", "reference_loop_1", "compute_limit_1"}

@@ -101,7 +101,7 @@ def test_two_processes_building_one_cache_leave_one_valid_file_and_no_temporarie
 
     import yaml
 
-    from ckptkd.storage import read_tensors
+    from ckptkd.run.storage import read_tensors
 
     cfg = tmp_path / "student.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(model={"name": "mlp", "widths": [8]}, schedule={"epochs": 1},

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ckptkd import config, data as data_mod, distill, train
-from ckptkd.ensemble import EnsembleForward
+from ckptkd.teachers.forward import EnsembleForward
 from ckptkd.teachers import Teacher
 
 from conftest import tiny_config

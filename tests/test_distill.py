@@ -8,7 +8,7 @@ import yaml
 from ckptkd import distill, train
 from ckptkd.run import resolve
 from ckptkd.errors import UserError
-from ckptkd.importer import import_state_dict
+from ckptkd.training.importer import import_state_dict
 from ckptkd.teachers import Teacher
 
 from conftest import REPO, run_cli, tiny_config, manifest_json

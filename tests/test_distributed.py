@@ -14,7 +14,7 @@ import yaml
 
 import ckptkd
 from ckptkd import train
-from ckptkd.storage import load_tensors, sha256_file
+from ckptkd.run.storage import load_tensors, sha256_file
 
 from conftest import tiny_config, manifest_json
 

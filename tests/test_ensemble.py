@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ckptkd.ensemble import EnsembleForward, fold_batchnorm
+from ckptkd.teachers.forward import EnsembleForward, fold_batchnorm
 from ckptkd.models import create
 
 SHAPES = {"resnet8": (3, 16, 16), "mobilenetv2": (3, 16, 16), "lenet5": (1, 8, 8), "mlp": (1, 8, 8)}

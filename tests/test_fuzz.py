@@ -103,7 +103,7 @@ COMMANDS = ["train", "distill", "analyze", "select", "study", "show", "verify", 
                                                                     HealthCheck.too_slow])
 @given(data=st.data())
 def test_every_command_answers_bad_input_with_one_line(fuzz_root, monkeypatch, data):
-    from ckptkd.results import ResultsDB
+    from ckptkd.study.queue import ResultsDB
 
     # A study's workers claim nothing here: its validation, plan and database are what is exercised.
     monkeypatch.setattr(ResultsDB, "claim_group", lambda self, *a, **k: [])
@@ -155,7 +155,7 @@ def test_every_command_answers_bad_input_with_one_line(fuzz_root, monkeypatch, d
 def test_a_mutated_manifest_or_analysis_is_read_or_refused_in_one_line(fuzz_root, teacher_run, data):
     """Mutations that pass the checksum (resealed, as a careless tool might write them) reach the schema checks."""
     from ckptkd import analyze
-    from ckptkd.storage import write_sealed_json
+    from ckptkd.run.storage import write_sealed_json
 
     run = fuzz_root / f"m{next(_counter)}"
     shutil.copytree(teacher_run.path, run)

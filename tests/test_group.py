@@ -24,11 +24,11 @@ from conftest import manifest_json, run_cli, tiny_config
 
 from ckptkd import config as config_mod
 from ckptkd.errors import UserError
-from ckptkd.fused import fusable, fuse
+from ckptkd.training.fusion import fusable, fuse
 from ckptkd.group import (ENGINES, Member, check_group, choose_engine, fit_group, group_key, split_for_memory)
 from ckptkd.losses import kd_loss, kd_loss_members, soft_targets
 from ckptkd.models import create
-from ckptkd.storage import sha256_file
+from ckptkd.run.storage import sha256_file
 from ckptkd.trainer import fit, make_teacher
 
 KILL_SEED = int(os.environ.get("CKPTKD_KILL_SEED", random.randrange(10**6)))
@@ -319,7 +319,7 @@ def test_distill_fuse_on_the_command_line_writes_one_folder_per_teacher_and_seed
 
 
 def test_student_folders_tell_teachers_of_the_same_name_apart(tmp_path):
-    from ckptkd.trainer import parse_teacher_entry, teacher_slugs
+    from ckptkd.training.api import parse_teacher_entry, teacher_slugs
 
     entries = [[f"{tmp_path}/a/t@0.5"], [f"{tmp_path}/b/t@0.5"], [f"{tmp_path}/a/u@last"], [],
                [f"{tmp_path}/a/t@0.3", f"{tmp_path}/c/v@all"]]
@@ -336,7 +336,7 @@ def test_student_folders_tell_teachers_of_the_same_name_apart(tmp_path):
 def test_distill_fused_splits_its_students_into_groups_as_even_as_possible(tmp_path, monkeypatch):
     import ckptkd.group as group_mod
     from ckptkd.run import Run
-    from ckptkd.trainer import distill_fused
+    from ckptkd.training.api import distill_fused
 
     sizes = []
     monkeypatch.setattr(group_mod, "fit_group", lambda group, **kw: sizes.append(len(group)) or
@@ -349,7 +349,7 @@ def test_distill_fused_splits_its_students_into_groups_as_even_as_possible(tmp_p
 
 def test_a_group_of_one_is_an_ordinary_run(teacher_run, tmp_path):
     """Bit-identical to `distill` on its own, and its manifest says nothing of a group."""
-    from ckptkd.trainer import distill, distill_fused
+    from ckptkd.training.api import distill, distill_fused
 
     cfg = tiny_config(model={"name": "mlp", "widths": [16]}, schedule={"epochs": 2})
     alone = distill(cfg, teachers=[teacher_run.ref("0.5")], out=tmp_path / "alone", quiet=True)
@@ -359,7 +359,7 @@ def test_a_group_of_one_is_an_ordinary_run(teacher_run, tmp_path):
 
 
 def test_plain_distill_reads_none_and_a_plus_b_as_the_fused_form_does(teacher_run, tmp_path):
-    from ckptkd.trainer import distill
+    from ckptkd.training.api import distill
 
     cfg = tiny_config(model={"name": "mlp", "widths": [16]}, schedule={"epochs": 1})
     baseline = distill(cfg, teachers=["none"], out=tmp_path / "none", quiet=True)

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 from ckptkd import distill
-from ckptkd.analysis import analyze, select
+from ckptkd.selection.analysis import analyze, select
 from ckptkd.errors import UserError
-from ckptkd.importer import import_trajectory
+from ckptkd.training.importer import import_trajectory
 from ckptkd.run import Run, resolve
-from ckptkd.storage import sha256_file
+from ckptkd.run.storage import sha256_file
 
 from conftest import run_cli, tiny_config
 

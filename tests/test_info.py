@@ -172,7 +172,7 @@ def test_a_unit_active_on_a_single_image_neither_blows_up_nor_is_silently_clippe
 
 
 def test_an_estimate_far_outside_its_range_is_failed_not_a_number():
-    from ckptkd.info.estimators import judged
+    from ckptkd.selection.info.estimators import judged
 
     assert judged("i_yf", -5.0, -0.2) == {"i_yf": None, "i_yf_raw": -5.0, "i_yf_status": "failed",
                                           "i_yf_clipped": False}

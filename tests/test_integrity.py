@@ -123,7 +123,7 @@ def test_verify_passes_an_intact_run_and_study_and_lists_leftover_temporaries(tm
 
 
 def test_a_damaged_study_database_is_reported(tmp_path, capsys):
-    from ckptkd.results import ResultsDB
+    from ckptkd.study.queue import ResultsDB
 
     db = ResultsDB(tmp_path / "results.sqlite")
     db.add("a", kind="train", name="a", config={}, path="runs/a")
@@ -179,7 +179,7 @@ def test_a_manifest_from_before_seals_is_still_read(tmp_path, sealed_run):
 ])
 def test_a_well_sealed_but_malformed_analysis_is_refused_naming_the_field(tmp_path, capsys, sealed_run, damage,
                                                                           needle):
-    from ckptkd.storage import write_sealed_json
+    from ckptkd.run.storage import write_sealed_json
 
     run = tmp_path / "t"
     shutil.copytree(sealed_run, run)

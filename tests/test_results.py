@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from ckptkd import results
-from ckptkd.results import ClaimLost, ResultsDB
+from ckptkd.study import queue as results
+from ckptkd.study.queue import ClaimLost, ResultsDB
 
 # Worker processes load results.py straight from its file: importing the ckptkd package would import torch, which
 # costs seconds per process and has nothing to do with the database.

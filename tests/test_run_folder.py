@@ -29,9 +29,9 @@ from ckptkd import data as data_mod
 from ckptkd import engine, health, train
 from ckptkd.cli import main
 from ckptkd.errors import UserError
-from ckptkd.results import ResultsDB
+from ckptkd.study.queue import ResultsDB
 from ckptkd.run import resolve
-from ckptkd.storage import read_tensors, sha256_file
+from ckptkd.run.storage import read_tensors, sha256_file
 
 from conftest import REPO, manifest_json, rewrite_manifest, run_cli, tiny_config
 
@@ -341,7 +341,7 @@ def test_artefacts_get_the_umasks_ordinary_permissions(tmp_path):
         torch.set_num_threads(1)
         from ckptkd.cli import main
         assert main(["train", {cfg_path!r}, "--out", {str(run)!r}]) == 0
-        from ckptkd.storage import load_tensors
+        from ckptkd.run.storage import load_tensors
         torch.save(load_tensors({str(run / "checkpoints" / "epoch-0002.safetensors")!r}), {str(pth)!r})
         assert main(["import", {str(pth)!r}, "--model", "resnet8", "--out", {str(imported)!r}]) == 0
     """)
@@ -496,7 +496,7 @@ def test_a_shared_folder_loses_only_the_temporaries_of_dead_ckptkd_writers(tmp_p
     a study's --out): only ckptkd's own temporaries whose writer is gone are removed, never another program's."""
     import time
 
-    from ckptkd.storage import _HOST, remove_stale_temporaries
+    from ckptkd.run.storage import _HOST, remove_stale_temporaries
 
     hours_ago = time.time() - 2 * 3600
     files = {

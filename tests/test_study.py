@@ -10,8 +10,10 @@ import pytest
 import yaml
 
 from ckptkd.errors import UserError
-from ckptkd.results import ResultsDB
-from ckptkd.study import VARIANTS, plan, resolve_study, run_study
+from ckptkd.study.queue import ResultsDB
+from ckptkd.study.config import VARIANTS, resolve_study
+from ckptkd.study.plan import plan
+from ckptkd.study.runner import run_study
 
 RUN = {"data": {"name": "digits", "batch_size": 64}, "device": "cpu", "log": {"progress": False, "tensorboard": False}}
 
@@ -208,7 +210,7 @@ def test_an_option_added_later_leaves_task_identity_alone_at_the_value_that_repr
     """A study begun before kd.teacher_mode existed resumes under the same task names (its rows are found again);
     a task that asks for the new behaviour is a different task."""
     from ckptkd import config as config_mod
-    from ckptkd.study import task_id
+    from ckptkd.study.plan import task_id
 
     before = config_mod.resolve(None, {"data.name": "digits"})
     del before["kd"]["teacher_mode"]
@@ -220,7 +222,7 @@ def test_an_option_added_later_leaves_task_identity_alone_at_the_value_that_repr
 
 
 def test_fused_groups_follow_the_plan_and_each_run_keeps_its_row(tmp_path):
-    from ckptkd.study import fuse_groups
+    from ckptkd.study.plan import fuse_groups
 
     study = tiny_study(fuse=3)
     tasks = plan(resolve_study(study))

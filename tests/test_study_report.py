@@ -17,8 +17,8 @@ import yaml
 from rich.console import Console
 
 from ckptkd.errors import UserError
-from ckptkd.results import ResultsDB
-from ckptkd.study_report import CARRIED, write_report
+from ckptkd.study.queue import ResultsDB
+from ckptkd.study.report import CARRIED, write_report
 
 EMPTY = "—"
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -13,8 +13,8 @@ import yaml
 
 from ckptkd import train
 from ckptkd.errors import UserError
-from ckptkd.schedules import lr_at
-from ckptkd.storage import load_tensors, sha256_file
+from ckptkd.training.schedules import lr_at
+from ckptkd.run.storage import load_tensors, sha256_file
 from ckptkd.engine import checkpoint_epochs
 
 from conftest import REPO, run_cli, tiny_config, manifest_json

@@ -14,14 +14,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.3.0"
 
+# The public names, by where they live (layout by pipeline stage: data, models -> run -> teachers -> training ->
+# selection -> study -> cli).
 _LAZY = {
-    "train": ("trainer", "train"), "distill": ("trainer", "distill"), "distill_fused": ("trainer", "distill_fused"),
-    "fit_group": ("group", "fit_group"), "analyze": ("analysis", "analyze"),
-    "select": ("analysis", "select"), "run_study": ("study", "run_study"), "Run": ("run", "Run"),
-    "import_trajectory": ("importer", "import_trajectory"),
-    "resolve_reference": ("run", "resolve"), "UserError": ("errors", "UserError"),
-    "info": ("info", None), "losses": ("losses", None), "models": ("models", None), "fused": ("fused", None),
-    "group": ("group", None), "run": ("run", None), "storage": ("storage", None),
+    "train": ("training.api", "train"), "distill": ("training.api", "distill"),
+    "distill_fused": ("training.api", "distill_fused"), "fit": ("training.loop", "fit"),
+    "Member": ("training.loop", "Member"), "import_trajectory": ("training.importer", "import_trajectory"),
+    "analyze": ("selection.analysis", "analyze"), "select": ("selection.analysis", "select"),
+    "run_study": ("study.runner", "run_study"), "write_report": ("study.report", "write_report"),
+    "Run": ("run", "Run"), "resolve_reference": ("run", "resolve"), "UserError": ("errors", "UserError"),
+    "Teacher": ("teachers", "Teacher"),
+    "info": ("selection.info", None), "losses": ("losses", None), "models": ("models", None),
+    "fusion": ("training.fusion", None), "run": ("run", None), "storage": ("run.storage", None),
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -7,6 +7,8 @@ before any work starts. The resolved config (every default filled in) is what a 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import math
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -356,8 +358,6 @@ def validate(cfg: dict) -> None:
     late = [e for e in cfg["checkpoints"]["epochs"] if e > epochs]
     if late:
         raise UserError(f"config: checkpoints.epochs {late} go past schedule.epochs={epochs}")
-    from .tracking import check_trackers  # a tracker that cannot import is refused before anything is written
-
     check_trackers(cfg["log"]["report_to"], cfg["log"]["tensorboard"])
     if cfg["kd"]["teacher_mode"] == "train" and cfg["kd"]["cache"] == "on":
         raise UserError("config: kd.teacher_mode=train (teachers on batch statistics) cannot use kd.cache=on: their "
@@ -365,6 +365,27 @@ def validate(cfg: dict) -> None:
     data = cfg["data"]
     if data["mean"] is not None and data["std"] is not None and len(data["mean"]) != len(data["std"]):
         raise UserError("config: data.mean and data.std must have the same length")
+
+
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # name -> the package it needs
+
+
+def check_trackers(report_to: list, tensorboard_setting) -> None:
+    """An unknown tracker, or one whose package is not installed, is refused before anything is written."""
+    for name in report_to:
+        if name not in TRACKERS:
+            raise UserError(f"config: log.report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}")
+    wanted = list(report_to) + (["tensorboard"] if tensorboard_setting is True else [])
+    for name in dict.fromkeys(wanted):
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            field = "log.tensorboard=true" if name not in report_to else f"log.report_to includes {name}"
+            raise UserError(f"config: {field} but the {TRACKERS[name]} package is not installed "
+                            "(pip install 'ckptkd[track]')")
+
+
+def epoch_at_fraction(fraction: float, epochs: int) -> int:
+    """The epoch a fraction of training names (`checkpoints.fractions`, `RUN@0.5`): rounded half up, never below 1."""
+    return max(1, min(epochs, math.floor(fraction * epochs + 0.5)))
 
 
 def dump(cfg: dict) -> str:

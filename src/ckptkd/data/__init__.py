@@ -31,6 +31,11 @@ class Batch:
     views: torch.Tensor    # the augmentation views applied (int16 [B, 3])
     view_ids: torch.Tensor | None = None  # which of each image's banked views was drawn (int64 [B])
 
+    def member(self, i: int) -> "Batch":
+        """Run i's own batch of a batch stacked for a group ([N, B, ...] in every field)."""
+        return Batch(self.x[i], self.y[i], self.index[i], self.views[i],
+                     None if self.view_ids is None else self.view_ids[i])
+
 
 @dataclass
 class EpochPlan:
@@ -134,22 +139,18 @@ class Data:
         device = self.train_x.device
         return EpochPlan(order.to(device), views.to(device), None if view_ids is None else view_ids.to(device), plain)
 
-    def train_batches(self, *, seed: int, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                      view_bank: torch.Tensor | None = None) -> Iterator[Batch]:
-        """One epoch of augmented, normalised training batches (`epoch_plan`): every rank of a distributed run
-        draws the same global order and takes its own slice of each global batch."""
+    def train_batches(self, *, seed: int, epoch: int, batch_size: int, view_bank: torch.Tensor | None = None
+                      ) -> Iterator[Batch]:
+        """One run's epoch of augmented, normalised training batches (`epoch_plan`)."""
         plan = self.epoch_plan(seed=seed, epoch=epoch, view_bank=view_bank)
-        per_rank = batch_size // world_size
-        for b in range(self.steps_per_epoch(batch_size)):  # drop the ragged tail (a different one each epoch)
-            idx = plan.order[b * batch_size:(b + 1) * batch_size][rank * per_rank:(rank + 1) * per_rank]
-            views = plan.views[idx]
-            yield Batch(self.images(idx, views, plan.plain), self.train_y[idx], idx, views,
-                        None if plan.view_ids is None else plan.view_ids[idx])
+        return (batch.member(0) for batch in self.group_batches([plan], batch_size))
 
-    def group_batches(self, plans: list[EpochPlan], batch_size: int) -> Iterator[Batch]:
+    def group_batches(self, plans: list[EpochPlan], batch_size: int, *, rank: int = 0,
+                      world_size: int = 1) -> Iterator[Batch]:
         """One epoch for N runs trained together: batch b of each run's own plan, stacked ([N, B, ...] for every
         field; a run whose plan draws from no view bank has view ids 0, which nothing reads). Each run sees exactly
-        the batches it would see alone, built in one gather for all N."""
+        the batches it would see alone, built in one gather for all N. Under torchrun every rank draws the same
+        global batches and takes its own slice of each (`world_size` equal slices)."""
         order = torch.stack([p.order for p in plans])
         views = torch.stack([p.views for p in plans])
         view_ids = None
@@ -157,8 +158,9 @@ class Data:
             view_ids = torch.stack([torch.zeros_like(p.order) if p.view_ids is None else p.view_ids for p in plans])
         plain = all(p.plain for p in plans)
         n = len(plans)
-        for b in range(self.steps_per_epoch(batch_size)):
-            idx = order[:, b * batch_size:(b + 1) * batch_size]
+        per_rank = batch_size // world_size
+        for b in range(self.steps_per_epoch(batch_size)):  # drop the ragged tail (a different one each epoch)
+            idx = order[:, b * batch_size:(b + 1) * batch_size][:, rank * per_rank:(rank + 1) * per_rank]
             chosen = views.gather(1, idx[..., None].expand(-1, -1, 3))
             x = self.images(idx.reshape(-1), chosen.reshape(-1, 3), plain)
             yield Batch(x.unflatten(0, (n, -1)), self.train_y[idx], idx, chosen,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ckptkd.errors import UserError
+from ..errors import UserError
 
 try:
     from numpy._core.multiarray import _reconstruct

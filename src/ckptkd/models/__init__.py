@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ckptkd.errors import UserError
+from ..errors import UserError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -102,4 +102,4 @@ def _as_hw(image_size) -> tuple[int, int]:
 
 
 # The architecture modules register themselves with the decorator above, so they are imported last.
-from ckptkd.models import mobilenetv2, resnet, resnet50, shufflenet, small, vgg, wrn  # noqa: E402, F401
+from . import mobilenetv2, resnet, resnet50, shufflenet, small, vgg, wrn  # noqa: E402, F401

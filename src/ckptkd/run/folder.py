@@ -30,13 +30,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .. import config as config_mod
 from ..errors import UserError
-from ..health import assess
-from ..selection import CRITERIA
-from ..storage import (atomic_write_text, read_sealed_json, remove_stale_temporaries, save_tensors, shared_permissions,
-                       write_sealed_json)
+from .analysis_file import analysis_problem
 from .manifest import CheckpointEntry, Final, Manifest
 from .state import Progress, load_state, save_state
+from .storage import (atomic_write_text, read_sealed_json, remove_stale_temporaries, save_tensors, shared_permissions,
+                      write_sealed_json)
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -97,8 +97,6 @@ class Run:
         return f"{self.path}@{selector}"
 
     def config(self) -> dict:
-        from .. import config as config_mod
-
         return config_mod.resolve(self.path / CONFIG)
 
     @property
@@ -146,66 +144,11 @@ def runs_under(path: Path) -> list[Path]:
     return [run for run in found if not any(other in run.parents for other in found)]
 
 
-def analysis_problem(analysis) -> str | None:
-    """What is wrong with the parts of an analysis that `select`, references and reports read, or None."""
-    def integer(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    def epochs(v):
-        return isinstance(v, list) and all(integer(e) for e in v)
-
-    if not isinstance(analysis, dict):
-        return "not a mapping"
-    if not isinstance(analysis.get("checkpoints"), list) or not all(
-            isinstance(c, dict) and integer(c.get("epoch")) for c in analysis["checkpoints"]):
-        return "checkpoints must be a list of entries with an integer epoch"
-    if analysis.get("split") not in ("train", "val"):
-        return "split must be train or val"
-    criteria = analysis.get("criteria")
-    if not isinstance(criteria, dict):
-        return "criteria must be a mapping"
-    missing = [f"{name}@{split}" for name in CRITERIA for split in ("train", "val") if f"{name}@{split}" not in criteria]
-    if missing:  # analyze writes every criterion on both splits; select and reports may ask for any of them
-        return f"criteria lack {missing[0]}"
-    for key, c in criteria.items():
-        where = f"criteria.{key}"
-        if not isinstance(c, dict):
-            return f"{where} must be a mapping"
-        if c.get("t_star") is not None and not integer(c["t_star"]):
-            return f"{where}.t_star must be an epoch or null"
-        if not epochs(c.get("ties")):
-            return f"{where}.ties must be a list of epochs"
-        if not isinstance(c.get("scores"), list) or not all(
-                isinstance(r, dict) and integer(r.get("epoch")) and number(r.get("score"))
-                and (r.get("se") is None or number(r["se"])) and isinstance(r.get("tied", False), bool)
-                for r in c["scores"]):
-            return f"{where}.scores must be entries with an epoch, a score and its se"
-        if not isinstance(c.get("flat"), bool):
-            return f"{where}.flat must be true or false"
-        if not isinstance(c.get("skipped"), list) or not all(
-                isinstance(s, dict) and integer(s.get("epoch")) and isinstance(s.get("why"), str)
-                for s in c["skipped"]):
-            return f"{where}.skipped must be entries with an epoch and why"
-    selected = analysis.get("selected")
-    if not isinstance(selected, dict) or not integer(selected.get("epoch")) or not epochs(selected.get("ties")) \
-            or selected.get("criterion") not in criteria:
-        return "selected must name an epoch, its ties and one of the criteria"
-    if not isinstance(analysis.get("ranking"), list) or not all(
-            isinstance(r, dict) and integer(r.get("epoch")) for r in analysis["ranking"]):
-        return "ranking must be a list of entries with an integer epoch"
-    return None
-
-
 def _owned_only(path: Path) -> bool:
     return all(p.name in _OWNED or (p.name.startswith(".") and p.name.endswith(".tmp")) for p in path.iterdir())
 
 
 def _same_config(path: Path, cfg: dict) -> None:
-    from .. import config as config_mod
-
     saved = config_mod.flatten(config_mod.read_yaml(path / CONFIG))
     wanted = config_mod.flatten(cfg)
     changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
@@ -252,26 +195,22 @@ class RunWriter:
                             "it cannot be continued (choose another --out)")
         return cls(run, cfg, writes=writes, resumable=False, complete=False)  # a kill before the first state
 
-    def begin(self, manifest: Manifest, model, optimizer) -> Progress:
-        """Restore the resume state into model and optimizer (or start fresh) and write the first views."""
+    def restore(self, model, optimizer) -> Progress:
+        """The resume state restored into model and optimizer (with the RNG states), or a fresh start's progress."""
+        return load_state(self.path / STATE, model, optimizer) if self.resumable else Progress()
+
+    def begin(self, manifest: Manifest, progress: Progress) -> None:
+        """Write the run's first views: its config (a fresh run) and `manifest`, with the checkpoints so far."""
         self.manifest = manifest
-        if self.resumable:
-            progress = load_state(self.path / STATE, model, optimizer)
-            manifest.checkpoints = [CheckpointEntry(**c) for c in progress.checkpoints]
-        else:
-            progress = Progress()
-        manifest.health = assess(progress.history)
+        manifest.checkpoints = [CheckpointEntry(**c) for c in progress.checkpoints]
         if self.writes:
             # What writes killed half-way left here; only this run's writer writes these folders (not cache/).
             for folder in (self.path, self.path / "checkpoints", self.path / "state"):
                 remove_stale_temporaries(folder)
             if not self.resumable:
-                from .. import config as config_mod
-
                 self.path.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(self.path / CONFIG, config_mod.dump(self.cfg))
             self._write_views(progress)
-        return progress
 
     def end_epoch(self, record: dict, model, optimizer, progress: Progress, *, checkpoint: bool,
                   health: dict) -> CheckpointEntry | None:
@@ -294,8 +233,11 @@ class RunWriter:
         self._write_views(progress)
         return entry
 
-    def fail(self, progress: Progress, error: str) -> None:
+    def fail(self, progress: Progress, error: str, *, health: dict | None = None) -> None:
+        """Mark the run failed with `error` (and its `health` verdict, where the failure changes it)."""
         self.manifest.status, self.manifest.error = "failed", error
+        if health is not None:
+            self.manifest.health = health
         self._write_views(progress)
 
     def finish(self, progress: Progress, final: Final) -> Run:
@@ -315,8 +257,6 @@ def write_run(out: str | Path, cfg: dict, manifest: Manifest, checkpoints: list[
     The folder is built under a hidden temporary name beside `out` and renamed into place, so it appears complete
     or not at all (an import that fails half-way leaves nothing behind).
     """
-    from .. import config as config_mod
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"run folder {out} already exists; choose another --out")

@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 
 from ..errors import UserError
-from ..schedules import epoch_at_fraction
+from ..config import epoch_at_fraction
 from .folder import Run
 from .manifest import Manifest
 
@@ -35,7 +35,7 @@ class Checkpoint:
         return self.manifest.checkpoint(self.epoch).metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        from ..storage import load_tensors
+        from .storage import load_tensors
 
         return load_tensors(self.path, expected_sha256=self.sha256,
                             remedy=f"restore it from a copy of {self.run}, or train the run again "

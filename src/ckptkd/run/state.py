@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..storage import read_tensors, save_tensors
+from .storage import read_tensors, save_tensors
 
 
 @dataclass

@@ -1,0 +1,404 @@
+"""`ckptkd analyze RUN`: read every checkpoint's soft labels, geometry and information, on the training inputs the
+student will see and on the validation split, then select T* (`selection`).
+
+Per checkpoint and split (the images un-augmented, the model in eval mode):
+  accuracy, NLL, calibration (ECE), confidence, tempered and non-target entropies, the tempered probability of the
+  true class p_target@tau, within-class variability collapse NC1 (Papyan et al. 2020), the class matrices; and over
+  K split seeds (default 5; each a stratified 70/30 split of at most 2,000 images), I(X;F) and I(Y;F) from the
+  probe/decoder estimators and from the kNN cross-check, p_target@tau, non-target entropy, NC1 and accuracy on the
+  seed's held-out images, so each carries a mean and a standard error and checkpoints compare seed by seed.
+T* maximises normalised I(X;F) + I(Y;F) on `split` (default: train, where over-confidence lives), with the tie
+rule of `selection`; every other criterion on either split is in `criteria` and selectable (`ckptkd select --by`).
+Results are cached per checkpoint by its sha256 and the settings, so a second run is instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import data as data_mod
+from ..errors import UserError
+from ..run import Run, provenance, resolve
+from ..run.storage import read_sealed_json, remove_stale_temporaries, write_sealed_json
+from . import criteria as selection
+from . import info
+
+FORMAT = 2
+# Bump when a measurement changes, so cached per-checkpoint results are recomputed rather than mixed.
+METHOD_VERSION = 3
+# The estimators see at most this many images per split (a fixed class-stratified subset): beyond a few thousand
+# their fixed costs dominate and the estimates barely move; the full-split measures use every image.
+ESTIMATOR_SAMPLES = 2000
+PROBE_EPOCHS = 50
+SEEDS = 5
+SPLITS = ("train", "val")
+SEED_QUANTITIES = ("i_xf", "i_yf", "knn_i_xf", "knn_i_yf", "acc", "p_target_t", "nontarget_entropy_t", "nc1")
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    confidence, predicted = probs.max(dim=1)
+    correct = (predicted == labels).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=probs.dtype)
+    ece = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > low) & (confidence <= high)
+        if in_bin.any():
+            ece += in_bin.double().mean().item() * abs(confidence[in_bin].double().mean().item()
+                                                       - correct[in_bin].mean().item())
+    return ece
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    return -(probs * probs.clamp_min(1e-30).log()).sum(dim=1)
+
+
+def nontarget_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of the prediction renormalised over the wrong classes: the "dark knowledge" the paper says fades."""
+    masked = (logits / temperature).scatter(1, labels[:, None], float("-inf"))
+    return entropy(masked.softmax(dim=1))
+
+
+def p_target(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The tempered probability of the true class: near 1 for an over-confident teacher even at high tau."""
+    return (logits / temperature).softmax(dim=1).gather(1, labels[:, None]).squeeze(1)
+
+
+def nc1(features: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Within-class variability relative to between-class spread, tr(S_W S_B^+) / C (Papyan, Han & Donoho 2020);
+    it falls towards 0 as the features of each class collapse onto their mean. None with fewer than 2 classes."""
+    f = features.double()
+    classes = torch.unique(labels)
+    if len(classes) < 2 or not bool(torch.isfinite(f).all()):
+        return None
+    means = torch.stack([f[labels == c].mean(0) for c in classes])
+    within = f - means[torch.searchsorted(classes, labels)]
+    between = means - means.mean(0)
+    _, singular, vh = torch.linalg.svd(between, full_matrices=False)
+    keep = singular > 1e-10 * max(float(singular[0]), 1e-300)
+    if not bool(keep.any()):
+        return None
+    projected = within @ vh[keep].T                                   # [N, r]
+    # S_B = V diag(s^2 / C) V^T, so tr(S_W S_B^+) = sum_j (C / s_j^2) v_j^T S_W v_j.
+    return float((projected.square().mean(0) * len(classes) / singular[keep].square()).sum() / len(classes))
+
+
+def class_matrices(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[list, list]:
+    """(mean soft probabilities per true class [row = true class], correlation between classes' soft outputs)."""
+    mean = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    for cls in range(num_classes):
+        members = probs[labels == cls]
+        if len(members):
+            mean[cls] = members.double().mean(dim=0)
+    corr = torch.corrcoef(probs.double().T).nan_to_num(0.0)
+    return [[round(v, 6) for v in row] for row in mean.tolist()], [[round(v, 6) for v in row] for row in corr.tolist()]
+
+
+@torch.inference_mode()
+def _outputs(model: torch.nn.Module, data: data_mod.Data, split: str):
+    model.eval()
+    logits, features, inputs, labels = [], [], [], []
+    for x, y in data.eval_batches(split, 512):
+        f = model.forward_features(x)
+        logits.append(model.classifier(f).float().cpu())
+        features.append(f.float().cpu())
+        inputs.append(x.float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(logits), torch.cat(features), torch.cat(inputs), torch.cat(labels)
+
+
+def estimator_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Indices of at most `size` samples, the same share of every class, fixed by the seed."""
+    if len(labels) <= size:
+        return torch.arange(len(labels))
+    gen = torch.Generator().manual_seed(seed + 77)
+    chosen = []
+    for cls in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == cls).flatten()
+        take = max(1, round(size * len(members) / len(labels)))
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:take]])
+    return torch.cat(chosen).sort().values
+
+
+def _finite(value):
+    """JSON has no NaN: a non-finite measurement is recorded as null (lists and mappings element by element)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def split_measures(logits, labels, features, *, temperature: float, num_classes: int) -> dict:
+    """Deterministic measures on a whole split."""
+    probs = logits.softmax(dim=1)
+    tempered = (logits / temperature).softmax(dim=1)
+    soft_matrix, correlation = class_matrices(tempered, labels, num_classes)
+    values = {
+        "n": len(labels),
+        "acc": (probs.argmax(1) == labels).double().mean().item(),
+        "nll": F.cross_entropy(logits, labels).item(),
+        "ece": expected_calibration_error(probs, labels),
+        "confidence": probs.max(dim=1).values.double().mean().item(),
+        "entropy_t": entropy(tempered).double().mean().item(),
+        "nontarget_entropy": nontarget_entropy(logits, labels, 1.0).double().mean().item(),
+        "nontarget_entropy_t": nontarget_entropy(logits, labels, temperature).double().mean().item(),
+        "p_target_t": p_target(logits, labels, temperature).double().mean().item(),
+        "nc1": nc1(features, labels),
+    }
+    return {**{k: _finite(v) if isinstance(v, float) else v for k, v in values.items()},
+            "soft_matrix": soft_matrix, "class_correlation": correlation}
+
+
+def seed_measures(logits, labels, features, plan: info.SplitPlan, *, temperature: float, probe_epochs: int) -> dict:
+    """One split seed: the estimators fit on the plan's fit part and are scored on its held-out part, where the
+    direct measures are read too."""
+    held = plan.held
+    direct = {"acc": (logits[held].argmax(1) == labels[held]).double().mean().item(),
+              "p_target_t": p_target(logits[held], labels[held], temperature).double().mean().item(),
+              "nontarget_entropy_t": nontarget_entropy(logits[held], labels[held], temperature).double().mean().item(),
+              "nc1": nc1(features[held], labels[held])}
+    out = {k: _finite(v) for k, v in direct.items()}
+    try:
+        f = info.estimators.as_matrix(features, "features")
+    except UserError as e:  # non-finite features (a diverged checkpoint): every estimate of it failed
+        return {**out, **{k: None for k in ("i_xf", "i_yf", "knn_i_xf", "knn_i_yf")},
+                "status": {k: "failed" for k in ("i_xf", "i_yf")}, "note": str(e)}
+    whitened = info.whiten_features(f, plan.fit)
+    mi = info.estimate_with(f, plan, probe_epochs=probe_epochs, whitened=whitened)
+    fit = plan.fit
+    knn = info.knn_with(whitened.z[fit], plan.u[fit], plan.codes[fit], seed=plan.seed)
+    out.update(i_xf=mi["i_xf"], i_yf=mi["i_yf"], knn_i_xf=knn["i_xf"], knn_i_yf=knn["i_yf"],
+               raw={"i_xf": mi["i_xf_raw"], "i_yf": mi["i_yf_raw"]},
+               status={"i_xf": mi["i_xf_status"], "i_yf": mi["i_yf_status"]}, features=mi["features"])
+    return out
+
+
+def summarise(seeds: list[dict]) -> dict:
+    """Per quantity: mean and standard error over the seeds with a value, and how many failed or were clipped."""
+    out = {}
+    for quantity in SEED_QUANTITIES:
+        values = [s[quantity] for s in seeds if s.get(quantity) is not None]
+        out[quantity] = {
+            "mean": statistics.mean(values) if values else None,
+            "se": statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None,
+            "n": len(values), "failed": len(seeds) - len(values),
+            "clipped": sum(s.get("status", {}).get(quantity) == "clipped" for s in seeds)}
+    return out
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the estimators on one intra-op thread. Their probes are small (at most 2,000 rows), so a second thread
+    costs more in wake-ups than it saves (the demo teacher's 110 estimates: 13.2 s on 2 threads, 9.5 s on one), and
+    on one thread the estimates do not depend on how many cores the machine has."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure_checkpoint(model, data: data_mod.Data, plans: dict, subsets: dict, *, temperature: float,
+                       probe_epochs: int) -> dict:
+    record = {}
+    for split in SPLITS:
+        logits, features, _, labels = _outputs(model, data, split)
+        entry = split_measures(logits, labels, features, temperature=temperature, num_classes=data.num_classes)
+        notes = []
+        if not torch.isfinite(features).all():
+            notes.append("features contain NaN or infinite values: every estimate of this checkpoint failed")
+        sub = subsets[split]
+        with one_thread():
+            seeds = [seed_measures(logits[sub], labels[sub], features[sub], plan, temperature=temperature,
+                                   probe_epochs=probe_epochs) for plan in plans[split]]
+        if not plans[split]:
+            notes.append(f"{split}: too few images for the estimators ({len(sub)}); only the whole-split "
+                         f"measures were taken")
+        failed = sum(any(v == "failed" for v in s.get("status", {}).values()) for s in seeds)
+        if failed and not notes:
+            notes.append(f"{split}: {failed} of {len(seeds)} split seeds gave a failed estimate")
+        record[split] = {**entry, "seeds": seeds, "estimates": summarise(seeds), "notes": notes}
+    return _finite(record)
+
+
+def _plans(data: data_mod.Data, split: str, *, seed: int, seeds: int) -> tuple[torch.Tensor, list, str | None]:
+    """The estimator subset of a split and its K split plans (X components included); empty when too small."""
+    x_all = getattr(data, f"{split}_x")
+    labels = getattr(data, f"{split}_y").cpu()
+    sub = estimator_subset(labels, ESTIMATOR_SAMPLES, seed)
+    inputs = data.normalize(x_all[sub].float()).cpu()
+    try:
+        plans = [info.plan_split(inputs, labels[sub], seed=1000 * seed + k) for k in range(seeds)]
+    except UserError as e:
+        return sub, [], f"{split}: the estimators were skipped ({e})"
+    if min(torch.bincount(labels[sub][plans[0].fit]).tolist()) < 2:
+        return sub, [], f"{split}: the estimators were skipped (a class has fewer than 2 fit images)"
+    return sub, plans, None
+
+
+def analyze(run: str | Path, *, temperature: float | None = None, seed: int = 0, seeds: int = SEEDS,
+            split: str = "train", plots: bool = True, quiet: bool = False, allow_incomplete: bool = False) -> dict:
+    """Analyse every checkpoint of `run`; writes RUN/analysis.json (and RUN/plots/) and returns the analysis."""
+    if split not in SPLITS:
+        raise UserError(f"analyze: --split must be train or val, got {split!r}")
+    if not 1 <= seeds <= 100:
+        raise UserError(f"analyze: --seeds must be between 1 and 100, got {seeds}")
+    folder = Run(run)
+    run = folder.path
+    checkpoints = resolve(f"{run}@all", allow_incomplete=allow_incomplete)
+    manifest = folder.manifest
+    cfg = folder.config()
+    for leftovers in (folder.path, folder.analysis_cache_dir, folder.plots_dir):  # of a killed analysis
+        remove_stale_temporaries(leftovers, shared=True)
+    tau = temperature if temperature is not None else cfg["kd"]["temperature"]
+    say = (lambda _m: None) if quiet else (lambda m: print(f"analyze: {m}", file=sys.stderr))
+    started = time.perf_counter()
+    data = data_mod.build(cfg["data"], "cpu")
+    settings = {"method": METHOD_VERSION, "temperature": tau, "seed": seed, "seeds": seeds, "data": data.fingerprint,
+                "estimator_samples": ESTIMATOR_SAMPLES, "probe_epochs": PROBE_EPOCHS,
+                "x_components": info.estimators.X_COMPONENTS}
+    settings_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+    subsets, plans, notes = {}, {}, []
+    for name in SPLITS:
+        subsets[name], plans[name], note = _plans(data, name, seed=seed, seeds=seeds)
+        if note:
+            notes.append(note)
+            say(note)
+    from tqdm import tqdm
+
+    records, computed = [], 0
+    for ckpt in tqdm(checkpoints, desc="analyze", leave=False, disable=True if quiet else None, file=sys.stderr):
+        cache_file = folder.analysis_cache_dir / f"{ckpt.sha256[:24]}-{settings_key}.json"
+        record = (read_sealed_json(cache_file, "analysis cache", remedy="delete it; it is computed again",
+                                   required=lambda _r: False) if cache_file.is_file() else None)
+        if record is None:
+            record = measure_checkpoint(ckpt.build_model("cpu"), data, plans, subsets, temperature=tau,
+                                        probe_epochs=PROBE_EPOCHS)
+            write_sealed_json(cache_file, record)
+            computed += 1
+        for name in SPLITS:
+            for note in record[name]["notes"]:
+                say(f"epoch {ckpt.epoch}: {note}")
+        records.append({"epoch": ckpt.epoch, "fraction": ckpt.fraction, "sha256": ckpt.sha256,
+                        "val_acc": ckpt.metrics.get("val_acc"), **record})
+
+    criteria = {f"{c.name}@{s}": selection.evaluate(records, c, s) for c in selection.CRITERIA.values()
+                for s in SPLITS}
+    key = selection.criterion_key("info", split, split)
+    chosen = criteria[key]
+    if chosen["t_star"] is None:  # no valid information estimate anywhere: fall back to validation accuracy
+        key = "val@val" if criteria["val@val"]["t_star"] is not None else "recorded-val"
+        notes.append(f"{selection.criterion_key('info', split, split)} could not be computed on any checkpoint; T* "
+                     f"falls back to {key}")
+        say(notes[-1])
+        if key == "recorded-val":  # the splits are too small for any seeded measure: the manifest's accuracy
+            best = max(records, key=lambda r: (r["val_acc"] if r["val_acc"] is not None else -1.0, r["epoch"]))
+            criteria[key] = {"criterion": "recorded-val", "split": "val", "t_star": best["epoch"],
+                             "ties": [best["epoch"]], "best": best["epoch"], "flat": False, "skipped": [],
+                             "terms": {"val_acc": "raw"},
+                             "scores": [{"epoch": r["epoch"], "score": r["val_acc"], "se": None, "diff": None,
+                                         "diff_se": None, "tied": r is best} for r in records]}
+        chosen = criteria[key]
+    if chosen["flat"]:
+        notes.append(f"{key} is flat across these checkpoints (its range does not exceed its noise): every "
+                     "checkpoint ties and T* is the one with the best validation accuracy")
+    if len(records) < 3:
+        notes.append(f"only {len(records)} checkpoint(s): normalising across so few says little")
+    best = chosen["t_star"]
+    analysis = {
+        "format": FORMAT, "ckptkd": provenance(), "run": str(run), "split": split, "seed": seed, "seeds": seeds,
+        "temperature": tau,
+        "splits": {name: {"n": int(getattr(data, f"{name}_x").shape[0]), "estimator_samples": len(subsets[name]),
+                          "estimators": bool(plans[name])} for name in SPLITS},
+        "class_names": data.class_names,
+        "checkpoints": records,
+        "criteria": criteria,
+        "selected": {"epoch": best, "fraction": next(r["fraction"] for r in records if r["epoch"] == best),
+                     "reference": f"{run}@epoch={best}", "criterion": key, "ties": chosen["ties"],
+                     "description": (selection.CRITERIA[key.split("@")[0]].doc + f", on the {key.split('@')[1]} "
+                                     "split; ties within 2 SE, broken by validation accuracy")
+                     if key in criteria and "@" in key else "the validation accuracy recorded at each checkpoint"},
+        "ranking": [{"epoch": e} for e in selection.ranking(chosen)],
+        "agreement": _agreement(records, criteria, split),
+        "notes": notes,
+        "timing_s": {"measure": round(time.perf_counter() - started, 3), "computed": computed,
+                     "cached": len(records) - computed},
+    }
+    if plots:
+        from .plots import plot_analysis
+
+        plot_started = time.perf_counter()
+        analysis["plots"] = plot_analysis(folder, analysis, manifest)
+        analysis["timing_s"]["plots"] = round(time.perf_counter() - plot_started, 3)
+    folder.write_analysis(analysis)
+    return analysis
+
+
+def estimate(record: dict, split: str, quantity: str) -> dict:
+    return record[split]["estimates"][quantity]
+
+
+def _agreement(records: list[dict], criteria: dict, split: str) -> dict:
+    """Spearman rank agreement of the probe/decoder and kNN estimators across checkpoints (means over seeds)."""
+    def rho(a, b):
+        pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+        value = info.spearman([p[0] for p in pairs], [p[1] for p in pairs]) if len(pairs) >= 2 else math.nan
+        return None if value != value else round(value, 6)
+
+    means = lambda q: [estimate(r, split, q)["mean"] for r in records]
+    scores = lambda key: {row["epoch"]: row["score"] for row in criteria[key]["scores"]}
+    probe, knn = scores(f"info@{split}"), scores(f"knn-info@{split}")
+    epochs = [r["epoch"] for r in records]
+    return {"split": split, "spearman_i_xf": rho(means("i_xf"), means("knn_i_xf")),
+            "spearman_i_yf": rho(means("i_yf"), means("knn_i_yf")),
+            "spearman_score": rho([probe.get(e) for e in epochs], [knn.get(e) for e in epochs])}
+
+
+def select(run: str | Path, *, k: int = 1, by: str = "info", split: str | None = None,
+           allow_incomplete: bool = False) -> dict:
+    """The best K checkpoints (K > 1: a snapshot ensemble) by a criterion of `selection.CRITERIA` on a split.
+
+    Returns {"run", "criterion", "t_star", "ties", "references", "checkpoints": [{"epoch", "score", "se", "tied"}],
+    "flat", "skipped"}. `by="val"` without an analysis reads the validation accuracy recorded in the manifest."""
+    folder = Run(run)
+    checkpoints = resolve(f"{folder.path}@all", allow_incomplete=allow_incomplete)
+    by_epoch = {c.epoch: c for c in checkpoints}
+    if by == "val" and split in (None, "val") and not folder.has_analysis():
+        ordered = sorted(checkpoints, key=lambda c: (c.metrics["val_acc"], c.epoch), reverse=True)
+        result = {"criterion": "val (recorded)", "t_star": ordered[0].epoch, "ties": [ordered[0].epoch],
+                  "scores": [{"epoch": c.epoch, "score": c.metrics["val_acc"], "se": None, "tied": c is ordered[0]}
+                             for c in sorted(checkpoints, key=lambda c: c.epoch)], "flat": False, "skipped": []}
+        epochs = [c.epoch for c in ordered]
+    else:
+        analysis = folder.analysis(f"select --by {by}")
+        if analysis.get("format") != FORMAT:
+            raise UserError(f"select: {folder.path}/analysis.json was written by an older ckptkd; rerun "
+                            f"`ckptkd analyze {folder.path}`")
+        key = selection.criterion_key(by, split, analysis["split"])
+        result = {**analysis["criteria"][key], "criterion": key}
+        if result["t_star"] is None:
+            raise UserError(f"select: {key} could not be computed for any checkpoint of {folder.path} "
+                            f"({'; '.join(s['why'] for s in result['skipped'][:1])})")
+        epochs = selection.ranking(result)
+    if not 1 <= k <= len(epochs):
+        raise UserError(f"select: --k must be between 1 and {len(epochs)} (the run's checkpoints)")
+    unknown = [e for e in epochs[:k] if e not in by_epoch]
+    if unknown:
+        raise UserError(f"select: {folder.path}/analysis.json names epoch {unknown[0]}, which the run has no "
+                        f"checkpoint of; rerun `ckptkd analyze {folder.path}`")
+    return {"run": str(folder.path), "criterion": result["criterion"], "t_star": result["t_star"],
+            "ties": result["ties"], "references": [by_epoch[e].reference for e in epochs[:k]],
+            "checkpoints": [{k_: row.get(k_) for k_ in ("epoch", "score", "se", "tied")} for row in result["scores"]],
+            "flat": result["flat"], "skipped": result["skipped"]}

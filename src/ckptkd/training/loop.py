@@ -1,0 +1,398 @@
+"""The training loop: one for teachers and students, single runs and groups (a single run is a group of one).
+
+`fit(members)` trains N runs of one architecture together, each written as an ordinary run folder through its own
+`RunWriter`. Each run's weights, optimizer state, BatchNorm statistics, seed, batch order, augmentation and teacher
+targets stay its own; what they share is the loop, one batch gather, and the engine (`engines`) that computes the
+step for all of them: the run's own model for a group of one, the models one after another, or one fused model. An
+epoch is, for every engine:
+
+  1. each run's epoch plan (order and augmentation from (seed, epoch) alone), one stacked batch per step
+  2. steps at the schedule's learning rate, with the batch-weighted sums of loss, accuracy and named terms
+  3. validation every epoch, test where it is reported, every run in one pass
+  4. per run, the end-of-epoch sequence (`_Group.end_epoch`): non-finite loss check, best validation, health, the
+     checkpoint and resume state and manifest, the log and trackers
+and after the last epoch, each run's final numbers.
+
+Under torchrun (a group of one only) every rank runs the loop on its slice of each global batch; rank 0 alone
+evaluates and writes (see `distributed`).
+
+Resume: each run resumes from its own folder. A kill between two runs' writes can leave some an epoch ahead of the
+others; the group then trains from the earliest epoch and holds the runs that are ahead: they compute with the group
+(its size is what it always was, so the others' arithmetic is unchanged) but their state is put back after the
+epoch, until the group reaches them. So a resumed group ends bit-identical to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .. import config as config_mod
+from .. import data as data_mod
+from ..errors import UserError
+from ..models import from_spec
+from ..run import Final, Manifest, Progress, Run, RunWriter
+from ..run.storage import is_disk_full
+from . import distributed, health
+from .engines import ENGINES, MEMORY_SHARE, available_bytes, choose_engine, split_for_memory, step_bytes
+from .objective import TERMS, Objective
+from .recipe import autocast_dtype, cache_settings, make_optimizer, model_spec, pick_device, test_epochs
+from .schedules import checkpoint_epochs, lr_at
+from .tracking import RunLog
+
+# Config sections that may differ between the members of a group: each member's seed, name, teachers and KD
+# settings, and where it logs. Everything else (model, data, optimizer, schedule, checkpoints, evaluation, device,
+# precision) is the group's.
+MEMBER_KEYS = ("name", "seed", "kd", "log")
+
+
+@dataclass
+class Member:
+    """One run of a group: its resolved config, its folder and its teacher (None: trained on the labels alone)."""
+    cfg: dict
+    out: Path
+    teacher: object | None = None
+    kind: str = "train"
+
+
+def group_key(cfg: dict) -> str:
+    """Runs whose configs agree outside `MEMBER_KEYS` can train as one group."""
+    shared = {k: v for k, v in config_mod.identity(cfg).items() if k not in MEMBER_KEYS}
+    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_group(members: list[Member]) -> None:
+    if not members:
+        raise UserError("a fused group needs at least one run")
+    first = config_mod.flatten({k: v for k, v in members[0].cfg.items() if k not in MEMBER_KEYS})
+    for m in members[1:]:
+        other = config_mod.flatten({k: v for k, v in m.cfg.items() if k not in MEMBER_KEYS})
+        differ = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if differ:
+            raise UserError(f"cannot train {m.out} in one group with {members[0].out}: their configs differ in "
+                            f"{', '.join(differ[:4])} (only {', '.join(MEMBER_KEYS)} may differ)")
+    outs = [str(Path(m.out).resolve()) for m in members]
+    if len(set(outs)) != len(outs):
+        raise UserError("a fused group names one run folder twice")
+
+
+def fit(members: list[Member], *, resume: bool = False, quiet: bool = False, engine: str = "auto",
+        on_epoch: Callable[[dict], None] | None = None,
+        announce: Callable[[str], None] | None = None) -> list[Run | Exception]:
+    """Train `members` together; returns each member's Run, or the error that stopped it alone (`health.Diverged`:
+    that member is marked failed and the others go on). An interrupt or any other error stops the whole group, every
+    unfinished member's folder marked failed. `on_epoch({"epoch": N})` is called after each epoch's files are written
+    (a study uses it as a heartbeat). A group of more than one says which engine it runs and why, in one line (to
+    `announce` when given, else to the terminal unless `quiet`); a group of one with `engine="auto"` is an ordinary
+    run, with no `fused` entry in its manifest."""
+    check_group(members)
+    cfg = members[0].cfg
+    alone = len(members) == 1 and engine == "auto"
+    if distributed.launched() and not alone:
+        raise UserError("fused groups do not run under torchrun; train them in one process (or use fuse: off)")
+    device = distributed.setup(pick_device(cfg["device"]))
+    main = distributed.is_main()
+    folders = [RunWriter.open(m.out, m.cfg, resume=resume, writes=main) for m in members]
+    outcomes: list[Run | Exception | None] = [f.run if f.complete else None for f in folders]
+    active = [i for i, f in enumerate(folders) if not f.complete]
+    if not active:
+        return outcomes
+    members, folders = [members[i] for i in active], [folders[i] for i in active]
+    distributed.check_batch(cfg["data"]["batch_size"])
+    distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
+    data = data_mod.build(cfg["data"], device)
+    spec = model_spec(cfg, data)
+    _prepare_teachers(members, data, quiet=quiet or not main)
+    models, optimizers = [], []
+    for m in members:
+        torch.manual_seed(m.cfg["seed"])
+        models.append(from_spec(spec).to(device))
+        optimizers.append(make_optimizer(m.cfg, models[-1]))
+    say = announce or (lambda message: None if quiet else print(message, file=sys.stderr, flush=True))
+    if alone:
+        chosen, why, chunks = "direct", "", [[0]]
+    else:
+        chosen, why = choose_engine(models[0], spec, device, engine)
+        per_member = step_bytes(models[0], spec, cfg["data"]["batch_size"], device)
+        chunks = split_for_memory(list(range(len(members))), per_member, available_bytes(device))
+        if len(chunks) > 1:
+            say(f"a group of {len(members)} runs needs about {len(members) * per_member / 2**20:.0f} MiB, more than "
+                f"{MEMORY_SHARE:.0%} of the memory free here: training it as {len(chunks)} groups of up to "
+                f"{len(chunks[0])}")
+    progress, logs = [], []  # by member: the chunks are consecutive runs of members, in order
+    for chunk in chunks:
+        for position, i in enumerate(chunk):
+            manifest = new_manifest(members[i].cfg, members[i].kind, spec, data, device, members[i].teacher)
+            if not alone:
+                manifest.fused = {"engine": chosen, "members": len(chunk), "index": position,
+                                  "group": [str(folders[j].path) for j in chunk]}
+            progress.append(folders[i].restore(models[i], optimizers[i]))
+            manifest.health = health.assess(progress[-1].history)  # a resumed run's verdict so far
+            folders[i].begin(manifest, progress[-1])
+            log = RunLog(members[i].cfg, folders[i].path, quiet=quiet or not main, writes=main)
+            log.started(progress[-1].history if folders[i].resumable else None)
+            logs.append(log)
+    for chunk in chunks:
+        if not alone:
+            say(f"training {len(chunk)} runs as one group ({chosen}: {why})")
+        group = _Group(*([x[i] for i in chunk] for x in (members, folders, models, optimizers, progress, logs)),
+                       data=data, engine=chosen, device=device, main=main)
+        try:
+            group.run(on_epoch)
+        except BaseException as error:
+            # This group's unfinished runs and the later groups' (not started) are marked failed.
+            unfinished = [i for later in chunks[chunks.index(chunk):] for i in later
+                          if i not in chunk or group.outcomes[chunk.index(i)] is None]
+            full = None
+            for i in unfinished:
+                logs[i].close()
+                if main:
+                    try:
+                        stopped(folders[i], progress[i], error)
+                    except UserError as disk_full:
+                        full = disk_full
+            if full is not None:
+                raise full from error
+            raise
+        for position, i in enumerate(chunk):
+            outcomes[active[i]] = group.outcomes[position]
+    distributed.barrier()  # the other ranks return once rank 0 has written the finished runs
+    return outcomes
+
+
+def fit_one(member: Member, *, resume: bool = False, quiet: bool = False,
+            on_epoch: Callable[[dict], None] | None = None) -> Run:
+    """One run (`fit` of a group of one); a run that diverges raises its `health.Diverged`."""
+    [outcome] = fit([member], resume=resume, quiet=quiet, on_epoch=on_epoch)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def _prepare_teachers(members: list[Member], data: data_mod.Data, *, quiet: bool) -> None:
+    """Each teacher once, with its cache; members that share a teacher object must cache it alike. Under torchrun
+    rank 0 builds the cache files while the other ranks wait, then they read them."""
+    prepared: dict[int, dict | None] = {}
+    for m in members:
+        if m.teacher is None:
+            continue
+        cache = cache_settings(m.cfg, data) if m.teacher.cacheable else None
+        if id(m.teacher) in prepared:
+            if prepared[id(m.teacher)] != cache:
+                raise ValueError(f"{m.out} shares a teacher object with another member but caches it otherwise "
+                                 f"({cache} against {prepared[id(m.teacher)]}): give it a teacher of its own")
+            continue
+        prepared[id(m.teacher)] = cache
+        m.teacher.prepare(data, quiet=quiet)
+        if cache is not None:
+            if distributed.is_main():
+                m.teacher.attach_cache(data, **cache)
+            distributed.barrier()
+            if not distributed.is_main():
+                m.teacher.attach_cache(data, **cache)
+
+
+class _Group:
+    """The members of a running group and the engine that trains those still going."""
+
+    def __init__(self, members, folders, models, optimizers, progress, logs, *, data, engine, device, main):
+        self.members, self.folders, self.models, self.optimizers = members, folders, models, optimizers
+        self.progress, self.logs, self.data = progress, logs, data
+        self.chosen, self.device, self.main = engine, device, main
+        self.cfg = members[0].cfg
+        self.outcomes: list[Run | Exception | None] = [None] * len(members)
+        self.going = list(range(len(members)))
+
+    def build(self) -> None:
+        idx = self.going
+        m = [self.members[i] for i in idx]
+        self.objective = Objective([x.teacher for x in m], [x.cfg["kd"] for x in m], self.data.num_classes,
+                                   self.device)
+        self.engine = ENGINES[self.chosen]([self.models[i] for i in idx], [self.optimizers[i] for i in idx],
+                                           self.cfg, self.objective, self.device)
+
+    def run(self, on_epoch) -> None:
+        cfg = self.cfg
+        epochs = cfg["schedule"]["epochs"]
+        saved_at, tested_at = checkpoint_epochs(cfg), test_epochs(cfg)
+        self.build()
+        while True:
+            idx = self.going
+            behind = min(self.progress[i].epoch for i in idx) if idx else epochs
+            if behind >= epochs:
+                break
+            epoch = behind + 1
+            trains = [self.progress[i].epoch < epoch for i in idx]  # members ahead (a kill between writes) hold
+            started = time.perf_counter()
+            sums, lr, step = self.train_epoch(epoch, start_step=self.progress[idx[trains.index(True)]].step)
+            val = test = None
+            if self.main:
+                self.engine.train(False)
+                val = evaluate(self.engine.logits, self.data, "val", cfg["data"]["eval_batch_size"], len(idx))
+                if epoch in tested_at:
+                    test = evaluate(self.engine.logits, self.data, "test", cfg["data"]["eval_batch_size"], len(idx))
+            elapsed = (time.perf_counter() - started) / sum(trains)  # the group's time, shared by its trained runs
+            failed = []
+            for j, i in enumerate(idx):
+                if not trains[j]:
+                    self.engine.restore(j, self.models[i], self.optimizers[i])
+                    continue
+                means = (sums[j, :-1] / sums[j, -1]).tolist()  # batch-weighted: loss, accuracy, each term
+                record = {"epoch": epoch, "step": step, "lr": lr, "train_loss": means[0], "train_acc": means[1],
+                          **{f"train_{t}": means[2 + k] for k, t in enumerate(TERMS) if t in self.objective.names[j]}}
+                try:
+                    self.end_epoch(j, i, record, val, test, elapsed, checkpoint=epoch in saved_at)
+                except health.Diverged as error:
+                    failed.append(i)
+                    self.outcomes[i] = error
+            if on_epoch is not None:
+                on_epoch({"epoch": epoch})
+            if failed:  # a member that diverged leaves the group; the others go on in a group without it
+                for j, i in enumerate(idx):
+                    if i not in failed:
+                        self.engine.export(j, self.models[i], self.optimizers[i])
+                self.going = [i for i in idx if i not in failed]
+                if self.going:
+                    self.build()
+        for i in self.going:
+            if self.main:
+                final = final_numbers(self.progress[i], cfg["eval"]["last_k"])
+                self.outcomes[i] = self.folders[i].finish(self.progress[i], final)
+                self.logs[i].finished(dataclasses.asdict(final))  # the trackers get the final numbers, then close
+            else:
+                self.outcomes[i] = self.folders[i].run
+                self.logs[i].close()
+
+    def train_epoch(self, epoch: int, start_step: int) -> tuple[torch.Tensor, float, int]:
+        batch_size = self.cfg["data"]["batch_size"]
+        batches = epoch_batches(self.data, self.objective, [self.members[i].cfg["seed"] for i in self.going], epoch,
+                                batch_size)
+        steps = self.data.steps_per_epoch(batch_size)
+        bar, on_step = self.logs[self.going[0]].bar(batches, epoch, steps)
+        return train_epoch(self.engine, bar, cfg=self.cfg, steps_per_epoch=steps, start_step=start_step,
+                           on_step=on_step)
+
+    def end_epoch(self, j: int, i: int, record: dict, val: list | None, test: list | None, elapsed: float, *,
+                  checkpoint: bool) -> None:
+        """Member i's epoch, once trained: the one place a run's epoch is judged and recorded."""
+        progress, folder, log = self.progress[i], self.folders[i], self.logs[i]
+        try:
+            health.check_finite(record, last_good=progress.epoch)
+        except health.Diverged as error:
+            if self.main:
+                folder.fail(progress, str(error), health=health.assess(progress.history + [record]))
+                if len(self.members) > 1:  # a run alone raises it to its caller, which says it
+                    log.say(f"{folder.path}: {error}")
+            log.close()
+            raise
+        if not self.main:  # other ranks only keep count
+            progress.epoch, progress.step = record["epoch"], record["step"]
+            return
+        if val[j]["acc"] > progress.best_val_acc:
+            progress.best_val_acc, progress.best_val_epoch = val[j]["acc"], record["epoch"]
+        record.update(val_loss=val[j]["loss"], val_acc=val[j]["acc"])
+        if test is not None:
+            record["test_acc"] = test[j]["acc"]
+        record["time_s"] = elapsed
+        progress.elapsed_s += elapsed
+        progress.step = record["step"]
+        verdict = health.assess(progress.history + [record])
+        self.engine.export(j, self.models[i], self.optimizers[i])
+        entry = folder.end_epoch(record, self.models[i], self.optimizers[i], progress, checkpoint=checkpoint,
+                                 health=verdict)
+        log.epoch(record, entry, verdict)
+
+
+def epoch_batches(data: data_mod.Data, objective: Objective, seeds: list[int], epoch: int,
+                  batch_size: int) -> Iterator[data_mod.Batch]:
+    """The epoch's batches of every member, stacked [N, B, ...]: each member's order and augmentation drawn from
+    (its seed, epoch) alone, so resuming at an epoch boundary replays exactly; under torchrun this rank's slice."""
+    plans = [data.epoch_plan(seed=seed, epoch=epoch, view_bank=objective.view_bank(j)) for j, seed in enumerate(seeds)]
+    objective.begin_epoch(plans)
+    return data.group_batches(plans, batch_size, rank=distributed.rank(), world_size=distributed.world_size())
+
+
+def train_epoch(engine, batches: Iterable[data_mod.Batch], *, cfg: dict, steps_per_epoch: int, start_step: int,
+                on_step: Callable[[torch.Tensor, float], None] | None = None) -> tuple[torch.Tensor, float, int]:
+    """Steps over `batches` at the schedule's per-step learning rate (`start_step` the first step's global index).
+    Returns per-member sums [N, 2 + len(TERMS) + 1]
+    (loss, correct, each term, each times the batch size; the last column the count), summed over every rank, the
+    lr of the last step and the step count after the epoch."""
+    precision = autocast_dtype(cfg)
+    engine.train(True)
+    sums, lr, step = None, cfg["optim"]["lr"], start_step
+    for batch in batches:
+        lr = lr_at(cfg["schedule"], cfg["optim"]["lr"], step, steps_per_epoch)
+        logits, losses, terms = engine.step(batch, lr, precision)
+        step += 1
+        with torch.no_grad():  # kept on the device: reading a value here would make a GPU wait every step
+            b = batch.y.shape[1]
+            values = torch.stack([losses.double() * b, (logits.argmax(-1) == batch.y).sum(1).double(),
+                                  *(terms[t].double() * b for t in TERMS),
+                                  torch.full_like(losses, b, dtype=torch.float64)], dim=1)
+        sums = values if sums is None else sums + values
+        if on_step is not None:
+            on_step(losses.sum(), lr)
+    return distributed.all_sum(sums), lr, step
+
+
+@torch.inference_mode()
+def evaluate(logits_of: Callable[[torch.Tensor], torch.Tensor], data: data_mod.Data, split: str, batch_size: int,
+             members: int = 1) -> list[dict[str, float]]:
+    """Loss and accuracy of every member on one split, in one pass: `logits_of(x)` -> [members, B, C], with the
+    models already in eval mode."""
+    device = data.train_x.device
+    loss_sum = torch.zeros(members, dtype=torch.float64, device=device)
+    correct = torch.zeros(members, dtype=torch.int64, device=device)
+    count = 0
+    for x, y in data.eval_batches(split, batch_size):
+        logits = logits_of(x)
+        for i in range(members):
+            loss_sum[i] += F.cross_entropy(logits[i].float(), y, reduction="sum").double()
+        correct += (logits.argmax(-1) == y).sum(1)
+        count += len(y)
+    return [{"loss": float(loss_sum[i]) / count, "acc": float(correct[i]) / count} for i in range(members)]
+
+
+def stopped(folder: RunWriter, progress: Progress, error: BaseException) -> None:
+    """Mark a run that stopped early as failed; a full disk becomes the one-line error it is, saying what is still
+    safe."""
+    reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+    try:
+        folder.fail(progress, reason)
+    except OSError:
+        pass  # the disk that stopped the run may not take the manifest either; the previous one stays in place
+    if is_disk_full(error):
+        kept = f"epoch {progress.epoch}" if progress.epoch else "nothing yet"
+        raise UserError(f"the disk is full ({error.filename or folder.path}): the run stopped; its last saved state "
+                        f"({kept}) and manifest are intact. Free space and continue with --resume") from error
+
+
+def final_numbers(progress: Progress, last_k: int) -> Final:
+    last = progress.history[-1]
+    tail = [h["test_acc"] for h in progress.history[-last_k:]]  # every one of the last k epochs was tested
+    return Final(epoch=last["epoch"], train_acc=last["train_acc"], val_acc=last["val_acc"], test_acc=last["test_acc"],
+                 best_val_acc=progress.best_val_acc, best_val_epoch=progress.best_val_epoch,
+                 train_time_s=round(progress.elapsed_s, 3), test_acc_last_k=statistics.mean(tail), last_k=len(tail))
+
+
+def new_manifest(cfg: dict, kind: str, spec: dict, data: data_mod.Data, device: torch.device, teacher) -> Manifest:
+    return Manifest(
+        kind=kind, name=cfg["name"], model=spec, data=data.describe(), seed=cfg["seed"],
+        epochs=cfg["schedule"]["epochs"], steps_per_epoch=data.steps_per_epoch(cfg["data"]["batch_size"]),
+        teachers=teacher.describe() if teacher is not None else [],
+        teacher_ensemble=teacher.summary() if teacher is not None else None,
+        allow_incomplete=bool(teacher is not None and teacher.allow_incomplete),
+        device=str(device), precision=cfg["precision"], torch=torch.__version__,
+        threads=torch.get_num_threads(),  # CPU results are bit-identical only at the same thread count
+        distributed=distributed.describe())
