@@ -21,7 +21,7 @@ from pathlib import Path
 import ckptkd
 from ckptkd import config as config_mod
 from ckptkd.teachers import Teacher
-from ckptkd.trainer import fit
+from ckptkd.training.loop import Member, fit_one
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"data.augment": True, "data.pad": 2, "data.subset": 5000, "data.val_fraction": 0.0834,
@@ -40,7 +40,7 @@ def student(reference: str, seed: int, online: bool, out: Path) -> float:
     cfg["kd"]["teachers"] = [reference]
     kind = _OnlineOnBankViews if online else Teacher
     teacher = kind.from_references([reference], quiet=True)
-    return fit(cfg, out, kind="distill", teacher=teacher, quiet=True).final.test_acc
+    return fit_one(Member(cfg, out, teacher, "distill"), quiet=True).final.test_acc
 
 
 def main() -> None:

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from ckptkd import config as config_mod
 from ckptkd import data as data_mod
-from ckptkd.cli.bench import WORKLOADS, _PerSampleDataset, _fake_teacher_run, _synthetic_npz
+from ckptkd.cli.bench import WORKLOADS, PerSampleDataset, fake_teacher_run, synthetic_npz
 from ckptkd.losses import kd_terms
 from ckptkd.teachers import Teacher
-from ckptkd.engine import make_optimizer, model_spec
+from ckptkd.training.recipe import make_optimizer, model_spec
 from ckptkd.models import from_spec as build_model
 
 
@@ -32,12 +32,12 @@ def profile(workload: str, steps: int, teachers: int) -> dict[str, dict[str, flo
     kd = {"temperature": 4.0, "ensemble": "probs"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = {"device": "cpu", "data": {"name": "npz", "root": str(_synthetic_npz(tmp, w)), "batch_size": w["batch"],
+        base = {"device": "cpu", "data": {"name": "npz", "root": str(synthetic_npz(tmp, w)), "batch_size": w["batch"],
                                           "hflip": w["shape"][0] == 3}}
         teacher_cfg = config_mod.resolve({**base, "model": {"name": w["teacher"], **w.get("teacher_kwargs", {})}})
         student_cfg = config_mod.resolve({**base, "model": {"name": w["student"], **w.get("student_kwargs", {})}})
         data = data_mod.build(student_cfg["data"])
-        run = _fake_teacher_run(tmp / "t", teacher_cfg, data, seeds=list(range(1, teachers + 1)))
+        run = fake_teacher_run(tmp / "t", teacher_cfg, data, seeds=list(range(1, teachers + 1)))
         online = Teacher.from_references([f"{run}@all"], quiet=True)
         cached = Teacher.from_references([f"{run}@all"], quiet=True)
         for t in (online, cached):
@@ -51,7 +51,7 @@ def profile(workload: str, steps: int, teachers: int) -> dict[str, dict[str, flo
             phases: dict[str, float] = defaultdict(float)
             if mode == "before":
                 loader = torch.utils.data.DataLoader(
-                    _PerSampleDataset(data.train_x, data.train_y, data.mean, data.std, data.pad, data.hflip),
+                    PerSampleDataset(data.train_x, data.train_y, data.mean, data.std, data.pad, data.hflip),
                     batch_size=w["batch"], shuffle=True, drop_last=True)
                 batches = iter(loader)
             else:

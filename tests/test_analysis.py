@@ -205,3 +205,22 @@ def test_measure_helpers_on_known_values():
     assert nc1(features, torch.tensor([0, 0, 1, 1])) == pytest.approx(0.01 / 2)
     collapsed = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]])
     assert nc1(collapsed, torch.tensor([0, 0, 1, 1])) == pytest.approx(0.0)
+
+
+# The documented direction of every criterion: (criterion, split, per-seed quantity, whether higher is better).
+DIRECTIONS = [("info", "train", ("i_xf", "i_yf"), True), ("knn-info", "train", ("knn_i_xf", "knn_i_yf"), True),
+              ("val", "val", ("acc",), True), ("p_target", "train", ("p_target_t",), False),
+              ("nontarget_entropy", "train", ("nontarget_entropy_t",), True), ("nc1", "train", ("nc1",), True)]
+
+
+@pytest.mark.parametrize("name, split, quantities, higher", DIRECTIONS, ids=[d[0] for d in DIRECTIONS])
+def test_every_criterion_picks_in_its_documented_direction(name, split, quantities, higher):
+    """p_target picks the softest teacher (the lowest tempered true-class probability), the others the highest
+    value: flipping a criterion's direction makes it pick the opposite end of the trajectory."""
+    values = {1: 0.2, 2: 0.5, 3: 0.9}  # well apart: 4 seeds, noise 0.01
+    checkpoints = [{"epoch": e, "val_acc": 0.5, split: {"seeds": [{q: v + 0.01 * k for q in quantities}
+                                                                  for k in (-1, 1, 0, 0)]}}
+                   for e, v in values.items()]
+    result = evaluate(checkpoints, CRITERIA[name], split)
+    assert result["t_star"] == (3 if higher else 1) and result["ties"] == [result["t_star"]]
+    assert ranking(result) == ([3, 2, 1] if higher else [1, 2, 3])

@@ -117,3 +117,17 @@ def test_two_processes_building_one_cache_leave_one_valid_file_and_no_temporarie
     assert len(files) == 3 and all(f.suffix == ".safetensors" for f in files)  # one per teacher, no temporaries
     for f in files:
         read_tensors(f, what="teacher cache")  # sealed and intact
+
+
+def test_a_cache_is_keyed_by_the_crop_padding(tmp_path, teacher_run):
+    """Two paddings with banks of the same shape (8 sampled views each): the second must not answer from the
+    first's file, whose logits are of other crops (the data fingerprint does not hold the padding: the key must)."""
+    teacher = Teacher.from_references([teacher_run.ref("last")], quiet=True)
+    for pad in (1, 2):
+        data = _data(pad=pad)
+        teacher.prepare(data)
+        info = teacher.attach_cache(data, views=8, cache_dir=tmp_path)
+        assert info["built"] == 1 and info["views"] == 8, pad
+        batch = next(data.train_batches(seed=0, epoch=1, batch_size=64, view_bank=teacher.view_bank))
+        assert torch.allclose(teacher.logits(batch), teacher._forward(batch.x), atol=2e-2, rtol=1e-3), pad
+    assert len(list(tmp_path.glob("logits-*.safetensors"))) == 2

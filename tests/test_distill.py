@@ -56,10 +56,10 @@ def test_distillation_is_deterministic_and_teacher_matters(tmp_path, teacher_run
 
 
 def test_teacher_batchnorm_buffers_are_untouched_by_a_distillation_epoch(tmp_path, teacher_run, monkeypatch):
-    import ckptkd.teachers
+    import ckptkd.teachers.loading
 
     # BatchNorm that cannot be folded (e.g. a WRN's pre-activation) must stay frozen too: keep this one unfolded.
-    monkeypatch.setattr(ckptkd.teachers, "fold_batchnorm", lambda model: 0)
+    monkeypatch.setattr(ckptkd.teachers.loading, "fold_batchnorm", lambda model: 0)
     teacher = Teacher.from_references([teacher_run.ref("0.5")], quiet=True)
     before = {k: v.clone() for k, v in teacher.models[0].state_dict().items()}
     monkeypatch.setattr(Teacher, "from_references", classmethod(lambda cls, refs, **kwargs: teacher))
@@ -225,3 +225,18 @@ def test_teacher_mode_train_reproduces_the_released_code_and_is_never_cached(tmp
     with pytest.raises(UserError, match="kd.teacher_mode"):
         distill(student_config(), teachers=[teacher_run.ref("0.5")], out=tmp_path / "x", quiet=True,
                 overrides={"kd.teacher_mode": "train", "kd.cache": "on"})
+
+
+def test_a_teacher_is_frozen_in_eval_mode_with_its_batchnorm_folded_when_built(teacher_run):
+    """Folding needs eval mode: a teacher built from models left in train mode keeps every BatchNorm (and a later
+    `.eval()` would hide that its folding was lost)."""
+    from torch import nn
+
+    teacher = Teacher.from_references([teacher_run.ref("0.5")], quiet=True)
+    model = teacher.models[0]
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    unfolded = Teacher.from_references([teacher_run.ref("0.5")], quiet=True, mode="train").models[0]
+    assert any(isinstance(m, nn.BatchNorm2d) for m in unfolded.modules())
+    x = torch.randn(8, 1, 8, 8)
+    assert torch.allclose(model(x), unfolded.eval()(x), atol=1e-4)  # folding keeps the eval-mode function

@@ -1,4 +1,4 @@
-"""Fused training of many runs as one group (ckptkd.fused, ckptkd.group): equivalence with training them one by one,
+"""Training many runs as one group (ckptkd.training.loop, engines, fusion): equivalence with training them one by one,
 determinism, resume, failure of one member, the study's grouping and the command line.
 
 Tolerances: a fused model in float64 equals its members to 1e-9 (forward, gradients, BatchNorm statistics, optimizer
@@ -25,11 +25,12 @@ from conftest import manifest_json, run_cli, tiny_config
 from ckptkd import config as config_mod
 from ckptkd.errors import UserError
 from ckptkd.training.fusion import fusable, fuse
-from ckptkd.group import (ENGINES, Member, check_group, choose_engine, fit_group, group_key, split_for_memory)
+from ckptkd.training.engines import ENGINES, choose_engine, split_for_memory
+from ckptkd.training.loop import Member, check_group, fit, fit_one, group_key
 from ckptkd.losses import kd_loss, kd_loss_members, soft_targets
 from ckptkd.models import create
 from ckptkd.run.storage import sha256_file
-from ckptkd.trainer import fit, make_teacher
+from ckptkd.training.api import make_teacher
 
 KILL_SEED = int(os.environ.get("CKPTKD_KILL_SEED", random.randrange(10**6)))
 
@@ -135,7 +136,7 @@ def test_group_batches_are_each_runs_own_batches(teacher_run):
         cfg = config_mod.resolve(tiny_config(data={"augment": augment}))
         data = data_mod.build(cfg["data"])
         teacher = make_teacher({**cfg, "kd": {**cfg["kd"], "teachers": [teacher_run.ref("0.5")]}}, quiet=True)
-        teacher.prepare(data, cache={"views": 4, "cache_dir": None})
+        teacher.prepare(data).attach_cache(data, views=4)
         banks = [None, teacher.view_bank, None]
         plans = [data.epoch_plan(seed=s, epoch=3, view_bank=bank) for s, bank in zip((0, 1, 2), banks)]
         together = list(data.group_batches(plans, 64))
@@ -177,9 +178,9 @@ def test_a_group_trains_each_run_as_it_would_train_alone(teacher_run, tmp_path, 
     architecture = {"name": "mlp", "widths": [32], "batch_norm": True} if model == "mlp" else \
         {"name": "cnn", "channels": [8, 16], "hidden": 32}
     members = _students(teacher_run, tmp_path / "group", model=architecture, schedule={"epochs": 6})
-    runs = fit_group(members, quiet=True, engine=engine)
-    alone = [fit(m.cfg, tmp_path / "alone" / m.out.name, quiet=True, teacher=make_teacher(m.cfg, quiet=True),
-                 kind=m.kind) for m in members]
+    runs = fit(members, quiet=True, engine=engine)
+    alone = [fit_one(Member(m.cfg, tmp_path / "alone" / m.out.name, make_teacher(m.cfg, quiet=True), m.kind),
+                     quiet=True) for m in members]
     for i, (run, single) in enumerate(zip(runs, alone)):
         manifest, expected = run.manifest, single.manifest
         assert manifest.fused == {"engine": engine, "members": 4, "index": i, "group": [str(m.out) for m in members]}
@@ -195,8 +196,8 @@ def test_a_group_trains_each_run_as_it_would_train_alone(teacher_run, tmp_path, 
 
 
 def test_a_fused_rerun_is_bit_identical(teacher_run, tmp_path):
-    first = fit_group(_students(teacher_run, tmp_path / "a"), quiet=True, engine="fused")
-    again = fit_group(_students(teacher_run, tmp_path / "b"), quiet=True, engine="fused")
+    first = fit(_students(teacher_run, tmp_path / "a"), quiet=True, engine="fused")
+    again = fit(_students(teacher_run, tmp_path / "b"), quiet=True, engine="fused")
     assert [_weights(r) for r in first] == [_weights(r) for r in again]
 
 
@@ -206,7 +207,7 @@ def test_members_left_at_different_epochs_resume_to_the_uninterrupted_weights(te
     """A kill between two members' writes leaves one an epoch ahead: the group holds it until the others catch up."""
     from ckptkd.run import RunWriter
 
-    reference = fit_group(_students(teacher_run, tmp_path / "ref"), quiet=True, engine=engine)
+    reference = fit(_students(teacher_run, tmp_path / "ref"), quiet=True, engine=engine)
     real_end_epoch = RunWriter.end_epoch
 
     def dies_after_member_0_of_epoch_2(self, record, *args, **kwargs):
@@ -216,19 +217,19 @@ def test_members_left_at_different_epochs_resume_to_the_uninterrupted_weights(te
 
     monkeypatch.setattr(RunWriter, "end_epoch", dies_after_member_0_of_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        fit_group(_students(teacher_run, tmp_path / "cut"), quiet=True, engine=engine)
+        fit(_students(teacher_run, tmp_path / "cut"), quiet=True, engine=engine)
     monkeypatch.setattr(RunWriter, "end_epoch", real_end_epoch)
     assert [json.loads(line)["epoch"] for line in (tmp_path / "cut/s0/metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert manifest_json(tmp_path / "cut/s1")["status"] == "failed"
-    resumed = fit_group(_students(teacher_run, tmp_path / "cut"), resume=True, quiet=True, engine=engine)
+    resumed = fit(_students(teacher_run, tmp_path / "cut"), resume=True, quiet=True, engine=engine)
     assert [_weights(r) for r in resumed] == [_weights(r) for r in reference]
     assert all(r.manifest.complete for r in resumed)
 
 
 def test_a_member_whose_loss_is_not_finite_fails_alone(teacher_run, tmp_path, monkeypatch):
-    from ckptkd.group import GroupObjective
+    from ckptkd.training.objective import Objective
 
-    real_loss = GroupObjective.loss
+    real_loss = Objective.batched
 
     def member_1_diverges(self, logits, *args, **kwargs):
         losses, terms = real_loss(self, logits, *args, **kwargs)
@@ -236,8 +237,8 @@ def test_a_member_whose_loss_is_not_finite_fails_alone(teacher_run, tmp_path, mo
             losses = losses * torch.tensor([1.0, float("nan"), 1.0, 1.0])
         return losses, terms
 
-    monkeypatch.setattr(GroupObjective, "loss", member_1_diverges)
-    outcomes = fit_group(_students(teacher_run, tmp_path), quiet=True, engine="fused")
+    monkeypatch.setattr(Objective, "batched", member_1_diverges)
+    outcomes = fit(_students(teacher_run, tmp_path), quiet=True, engine="fused")
     assert isinstance(outcomes[1], UserError) and "nan" in str(outcomes[1])
     assert manifest_json(tmp_path / "s1")["status"] == "failed"
     assert [o.manifest.complete for o in (outcomes[0], outcomes[2], outcomes[3])] == [True, True, True]
@@ -246,11 +247,11 @@ def test_a_member_whose_loss_is_not_finite_fails_alone(teacher_run, tmp_path, mo
 def test_a_group_of_one_that_diverges_is_its_outcome_and_other_errors_are_raised(tmp_path):
     cfg = config_mod.resolve(tiny_config(model={"name": "mlp", "widths": [16]}, schedule={"epochs": 2},
                                          optim={"lr": 1e30}))
-    [outcome] = fit_group([Member(cfg, tmp_path / "alone", None, "train")], quiet=True)
+    [outcome] = fit([Member(cfg, tmp_path / "alone", None, "train")], quiet=True)
     assert isinstance(outcome, UserError) and "training loss" in str(outcome)
     assert manifest_json(tmp_path / "alone")["status"] == "failed"
     with pytest.raises(UserError, match="already exists"):  # not a member's outcome: the caller's mistake
-        fit_group([Member(cfg, tmp_path / "alone", None, "train")], quiet=True)
+        fit([Member(cfg, tmp_path / "alone", None, "train")], quiet=True)
 
 
 def test_only_runs_that_differ_in_seed_teachers_kd_and_log_form_a_group(teacher_run, tmp_path):
@@ -276,13 +277,14 @@ def test_a_group_too_large_for_memory_is_split_or_refused_naming_its_size():
 
 
 def test_a_split_group_says_so_and_trains_every_run(teacher_run, tmp_path, monkeypatch):
-    import ckptkd.group as group_mod
+    import ckptkd.training.engines as engines_mod
+    import ckptkd.training.loop as loop_mod
 
     said = []
-    monkeypatch.setattr(group_mod, "available_bytes", lambda device: 2 * 2 * group_mod.step_bytes(
+    monkeypatch.setattr(loop_mod, "available_bytes", lambda device: 2 * 2 * engines_mod.step_bytes(
         create("cnn", num_classes=10, in_channels=1, image_size=(8, 8), channels=[8, 16], hidden=32),
         {"name": "cnn", "in_channels": 1, "image_size": [8, 8]}, 64, device))
-    runs = fit_group(_students(teacher_run, tmp_path), quiet=True, announce=said.append)
+    runs = fit(_students(teacher_run, tmp_path), quiet=True, announce=said.append)
     assert any("as 2 groups of up to 2" in line for line in said)
     assert [r.manifest.fused["members"] for r in runs] == [2, 2, 2, 2] and all(r.manifest.complete for r in runs)
 
@@ -334,12 +336,12 @@ def test_student_folders_tell_teachers_of_the_same_name_apart(tmp_path):
 
 
 def test_distill_fused_splits_its_students_into_groups_as_even_as_possible(tmp_path, monkeypatch):
-    import ckptkd.group as group_mod
+    import ckptkd.training.api as api_mod
     from ckptkd.run import Run
     from ckptkd.training.api import distill_fused
 
     sizes = []
-    monkeypatch.setattr(group_mod, "fit_group", lambda group, **kw: sizes.append(len(group)) or
+    monkeypatch.setattr(api_mod, "fit", lambda group, **kw: sizes.append(len(group)) or
                         [Run(m.out) for m in group])
     cfg = tiny_config(model={"name": "mlp", "widths": [4]}, schedule={"epochs": 1})
     distill_fused(cfg, teachers=["none"], seeds=list(range(9)), out=tmp_path / "nine", quiet=True)

@@ -13,13 +13,12 @@ import pytest
 from ckptkd.study import queue as results
 from ckptkd.study.queue import ClaimLost, ResultsDB
 
-# Worker processes load results.py straight from its file: importing the ckptkd package would import torch, which
-# costs seconds per process and has nothing to do with the database.
-_PRELUDE = f"""
-import importlib.util, os, sys, time
-spec = importlib.util.spec_from_file_location("results", {results.__file__!r})
-results = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(results)
+# Worker processes import the queue alone: it needs no torch (which costs seconds per process and has nothing to do
+# with the database), and the prelude checks that it stays so.
+_PRELUDE = """
+import os, sys, time
+from ckptkd.study import queue as results
+assert "torch" not in sys.modules, "the study queue imports torch"
 """
 
 _WORKER = """
@@ -44,7 +43,8 @@ while True:
 
 @pytest.fixture
 def spawn():
-    """Start `python -c BODY ARGS...` with results.py loaded as `results`; leftovers are killed at teardown."""
+    """Start `python -c BODY ARGS...` with the study queue imported as `results`; leftovers are killed at
+    teardown."""
     procs = []
 
     def start(body: str, *args) -> subprocess.Popen:

@@ -26,7 +26,11 @@ import yaml
 import ckptkd
 from ckptkd import config as config_mod
 from ckptkd import data as data_mod
-from ckptkd import engine, health, train
+from ckptkd import train
+from ckptkd.training import health
+from ckptkd.training.loop import evaluate
+from ckptkd.training.objective import Objective
+from ckptkd.training.recipe import cache_settings
 from ckptkd.cli import main
 from ckptkd.errors import UserError
 from ckptkd.study.queue import ResultsDB
@@ -108,7 +112,7 @@ def test_resume_refuses_a_folder_holding_someone_elses_file(tmp_path, capsys):
 # --- 2a. the loss the loop runs ------------------------------------------------------------------------------------
 
 class FakeTeacher:
-    """What `Objective` needs of a teacher: `.logits(batch)` -> [M, B, C], and no view bank."""
+    """What `Objective.member_loss` needs of a teacher: `.logits(batch)` -> [M, B, C], and no view bank."""
     view_bank = None
 
     def __init__(self, logits: torch.Tensor):
@@ -136,13 +140,13 @@ def test_the_objective_is_alpha_ce_plus_one_minus_alpha_tau2_kl():
     teachers = torch.randn(3, 6, 5, generator=gen) * 3
     y = torch.tensor([0, 1, 2, 3, 4, 0])
     kd = {"alpha": 0.1, "temperature": 4.0, "ensemble": "probs"}
-    loss, terms = engine.Objective(kd, FakeTeacher(teachers))(student, SimpleNamespace(y=y))
+    loss, terms = Objective([FakeTeacher(teachers)], [kd], 5, "cpu").member_loss(0, student, SimpleNamespace(y=y))
     want, ce, kd_term = reference_kd_loss(student, teachers, y, alpha=0.1, tau=4.0)
     assert abs(ce - kd_term) > 0.1  # so that weighting them the other way round gives another loss
     assert float(loss) == pytest.approx(want, rel=1e-5)
     assert float(terms["ce"]) == pytest.approx(ce, rel=1e-5) and float(terms["kd"]) == pytest.approx(kd_term, rel=1e-5)
     # no teacher: plain cross-entropy
-    plain, named = engine.Objective(kd)(student, SimpleNamespace(y=y))
+    plain, named = Objective([None], [kd], 5, "cpu").member_loss(0, student, SimpleNamespace(y=y))
     assert float(plain) == pytest.approx(ce, rel=1e-5) and named == {}
 
 
@@ -173,7 +177,7 @@ def test_cache_auto_caches_when_the_bank_costs_no_more_than_one_online_run():
     """Inverting the auto rule (caching when views > epochs) breaks this; on/off are forced either way."""
     def settings(cache, views, epochs, distinct=1000):
         cfg = config_mod.resolve(tiny_config(kd={"cache": cache, "views": views}, schedule={"epochs": epochs}))
-        return engine.cache_settings(cfg, FakeData(distinct))
+        return cache_settings(cfg, FakeData(distinct))
 
     assert settings("auto", 4, 4) == {"views": 4, "cache_dir": None}
     assert settings("auto", 3, 4) == {"views": 3, "cache_dir": None}
@@ -194,11 +198,12 @@ def test_a_checkpoints_recorded_val_acc_is_its_weights_validation_accuracy(teach
     checkpoints = resolve(f"{teacher_run.path}@all")
     assert len(checkpoints) == 4
     for c in checkpoints:
-        measured = engine.evaluate(c.build_model(), data, "val", cfg["data"]["eval_batch_size"])
+        model = c.build_model().eval()
+        measured = evaluate(lambda x: model(x)[None], data, "val", cfg["data"]["eval_batch_size"])[0]
         assert measured["acc"] == c.metrics["val_acc"], c.reference
         assert measured["loss"] == pytest.approx(c.metrics["val_loss"], rel=1e-6)
         assert c.metrics["val_acc"] != c.metrics["train_acc"], c.reference
-        test = engine.evaluate(c.build_model(), data, "test", cfg["data"]["eval_batch_size"])
+        test = evaluate(lambda x: model(x)[None], data, "test", cfg["data"]["eval_batch_size"])[0]
         assert test["acc"] == c.metrics["test_acc"], c.reference
 
 
@@ -291,12 +296,12 @@ def test_a_normal_run_prints_no_warning_even_with_a_progress_bar(tmp_path):
 # --- 7. interrupted, and resumed -----------------------------------------------------------------------------------
 
 def test_an_interrupt_says_how_to_continue(tmp_path, capsys, monkeypatch):
-    import ckptkd.trainer
+    import ckptkd.training.api
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckptkd.trainer, "fit", interrupted)
+    monkeypatch.setattr(ckptkd.training.api, "fit_one", interrupted)
     cfg_path = write_config(tmp_path / "my cfg.yaml", tiny_config())
     argv = ["train", cfg_path, "--out", str(tmp_path / "run"), "--set", "schedule.epochs=3"]
     assert main(argv) == 130
@@ -407,17 +412,17 @@ def test_health_assess_on_synthetic_histories():
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_epoch(tmp_path, capsys, monkeypatch):
-    import ckptkd.trainer
+    import ckptkd.training.loop
 
-    real = ckptkd.trainer.train_epoch
+    real = ckptkd.training.loop.train_epoch
 
     def nan_at_epoch_2(*args, **kwargs):
-        trained = real(*args, **kwargs)
-        if kwargs["progress"].epoch == 1:  # the epoch being trained is 2
-            trained["train_loss"] = math.nan
-        return trained
+        sums, lr, step = real(*args, **kwargs)
+        if kwargs["start_step"] == kwargs["steps_per_epoch"]:  # the epoch being trained is 2
+            sums[:, 0] = math.nan
+        return sums, lr, step
 
-    monkeypatch.setattr(ckptkd.trainer, "train_epoch", nan_at_epoch_2)
+    monkeypatch.setattr(ckptkd.training.loop, "train_epoch", nan_at_epoch_2)
     cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(schedule={"epochs": 3}, checkpoints={"every": 1}))
     out = tmp_path / "run"
     assert main(["train", cfg_path, "--out", str(out)]) == 2
@@ -439,15 +444,15 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_epoch(tmp_path, capsys
 # --- 10. study workers ----------------------------------------------------------------------------------------------
 
 def test_a_study_task_raising_a_plain_error_is_recorded_and_retried_up_to_max_attempts(tmp_path, monkeypatch):
-    import ckptkd.study
-    from ckptkd.study import run_study
+    import ckptkd.study.runner
+    from ckptkd.study.runner import run_study
 
     run = {"data": {"name": "digits", "batch_size": 64}, "device": "cpu",
            "log": {"progress": False, "tensorboard": False}}
     study = {"name": "oom", "seeds": 1, "variants": ["none"], "max_attempts": 3,
              "pairs": [{"teacher": {**run, "model": {"name": "resnet8"}, "schedule": {"epochs": 2}},
                         "student": {**run, **STUDENT}}]}
-    real, calls = ckptkd.study._execute, []
+    real, calls = ckptkd.study.runner._execute, []
 
     def execute(task, study_dir, db):
         calls.append(task["kind"])
@@ -455,7 +460,7 @@ def test_a_study_task_raising_a_plain_error_is_recorded_and_retried_up_to_max_at
             raise RuntimeError("out of memory")
         return real(task, study_dir, db)
 
-    monkeypatch.setattr(ckptkd.study, "_execute", execute)
+    monkeypatch.setattr(ckptkd.study.runner, "_execute", execute)
     out = run_study(study, out=tmp_path / "s", quiet=True, report=False)
     # three attempts (the study key, not the database default of 2), then the independent student
     assert calls == ["train", "train", "train", "distill"]

@@ -15,7 +15,7 @@ from ckptkd import train
 from ckptkd.errors import UserError
 from ckptkd.training.schedules import lr_at
 from ckptkd.run.storage import load_tensors, sha256_file
-from ckptkd.engine import checkpoint_epochs
+from ckptkd.training.schedules import checkpoint_epochs
 
 from conftest import REPO, run_cli, tiny_config, manifest_json
 
@@ -41,13 +41,29 @@ def test_teacher_run_keeps_its_trajectory(teacher_run):
     assert any(k.endswith("running_mean") for k in weights)  # BatchNorm buffers are part of a checkpoint
 
 
+def _initial_and_saved_weights(run) -> tuple[dict, list[dict]]:
+    """The weights a run started from (its seed, its model) and those of each saved checkpoint."""
+    from ckptkd.models import from_spec
+
+    manifest = run.manifest
+    torch.manual_seed(manifest.seed)
+    initial = from_spec(manifest.model).state_dict()
+    return initial, [load_tensors(run.path / c.path) for c in manifest.checkpoints]
+
+
 def test_same_config_and_seed_give_bit_identical_weights(tmp_path):
+    """Identical and trained: a trainer that never updated the weights would also rerun "identically"."""
     cfg = tiny_config(schedule={"epochs": 2})
-    a = train(cfg, out=tmp_path / "a", quiet=True).manifest.to_dict()
-    b = train(cfg, out=tmp_path / "b", quiet=True).manifest.to_dict()
-    assert [c["sha256"] for c in a["checkpoints"]] == [c["sha256"] for c in b["checkpoints"]]
+    a = train(cfg, out=tmp_path / "a", quiet=True)
+    b = train(cfg, out=tmp_path / "b", quiet=True)
+    assert [c.sha256 for c in a.manifest.checkpoints] == [c.sha256 for c in b.manifest.checkpoints]
+    initial, saved = _initial_and_saved_weights(a)
+    assert len(saved) == 2
+    for weights in saved:  # every checkpoint moved from the initial weights, and the second from the first
+        assert not torch.equal(weights["conv1.weight"], initial["conv1.weight"])
+    assert not torch.equal(saved[0]["fc.weight"], saved[1]["fc.weight"])
     c = train(tiny_config(seed=1, schedule={"epochs": 2}), out=tmp_path / "c", quiet=True).manifest.to_dict()
-    assert c["checkpoints"][-1]["sha256"] != a["checkpoints"][-1]["sha256"]
+    assert c["checkpoints"][-1]["sha256"] != a.manifest.checkpoints[-1].sha256
 
 
 def test_existing_run_folder_is_refused_without_resume(teacher_run):
@@ -57,11 +73,30 @@ def test_existing_run_folder_is_refused_without_resume(teacher_run):
     assert sha256_file(teacher_run.path / "manifest.json") == before
 
 
-def test_resume_of_a_complete_run_changes_nothing(teacher_run):
-    before = sha256_file(teacher_run.path / "manifest.json")
-    cfg = yaml.safe_load((teacher_run.path / "config.yaml").read_text())
-    train(cfg, out=teacher_run.path, resume=True, quiet=True)
-    assert sha256_file(teacher_run.path / "manifest.json") == before
+def test_resume_of_a_complete_run_changes_nothing(tmp_path, monkeypatch):
+    """A run interrupted after epoch 1 is continued to the end by --resume (so resuming does something), and a
+    second --resume of the completed run rewrites nothing: every file keeps its bytes."""
+    import ckptkd.training.loop as loop_mod
+
+    cfg = tiny_config(schedule={"epochs": 3}, checkpoints={"every": 1})
+    real = loop_mod.train_epoch
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        if kwargs["start_step"] > 0:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "train_epoch", interrupted_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out=tmp_path / "r", quiet=True)
+    monkeypatch.setattr(loop_mod, "train_epoch", real)
+    assert [c["epoch"] for c in manifest_json(tmp_path / "r")["checkpoints"]] == [1]
+    run = train(cfg, out=tmp_path / "r", resume=True, quiet=True)
+    assert run.manifest.complete and [c.epoch for c in run.manifest.checkpoints] == [1, 2, 3]
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "r").rglob("*")) if p.is_file()}
+    again = train(cfg, out=tmp_path / "r", resume=True, quiet=True)
+    assert again.manifest.complete
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "r").rglob("*")) if p.is_file()} == before
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
@@ -72,11 +107,14 @@ def test_resume_refuses_a_changed_config(tmp_path):
         train(tiny_config(schedule={"epochs": 3}), out=tmp_path / "r", resume=True, quiet=True)
 
 
-@pytest.mark.parametrize("optim", ["sgd", "adamw"])
-def test_resume_from_every_epoch_is_bit_identical(tmp_path, monkeypatch, optim):
-    """Interrupted after epoch k (for every k) and resumed, a run ends with the uninterrupted run's weights."""
+@pytest.mark.parametrize("optim, model", [("sgd", "resnet8"), ("adamw", "resnet8"), ("sgd", "dropout-mlp")])
+def test_resume_from_every_epoch_is_bit_identical(tmp_path, monkeypatch, optim, model):
+    """Interrupted after epoch k (for every k) and resumed, a run ends with the uninterrupted run's weights. The
+    dropout MLP draws its masks from the global RNG, which the resume state must restore (batch order and
+    augmentation come from per-epoch generators and would not notice)."""
     folder_module = sys.modules["ckptkd.run.folder"]
-    cfg = tiny_config(optim={"name": optim, "lr": 0.05 if optim == "sgd" else 0.003},
+    architecture = {"name": "mlp", "widths": [32], "dropout": 0.3} if model == "dropout-mlp" else {"name": model}
+    cfg = tiny_config(optim={"name": optim, "lr": 0.05 if optim == "sgd" else 0.003}, model=architecture,
                       schedule={"name": "cosine", "epochs": 3, "warmup_epochs": 1})
     full = train(cfg, out=tmp_path / "full", quiet=True).manifest.checkpoints[-1].sha256
     save_state = folder_module.save_state
@@ -163,10 +201,22 @@ def test_learning_rate_schedules():
 
 
 def test_progress_state_is_not_pickle(teacher_run):
+    """The resume state is safetensors: tensors, and the progress as JSON in its header holding the run's history
+    exactly as metrics.jsonl has it, its checkpoints as the manifest lists them and its best validation epoch."""
     raw = (teacher_run.path / "state" / "last.safetensors").read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + header_len])
-    assert "progress" in json.loads(header["__metadata__"]["ckptkd"])
+    progress = json.loads(header["__metadata__"]["ckptkd"])["progress"]
+    manifest = manifest_json(teacher_run.path)
+    history = [json.loads(line) for line in (teacher_run.path / "metrics.jsonl").read_text().splitlines()]
+    assert progress["epoch"] == 6 and progress["history"] == history
+    fields = ("epoch", "step", "lr", "path", "sha256", "metrics")
+    assert [{k: c[k] for k in fields} for c in progress["checkpoints"]] == [
+        {k: c[k] for k in fields} for c in manifest["checkpoints"]]
+    assert progress["best_val_epoch"] == manifest["final"]["best_val_epoch"]
+    assert progress["step"] == history[-1]["step"] == 6 * manifest["steps_per_epoch"]
+    assert {k for k in header if k != "__metadata__"} >= {"rng.torch", "model.fc.weight"}
+    assert raw[8:8 + header_len].isascii() and b"\x80\x04" not in raw[:8 + header_len]  # no pickle protocol header
 
 
 def test_the_same_config_trains_on_another_data_set(tmp_path):

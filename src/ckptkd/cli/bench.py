@@ -52,7 +52,7 @@ WORKLOADS = {
 }
 
 
-def _synthetic_npz(folder: Path, workload: dict) -> Path:
+def synthetic_npz(folder: Path, workload: dict) -> Path:
     rng = np.random.default_rng(0)
     c, h, w = workload["shape"]
     n = workload["images"]
@@ -64,7 +64,7 @@ def _synthetic_npz(folder: Path, workload: dict) -> Path:
     return path
 
 
-def _fake_teacher_run(folder: Path, cfg: dict, data: data_mod.Data, seeds: list[int]) -> str:
+def fake_teacher_run(folder: Path, cfg: dict, data: data_mod.Data, seeds: list[int]) -> str:
     """A run folder whose checkpoints are randomly initialised teachers (speed does not depend on the weights)."""
     spec = model_spec(cfg, data)
     checkpoints = []
@@ -107,7 +107,7 @@ def _engine(name: str, models: list, optimizers: list, cfgs: list[dict], teacher
     return ENGINES[name](models, optimizers, cfgs[0], objective, device), objective
 
 
-class _PerSampleDataset(torch.utils.data.Dataset):
+class PerSampleDataset(torch.utils.data.Dataset):
     """What common KD code bases do: one image at a time through Python transforms."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, pad: int, hflip: bool):
@@ -128,7 +128,7 @@ class _PerSampleDataset(torch.utils.data.Dataset):
 
 
 def _reference_loop(student, optimizer, teacher_model, data, *, steps, batch, kd) -> float:
-    dataset = _PerSampleDataset(data.train_x.cpu(), data.train_y.cpu(), data.mean, data.std, data.pad, data.hflip)
+    dataset = PerSampleDataset(data.train_x.cpu(), data.train_y.cpu(), data.mean, data.std, data.pad, data.hflip)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
                                          pin_memory=data.train_x.device.type == "cuda")
     tau, alpha = kd["temperature"], kd["alpha"]
@@ -190,14 +190,14 @@ def run_bench(workload: str = "cifar", *, steps: int | None = None, rounds: int 
     dev = pick_device(device)
     with tempfile.TemporaryDirectory(prefix="ckptkd-bench-") as tmp:
         tmp = Path(tmp)
-        npz = _synthetic_npz(tmp, w)
+        npz = synthetic_npz(tmp, w)
         base = {"device": str(dev), "data": {"name": "npz", "root": str(npz), "val_fraction": 0.1, "batch_size": w["batch"],
                                           "hflip": w["shape"][0] == 3},
                 "log": {"progress": False, "tensorboard": False}}
         teacher_cfg = config_mod.resolve({**base, "model": {"name": w["teacher"], **w.get("teacher_kwargs", {})}})
         student_cfg = config_mod.resolve({**base, "model": {"name": w["student"], **w.get("student_kwargs", {})}})
         data = data_mod.build(student_cfg["data"], dev)
-        run = _fake_teacher_run(tmp / "teacher", teacher_cfg, data, seeds=[1, 2, 3, 4])
+        run = fake_teacher_run(tmp / "teacher", teacher_cfg, data, seeds=[1, 2, 3, 4])
         one, four, cached = (Teacher.from_references([f"{run}@{selector}"], quiet=True, autocast=autocast)
                              for selector in ("epoch=4", "all", "all"))
         kd_cfg = {**student_cfg, "kd": {**student_cfg["kd"], **kd}}
@@ -311,7 +311,7 @@ def run_fused_bench(*, members: int = 8, steps: int | None = None, rounds: int |
         n_steps, n_rounds = steps or w["steps"], rounds or w["rounds"]
         with tempfile.TemporaryDirectory(prefix="ckptkd-bench-") as tmp:
             tmp = Path(tmp)
-            npz = _synthetic_npz(tmp, w)
+            npz = synthetic_npz(tmp, w)
             base = {"device": str(dev), "data": {"name": "npz", "root": str(npz), "val_fraction": 0.1,
                                                 "batch_size": w["batch"], "augment": w["augment"],
                                                 "hflip": w["shape"][0] == 3},
@@ -319,7 +319,7 @@ def run_fused_bench(*, members: int = 8, steps: int | None = None, rounds: int |
                     "kd": {"temperature": 4.0, "alpha": 0.1, "cache": "on", "views": 4}}
             teacher_cfg = config_mod.resolve({**base, "model": {"name": w["teacher"], **w.get("teacher_kwargs", {})}})
             data = data_mod.build(teacher_cfg["data"], dev)
-            run = _fake_teacher_run(tmp / "teacher", teacher_cfg, data, seeds=[1, 2, 3, 4])
+            run = fake_teacher_run(tmp / "teacher", teacher_cfg, data, seeds=[1, 2, 3, 4])
             # Student i learns from checkpoint i % 4 (a study's students name a few teachers between them).
             teachers = [Teacher.from_references([f"{run}@epoch={k}"], quiet=True) for k in (1, 2, 3, 4)]
             for t in teachers:

@@ -72,7 +72,7 @@ class Manifest:
     torch: str | None = None
     threads: int | None = None
     distributed: dict | None = None
-    fused: dict | None = None    # trained in a group (`ckptkd.group`): engine, members, index, the group's folders
+    fused: dict | None = None    # trained in a group (`training.loop.fit`): engine, members, index, the group's folders
     ckptkd: dict = field(default_factory=lambda: provenance())
     format: int = FORMAT
     extra: dict = field(default_factory=dict)

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from ..errors import UserError
+from ..processes import pid_alive
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -116,17 +117,6 @@ def remove_stale_temporaries(folder: str | Path, *, shared: bool = False) -> lis
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` of this host still runs."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, but belongs to another user
-    return True
 
 
 _HOST = socket.gethostname().replace(".", "_").replace("-", "_") or "host"

@@ -1,6 +1,3 @@
 """The paper's study over seeds: its config (`config`), the plan of tasks (`plan`, `variants`), the queue several
-workers share (`queue`), the runner (`runner`), the statistics and the report (`report`)."""
-
-from .runner import run_study
-
-__all__ = ["run_study"]
+workers share (`queue`: standard library only, so a worker's claims cost no torch import), the runner (`runner`:
+`run_study`), what the queue keeps of each task (`summaries`), and the report (`report`)."""

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..run.storage import pid_alive
+from ..processes import pid_alive
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

@@ -57,7 +57,7 @@ def _execute(task: dict, study_dir: Path, db: ResultsDB) -> tuple[dict, dict]:
 
 def _execute_group(rows: list[dict], study_dir: Path, db: ResultsDB,
                    say) -> list[tuple[dict, dict] | Exception]:
-    """Train the runs of `rows` as one group (`group.fit_group`); per row its (metrics, timings) or the error that
+    """Train the runs of `rows` as one group (`training.loop.fit`); per row its (metrics, timings) or the error that
     stopped it alone."""
     from ..training.api import make_teacher
     from ..training.loop import Member, fit

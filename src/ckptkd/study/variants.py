@@ -1,4 +1,4 @@
-"""The study's vocabulary of teacher variants, shared by planning (`study`) and reporting (`study_report`).
+"""The study's vocabulary of teacher variants, shared by planning (`plan`) and reporting (`report`).
 
 A variant name is a base, optionally followed by modifiers:
 

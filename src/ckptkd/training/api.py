@@ -62,7 +62,7 @@ def distill_fused(config: str | Path | dict, teachers: list[str | list[str] | No
                   overrides: dict | list | None = None, out: str | Path | None = None, *, resume: bool = False,
                   quiet: bool = False, allow_incomplete: bool = False, group_size: int = 8,
                   engine: str = "auto") -> list[Run]:
-    """Distill one student per (teacher, seed), trained together in groups of at most `group_size` (`ckptkd.group`),
+    """Distill one student per (teacher, seed), trained together in groups of at most `group_size` (`loop.fit`),
     as even as possible.
 
     Each entry of `teachers` is one student's teachers: a reference (`RUN@0.5`, `RUN@0.3,0.5,0.7`), several joined
@@ -132,7 +132,7 @@ def teacher_slugs(entries: list[list[str]]) -> list[str]:
     """Folder names for students' teachers: `none`, or the references with path separators made safe. A run is
     named by its folder's name, with as many parent folders as it takes to tell it from the others' (runs/a/t and
     runs/b/t give a-t and b-t)."""
-    def slug(references: list[str], depth: int) -> str:
+    def name(references: list[str], depth: int) -> str:
         if not references:
             return "none"
         parts = []
@@ -144,9 +144,9 @@ def teacher_slugs(entries: list[list[str]]) -> list[str]:
 
     depths = [1] * len(entries)
     while True:
-        slugs = [slug(refs, d) for refs, d in zip(entries, depths)]
+        slugs = [name(refs, d) for refs, d in zip(entries, depths)]
         clashing = [i for i, s in enumerate(slugs) if slugs.count(s) > 1]
-        deeper = [i for i in clashing if slug(entries[i], depths[i] + 1) != slugs[i]]
+        deeper = [i for i in clashing if name(entries[i], depths[i] + 1) != slugs[i]]
         if not deeper:  # distinct at every depth, or as deep as their paths go
             return slugs
         for i in deeper:

@@ -52,7 +52,8 @@ MIN_ACTIVE = 0.01       # a unit must vary on at least this fraction (and 3) of 
 FAIL_I_YF = 0.1         # raw I(Y;F) < -FAIL_I_YF * H(Y): failed
 FAIL_I_XF = 0.05        # raw I(X;F) < -FAIL_I_XF nats per component: failed
 
-_SPLIT, _PROBE_SPLIT, _DECODER_SPLIT, _KNN_NOISE, _KNN_PCA = range(5)
+# The random streams of one split seed, one per purpose (`generator(seed, stream)`).
+STREAM_SPLIT, STREAM_PROBE_SPLIT, STREAM_DECODER_SPLIT, STREAM_KNN_NOISE, STREAM_KNN_PCA = range(5)
 
 
 def generator(seed: int, stream: int) -> torch.Generator:
@@ -72,7 +73,8 @@ def as_matrix(tensor, name: str) -> torch.Tensor:
     return matrix
 
 
-def _inputs(inputs, n: int) -> torch.Tensor:
+def inputs_matrix(inputs, n: int) -> torch.Tensor:
+    """X as float64 [n, P], checked to have one row per feature row."""
     x = as_matrix(inputs, "inputs")
     if len(x) != n:
         raise ValueError(f"inputs has {len(x)} samples but features has {n}")
@@ -130,7 +132,7 @@ def _split(idx: torch.Tensor, groups: torch.Tensor | None, fraction: float, gen:
 def outer_split(n: int, labels: torch.Tensor | None, holdout: float, seed: int):
     if not 0.0 < holdout < 1.0:
         raise UserError(f"holdout must be between 0 and 1 (exclusive), got {holdout}")
-    return _split(torch.arange(n), labels, holdout, generator(seed, _SPLIT))
+    return _split(torch.arange(n), labels, holdout, generator(seed, STREAM_SPLIT))
 
 
 @dataclass
@@ -177,7 +179,7 @@ def input_components(x: torch.Tensor, fit: torch.Tensor, dim: int, seed: int = 0
     if min(part.shape) <= 4 * dim:
         _, singular, vh = torch.linalg.svd(part, full_matrices=False)
     else:  # a randomised range finder: a [2000, 3072] input costs a few thin products instead of a full SVD
-        sketch = torch.randn(part.shape[1], dim + 10, generator=generator(seed, _KNN_PCA), dtype=part.dtype)
+        sketch = torch.randn(part.shape[1], dim + 10, generator=generator(seed, STREAM_KNN_PCA), dtype=part.dtype)
         basis = torch.linalg.qr(part @ sketch)[0]
         for _ in range(4):
             basis = torch.linalg.qr(part @ (part.T @ basis))[0]
@@ -238,7 +240,7 @@ def _cross_entropy(columns, codes, probe) -> float:
 
 def _i_yf(z, codes, fit, held, seed, probe_epochs) -> dict:
     n_classes = int(codes.max()) + 1
-    inner_fit, inner_val = _split(fit, codes[fit], INNER_HOLDOUT, generator(seed, _PROBE_SPLIT))
+    inner_fit, inner_val = _split(fit, codes[fit], INNER_HOLDOUT, generator(seed, STREAM_PROBE_SPLIT))
     # float32 and one sample per column: with only K outputs, MKL's kernels for [K, D] @ [D, n] are several times
     # faster than for [n, D] @ [D, K], and the probe's fits dominate the estimators' time.
     columns = {name: z[idx].T.to(torch.float32).contiguous() for name, idx in
@@ -277,7 +279,7 @@ def _ridge_fits(z, x, ridges):
 def _i_xf(z, u, fit, held, seed) -> dict:
     """sum_k 1/2 log(var_k / mse_k) over X's components, each decoded by the ridge (or the constant) that did best
     on an inner split."""
-    inner_fit, inner_val = _split(fit, None, INNER_HOLDOUT, generator(seed, _DECODER_SPLIT))
+    inner_fit, inner_val = _split(fit, None, INNER_HOLDOUT, generator(seed, STREAM_DECODER_SPLIT))
     best_err = (u[inner_val] - u[inner_fit].mean(0)).square().mean(0)
     chosen: list[float | None] = [None] * u.shape[1]
     if z.shape[1]:
@@ -323,7 +325,7 @@ def plan_split(inputs, labels, *, n: int | None = None, seed: int = 0, holdout: 
     fit, held = outer_split(n, codes, holdout, seed)
     if inputs is None:
         return SplitPlan(seed, fit, held, codes, None, None)
-    x = _inputs(inputs, n)
+    x = inputs_matrix(inputs, n)
     return SplitPlan(seed, fit, held, codes, input_components(x, fit, x_components, seed), x.shape[1])
 
 
@@ -366,7 +368,7 @@ def estimate_i_xf(features, inputs, *, seed: int = 0, holdout: float = 0.3, x_co
     a decoder beat the mean on the inner split), x_components, input_dim (P), n_fit, n_eval, features.
     """
     f = as_matrix(features, "features")
-    x = _inputs(inputs, len(f))
+    x = inputs_matrix(inputs, len(f))
     fit, held = outer_split(len(f), None, holdout, seed)
     whitened = whiten_features(f, fit)
     u = input_components(x, fit, x_components, seed)

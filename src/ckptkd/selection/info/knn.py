@@ -12,7 +12,7 @@ import math
 import torch
 
 from ...errors import UserError
-from .estimators import (_KNN_NOISE, X_COMPONENTS, _inputs, as_matrix, generator, input_components, judged,
+from .estimators import (STREAM_KNN_NOISE, X_COMPONENTS, inputs_matrix, as_matrix, generator, input_components, judged,
                          label_codes, whiten_features)
 
 # Rows of the distance matrix computed at once: 512 x 5000 float64 is 20 MB per matrix.
@@ -81,7 +81,7 @@ def knn_with(z: torch.Tensor, u: torch.Tensor | None, codes: torch.Tensor, *, se
         raise ValueError(f"k and dim must be positive, got k={k}, dim={dim}")
     if int((torch.bincount(codes)[codes] > 1).sum()) <= k:
         raise UserError(f"need more than k={k} samples whose label occurs at least twice, got {len(codes)} samples")
-    noise = generator(seed, _KNN_NOISE)
+    noise = generator(seed, STREAM_KNN_NOISE)
     f = z[:, :dim] if z.shape[1] else torch.zeros(len(z), 1, dtype=z.dtype)  # no usable unit: no information
     f = f + 1e-10 * torch.randn(f.shape, generator=noise, dtype=f.dtype)
     out = {**judged("i_yf", _ross(f, codes, k), -math.inf), "dim_f": min(dim, z.shape[1])}
@@ -101,7 +101,7 @@ def knn_mi(features, inputs, labels, *, seed: int = 0, dim: int = 8, k: int = 3)
     Returns i_xf and i_yf (>= 0) with _raw/_status/_clipped keys, and dim_f, dim_x: the components used.
     """
     f = as_matrix(features, "features")
-    x = _inputs(inputs, len(f))
+    x = inputs_matrix(inputs, len(f))
     codes = label_codes(labels, len(f))
     every = torch.arange(len(f))
     return knn_with(whiten_features(f, every).z, input_components(x, every, max(dim, X_COMPONENTS), seed), codes,
