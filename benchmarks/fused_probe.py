@@ -1,4 +1,4 @@
-"""Aggregate training img/s of N students trained one after another vs as one fused model (ckptkd.fused).
+"""Aggregate training img/s of N students trained one after another vs as one fused model (ckptkd.training.fusion).
 
     python benchmarks/fused_probe.py [--members 8] [--threads 2] [--workloads fashion resnet20] [--json]
 
@@ -48,7 +48,7 @@ def probe(workload: str, n: int, batch: int, steps: int, rounds: int) -> dict:
     spec = WORKLOADS[workload]
     torch.manual_seed(0)
     models = build(spec, n)
-    fused = fuse(models, channels_last=True)  # from the same initial weights, as ckptkd.group builds it on a CPU
+    fused = fuse(models, channels_last=True)  # from the same initial weights, as the fused engine builds it on a CPU
     x = torch.randn(n, batch, spec["in_channels"], *spec["image_size"])
     y = torch.randint(spec["num_classes"], (n, batch))
     teacher = torch.randn(n, batch, spec["num_classes"])
