@@ -42,8 +42,9 @@ def test_a_fused_model_is_its_members_exactly(name, kwargs, channels, size):
 
 class Handmade(nn.Module):
     """What the zoo does not use: convolutions that pad themselves (reflect, circular, asymmetric 'same'), a
-    parameter and buffers read directly in forward, an unused parameter, a non-persistent buffer, a constant tensor
-    made in forward, functional dropout following self.training, tensor methods, and two outputs."""
+    parameter and buffers read directly in forward, an unused parameter, a non-persistent buffer, a tensor computed
+    in forward from no member tensor (the same in every member), functional dropout following self.training, tensor
+    methods, and two outputs."""
 
     def __init__(self, num_classes=4, in_channels=2):
         super().__init__()
