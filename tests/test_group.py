@@ -14,18 +14,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from conftest import manifest_json, run_cli, tiny_config
 
 from ckptkd import config as config_mod
 from ckptkd.errors import UserError
-from ckptkd.training.fusion import fusable, fuse
-from ckptkd.training.engines import ENGINES, choose_engine, split_for_memory
+from ckptkd.training.engines import choose_engine, split_for_memory
 from ckptkd.training.loop import Member, check_group, fit, fit_one, group_key
 from ckptkd.losses import kd_loss, kd_loss_members, soft_targets
 from ckptkd.models import create
@@ -33,69 +30,6 @@ from ckptkd.run.storage import sha256_file
 from ckptkd.training.api import make_teacher
 
 KILL_SEED = int(os.environ.get("CKPTKD_KILL_SEED", random.randrange(10**6)))
-
-# (name, kwargs, channels, size): every family of the zoo, small.
-ARCHITECTURES = [("resnet8", {}, 3, 8), ("wrn_10_1", {}, 3, 8), ("vgg8", {}, 3, 32), ("MobileNetV2", {}, 3, 16),
-                 ("ShuffleV1", {}, 3, 16), ("ShuffleV2", {}, 3, 16), ("cnn", {"channels": [4, 8], "hidden": 16}, 1, 8),
-                 ("mlp", {"widths": [16], "batch_norm": True, "dropout": 0.0}, 1, 8), ("lenet5", {}, 1, 8)]
-
-
-@pytest.mark.parametrize("name,kwargs,channels,size", ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES])
-def test_a_fused_model_is_its_members_exactly(name, kwargs, channels, size):
-    """float64, so only the arithmetic's order could differ: forward in train and eval mode, the gradient of the
-    summed losses (each member's own), an SGD step with momentum and BatchNorm statistics all equal the separate
-    models'. (Over many steps on random labels even float64 rounding grows, ~1000x a step in MobileNetV2's
-    BatchNorm over few values: the equivalence is of each step.)"""
-    models = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        models.append(create(name, num_classes=5, in_channels=channels, image_size=(size, size), **kwargs).double())
-    separate = [copy.deepcopy(m) for m in models]
-    fused = fuse(models, channels_last=True)
-    opt = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4) for m in separate]
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(2):  # the second step uses the momentum of the first
-        x = torch.randn(3, 16, channels, size, size, generator=gen, dtype=torch.float64)
-        y = torch.randint(5, (3, 16), generator=gen)
-        opt.zero_grad()
-        (3 * F.cross_entropy(fused(x).flatten(0, 1), y.flatten())).backward()
-        opt.step()
-        for i, (m, o) in enumerate(zip(separate, opts)):
-            o.zero_grad()
-            F.cross_entropy(m(x[i]), y[i]).backward()
-            o.step()
-    for member, model in zip(fused.state_dicts(), separate):
-        for key, value in model.state_dict().items():
-            assert torch.allclose(member[key].double(), value.double(), atol=1e-9, rtol=1e-9), key
-    fused.eval()
-    x = torch.randn(3, 4, channels, size, size, dtype=torch.float64)
-    expected = torch.stack([m.eval()(x[i]) for i, m in enumerate(separate)])
-    assert torch.allclose(fused(x), expected, atol=1e-9)
-
-
-def test_fuse_refuses_models_of_different_architectures_and_says_what_cannot_fuse():
-    a = create("resnet8", num_classes=10, in_channels=3)
-    b = create("resnet14", num_classes=10, in_channels=3)
-    with pytest.raises(UserError, match="different architectures"):
-        fuse([a, b])
-
-    class Branchy(torch.nn.Module):
-        def __init__(self, num_classes, in_channels=3):
-            super().__init__()
-            self.fc = torch.nn.Linear(in_channels * 64, num_classes)
-
-        def forward(self, x):
-            if x.sum() > 0:  # data-dependent control flow: not one graph
-                return self.fc(x.flatten(1))
-            return -self.fc(x.flatten(1))
-
-    ok, why = fusable(Branchy(10))
-    assert not ok and "trace" in why
-    spec = {"name": "branchy", "in_channels": 3, "image_size": [8, 8]}
-    engine, reason = choose_engine(Branchy(10), spec, torch.device("cpu"))
-    assert engine == "looped" and "cannot be fused" in reason
-
 
 def test_the_engine_loops_compute_bound_models_on_a_cpu_and_fuses_small_ones():
     cpu = torch.device("cpu")

@@ -10,7 +10,6 @@ from collections import Counter
 
 import pytest
 
-from ckptkd.study import queue as results
 from ckptkd.study.queue import ClaimLost, ResultsDB
 
 # Worker processes import the queue alone: it needs no torch (which costs seconds per process and has nothing to do

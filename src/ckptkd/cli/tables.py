@@ -100,8 +100,8 @@ def analysis_table(analysis: dict, console: Console | None = None) -> Table:
                       estimate_text(est["i_yf"], 3), score, "—" if knn_row is None else f"{knn_row['score']:.2f}",
                       mark)
     agreement = analysis["agreement"]
-    lines = [f"conf: mean max-probability; p_t: tempered probability of the true class; H_nt: tempered non-target "
-             f"entropy (nats); NC1: within-class variability; I: nats, mean±SE over split seeds.",
+    lines = ["conf: mean max-probability; p_t: tempered probability of the true class; H_nt: tempered non-target "
+             "entropy (nats); NC1: within-class variability; I: nats, mean±SE over split seeds.",
              f"T* = {selected['reference']} by {selected['criterion']} ({selected['description']}); ties: "
              f"{', '.join(map(str, selected['ties']))}.",
              f"Spearman(probe, kNN) across checkpoints: I(X;F) {agreement['spearman_i_xf']}, I(Y;F) "

@@ -8,15 +8,12 @@ several `ckptkd study` processes on one folder share the grid without doing anyt
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .. import config as config_mod
 from ..errors import UserError

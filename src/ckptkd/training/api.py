@@ -86,14 +86,14 @@ def distill_fused(config: str | Path | dict, teachers: list[str | list[str] | No
     if clash is not None:  # e.g. runs/t@0.5 and ./runs/t@0.5; refused before any teacher is loaded
         raise UserError(f"two --teacher entries name the same checkpoints ({clash}); list each once")
     members = []
-    for references, slug in zip(entries, slugs):  # one teacher per entry, shared by its seeds' students
+    for references, folder_name in zip(entries, slugs):  # one teacher per entry, shared by its seeds' students
         cfg = copy.deepcopy(base)
         cfg["kd"]["teachers"] = references
         teacher = make_teacher(cfg, quiet=quiet, allow_incomplete=allow_incomplete)
         for seed in seeds:
             member_cfg = copy.deepcopy(cfg)
             member_cfg["seed"] = seed
-            members.append(Member(member_cfg, root / f"{slug}-s{seed}", teacher, "distill"))
+            members.append(Member(member_cfg, root / f"{folder_name}-s{seed}", teacher, "distill"))
     runs: list[Run] = []
     failed: list[tuple[Member, Exception]] = []
     count = -(-len(members) // group_size)  # as few groups as group_size allows, as even as possible: 9 -> 4 + 5

@@ -86,6 +86,19 @@ def check_group(members: list[Member]) -> None:
         raise UserError("a fused group names one run folder twice")
 
 
+@dataclass
+class _Training:
+    """A member while it trains: its folder, its own model and optimizer (what its folder saves and resumes), its
+    progress, its log, and in the end its outcome (its Run, or the error that stopped it alone)."""
+    member: Member
+    folder: RunWriter
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    progress: Progress | None = None
+    log: RunLog | None = None
+    outcome: Run | Exception | None = None
+
+
 def fit(members: list[Member], *, resume: bool = False, quiet: bool = False, engine: str = "auto",
         on_epoch: Callable[[dict], None] | None = None,
         announce: Callable[[str], None] | None = None) -> list[Run | Exception]:
@@ -103,71 +116,33 @@ def fit(members: list[Member], *, resume: bool = False, quiet: bool = False, eng
     device = distributed.setup(pick_device(cfg["device"]))
     main = distributed.is_main()
     folders = [RunWriter.open(m.out, m.cfg, resume=resume, writes=main) for m in members]
-    outcomes: list[Run | Exception | None] = [f.run if f.complete else None for f in folders]
-    active = [i for i, f in enumerate(folders) if not f.complete]
-    if not active:
-        return outcomes
-    members, folders = [members[i] for i in active], [folders[i] for i in active]
-    distributed.check_batch(cfg["data"]["batch_size"])
-    distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
-    data = data_mod.build(cfg["data"], device)
-    spec = model_spec(cfg, data)
-    _prepare_teachers(members, data, quiet=quiet or not main)
-    models, optimizers = [], []
-    for m in members:
-        torch.manual_seed(m.cfg["seed"])
-        models.append(from_spec(spec).to(device))
-        optimizers.append(make_optimizer(m.cfg, models[-1]))
-    say = announce or (lambda message: None if quiet else print(message, file=sys.stderr, flush=True))
-    if alone:
-        chosen, why, chunks = "direct", "", [[0]]
-    else:
-        chosen, why = choose_engine(models[0], spec, device, engine)
-        per_member = step_bytes(models[0], spec, cfg["data"]["batch_size"], device)
-        chunks = split_for_memory(list(range(len(members))), per_member, available_bytes(device))
-        if len(chunks) > 1:
-            say(f"a group of {len(members)} runs needs about {len(members) * per_member / 2**20:.0f} MiB, more than "
-                f"{MEMORY_SHARE:.0%} of the memory free here: training it as {len(chunks)} groups of up to "
-                f"{len(chunks[0])}")
-    progress, logs = [], []  # by member: the chunks are consecutive runs of members, in order
-    for chunk in chunks:
-        for position, i in enumerate(chunk):
-            manifest = new_manifest(members[i].cfg, members[i].kind, spec, data, device, members[i].teacher)
-            if not alone:
-                manifest.fused = {"engine": chosen, "members": len(chunk), "index": position,
-                                  "group": [str(folders[j].path) for j in chunk]}
-            progress.append(folders[i].restore(models[i], optimizers[i]))
-            manifest.health = health.assess(progress[-1].history)  # a resumed run's verdict so far
-            folders[i].begin(manifest, progress[-1])
-            log = RunLog(members[i].cfg, folders[i].path, quiet=quiet or not main, writes=main)
-            log.started(progress[-1].history if folders[i].resumable else None)
-            logs.append(log)
-    for chunk in chunks:
-        if not alone:
-            say(f"training {len(chunk)} runs as one group ({chosen}: {why})")
-        group = _Group(*([x[i] for i in chunk] for x in (members, folders, models, optimizers, progress, logs)),
-                       data=data, engine=chosen, device=device, main=main)
+    todo = [(m, f) for m, f in zip(members, folders) if not f.complete]
+    if todo:
+        distributed.check_batch(cfg["data"]["batch_size"])
+        distributed.barrier()  # every rank has looked at the folders before rank 0 writes to them
+        data = data_mod.build(cfg["data"], device)
+        spec = model_spec(cfg, data)
+        _prepare_teachers([m for m, _ in todo], data, quiet=quiet or not main)
+        runs = [_Training(m, f, *_initial_model(m.cfg, spec, device)) for m, f in todo]
+        say = announce or (lambda message: None if quiet else print(message, file=sys.stderr, flush=True))
+        chosen, why, groups = ("direct", "", [runs]) if alone else _engine_and_groups(runs, spec, engine, device, say)
+        for group in groups:
+            for position, run in enumerate(group):
+                fused = None if alone else {"engine": chosen, "members": len(group), "index": position,
+                                            "group": [str(r.folder.path) for r in group]}
+                _begin(run, new_manifest(run.member.cfg, run.member.kind, spec, data, device, run.member.teacher),
+                       fused, quiet=quiet or not main, main=main)
         try:
-            group.run(on_epoch)
+            for group in groups:
+                if not alone:
+                    say(f"training {len(group)} runs as one group ({chosen}: {why})")
+                _Group(group, data=data, engine=chosen, device=device, main=main).run(on_epoch)
         except BaseException as error:
-            # This group's unfinished runs and the later groups' (not started) are marked failed.
-            unfinished = [i for later in chunks[chunks.index(chunk):] for i in later
-                          if i not in chunk or group.outcomes[chunk.index(i)] is None]
-            full = None
-            for i in unfinished:
-                logs[i].close()
-                if main:
-                    try:
-                        stopped(folders[i], progress[i], error)
-                    except UserError as disk_full:
-                        full = disk_full
-            if full is not None:
-                raise full from error
+            _stopped([run for run in runs if run.outcome is None], error, main)  # later groups' runs too
             raise
-        for position, i in enumerate(chunk):
-            outcomes[active[i]] = group.outcomes[position]
+        outcomes = iter(run.outcome for run in runs)
     distributed.barrier()  # the other ranks return once rank 0 has written the finished runs
-    return outcomes
+    return [f.run if f.complete else next(outcomes) for f in folders]
 
 
 def fit_one(member: Member, *, resume: bool = False, quiet: bool = False,
@@ -177,6 +152,53 @@ def fit_one(member: Member, *, resume: bool = False, quiet: bool = False,
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
+
+
+def _initial_model(cfg: dict, spec: dict, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The run's model as its seed initialises it, and its optimizer."""
+    torch.manual_seed(cfg["seed"])
+    model = from_spec(spec).to(device)
+    return model, make_optimizer(cfg, model)
+
+
+def _engine_and_groups(runs: list[_Training], spec: dict, requested: str, device: torch.device,
+                       say: Callable[[str], None]) -> tuple[str, str, list[list[_Training]]]:
+    """The engine (and why), and the runs in groups that fit in memory (one group unless they do not)."""
+    chosen, why = choose_engine(runs[0].model, spec, device, requested)
+    batch_size = runs[0].member.cfg["data"]["batch_size"]
+    per_member = step_bytes(runs[0].model, spec, batch_size, device)
+    groups = split_for_memory(runs, per_member, available_bytes(device))
+    if len(groups) > 1:
+        say(f"a group of {len(runs)} runs needs about {len(runs) * per_member / 2**20:.0f} MiB, more than "
+            f"{MEMORY_SHARE:.0%} of the memory free here: training it as {len(groups)} groups of up to "
+            f"{len(groups[0])}")
+    return chosen, why, groups
+
+
+def _begin(run: _Training, manifest: Manifest, fused: dict | None, *, quiet: bool, main: bool) -> None:
+    """Restore the run's resume state (or start it fresh), write its first views, open its log."""
+    manifest.fused = fused
+    run.progress = run.folder.restore(run.model, run.optimizer)
+    manifest.health = health.assess(run.progress.history)  # a resumed run's verdict so far
+    run.folder.begin(manifest, run.progress)
+    run.log = RunLog(run.member.cfg, run.folder.path, quiet=quiet, writes=main)
+    run.log.started(run.progress.history if run.folder.resumable else None)
+
+
+def _stopped(runs: list[_Training], error: BaseException, main: bool) -> None:
+    """Mark runs that stopped early as failed (rank 0); a full disk becomes the one-line error it is, saying what is
+    still safe."""
+    full = None
+    for run in runs:
+        if run.log is not None:
+            run.log.close()
+        if main and run.progress is not None:
+            try:
+                stopped(run.folder, run.progress, error)
+            except UserError as disk_full:
+                full = disk_full
+    if full is not None:
+        raise full from error
 
 
 def _prepare_teachers(members: list[Member], data: data_mod.Data, *, quiet: bool) -> None:
@@ -203,114 +225,112 @@ def _prepare_teachers(members: list[Member], data: data_mod.Data, *, quiet: bool
 
 
 class _Group:
-    """The members of a running group and the engine that trains those still going."""
+    """The runs of a group that train together, and the engine that trains those still going (a run that diverges
+    leaves the group; the engine is rebuilt without it)."""
 
-    def __init__(self, members, folders, models, optimizers, progress, logs, *, data, engine, device, main):
-        self.members, self.folders, self.models, self.optimizers = members, folders, models, optimizers
-        self.progress, self.logs, self.data = progress, logs, data
+    def __init__(self, runs: list[_Training], *, data: data_mod.Data, engine: str, device: torch.device,
+                 main: bool):
+        self.runs, self.going, self.data = runs, list(runs), data
         self.chosen, self.device, self.main = engine, device, main
-        self.cfg = members[0].cfg
-        self.outcomes: list[Run | Exception | None] = [None] * len(members)
-        self.going = list(range(len(members)))
+        self.cfg = runs[0].member.cfg
+        self.saved_at, self.tested_at = set(checkpoint_epochs(self.cfg)), test_epochs(self.cfg)
 
     def build(self) -> None:
-        idx = self.going
-        m = [self.members[i] for i in idx]
-        self.objective = Objective([x.teacher for x in m], [x.cfg["kd"] for x in m], self.data.num_classes,
-                                   self.device)
-        self.engine = ENGINES[self.chosen]([self.models[i] for i in idx], [self.optimizers[i] for i in idx],
-                                           self.cfg, self.objective, self.device)
+        going = self.going
+        self.objective = Objective([r.member.teacher for r in going], [r.member.cfg["kd"] for r in going],
+                                   self.data.num_classes, self.device)
+        self.engine = ENGINES[self.chosen]([r.model for r in going], [r.optimizer for r in going], self.cfg,
+                                           self.objective, self.device)
 
     def run(self, on_epoch) -> None:
-        cfg = self.cfg
-        epochs = cfg["schedule"]["epochs"]
-        saved_at, tested_at = checkpoint_epochs(cfg), test_epochs(cfg)
+        epochs = self.cfg["schedule"]["epochs"]
         self.build()
-        while True:
-            idx = self.going
-            behind = min(self.progress[i].epoch for i in idx) if idx else epochs
-            if behind >= epochs:
-                break
-            epoch = behind + 1
-            trains = [self.progress[i].epoch < epoch for i in idx]  # members ahead (a kill between writes) hold
-            started = time.perf_counter()
-            sums, lr, step = self.train_epoch(epoch, start_step=self.progress[idx[trains.index(True)]].step)
-            val = test = None
-            if self.main:
-                self.engine.train(False)
-                val = evaluate(self.engine.logits, self.data, "val", cfg["data"]["eval_batch_size"], len(idx))
-                if epoch in tested_at:
-                    test = evaluate(self.engine.logits, self.data, "test", cfg["data"]["eval_batch_size"], len(idx))
-            elapsed = (time.perf_counter() - started) / sum(trains)  # the group's time, shared by its trained runs
-            failed = []
-            for j, i in enumerate(idx):
-                if not trains[j]:
-                    self.engine.restore(j, self.models[i], self.optimizers[i])
-                    continue
-                means = (sums[j, :-1] / sums[j, -1]).tolist()  # batch-weighted: loss, accuracy, each term
-                record = {"epoch": epoch, "step": step, "lr": lr, "train_loss": means[0], "train_acc": means[1],
-                          **{f"train_{t}": means[2 + k] for k, t in enumerate(TERMS) if t in self.objective.names[j]}}
-                try:
-                    self.end_epoch(j, i, record, val, test, elapsed, checkpoint=epoch in saved_at)
-                except health.Diverged as error:
-                    failed.append(i)
-                    self.outcomes[i] = error
+        while self.going and min(r.progress.epoch for r in self.going) < epochs:
+            epoch = min(r.progress.epoch for r in self.going) + 1
+            diverged = self.epoch(epoch)
             if on_epoch is not None:
                 on_epoch({"epoch": epoch})
-            if failed:  # a member that diverged leaves the group; the others go on in a group without it
-                for j, i in enumerate(idx):
-                    if i not in failed:
-                        self.engine.export(j, self.models[i], self.optimizers[i])
-                self.going = [i for i in idx if i not in failed]
+            if diverged:  # they leave the group; the others go on in a group without them
+                for j, run in enumerate(self.going):
+                    if run not in diverged:
+                        self.engine.export(j, run.model, run.optimizer)
+                self.going = [r for r in self.going if r not in diverged]
                 if self.going:
                     self.build()
-        for i in self.going:
+        for run in self.going:
             if self.main:
-                final = final_numbers(self.progress[i], cfg["eval"]["last_k"])
-                self.outcomes[i] = self.folders[i].finish(self.progress[i], final)
-                self.logs[i].finished(dataclasses.asdict(final))  # the trackers get the final numbers, then close
+                final = final_numbers(run.progress, self.cfg["eval"]["last_k"])
+                run.outcome = run.folder.finish(run.progress, final)
+                run.log.finished(dataclasses.asdict(final))  # the trackers get the final numbers, then close
             else:
-                self.outcomes[i] = self.folders[i].run
-                self.logs[i].close()
+                run.outcome = run.folder.run
+                run.log.close()
 
-    def train_epoch(self, epoch: int, start_step: int) -> tuple[torch.Tensor, float, int]:
-        batch_size = self.cfg["data"]["batch_size"]
-        batches = epoch_batches(self.data, self.objective, [self.members[i].cfg["seed"] for i in self.going], epoch,
-                                batch_size)
+    def epoch(self, epoch: int) -> list[_Training]:
+        """Train, evaluate and record one epoch of every run going; returns the runs that diverged in it. Runs ahead
+        of `epoch` (a kill between two runs' writes) compute with the group but keep their state: they hold."""
+        cfg, going = self.cfg, self.going
+        trains = [r.progress.epoch < epoch for r in going]
+        started = time.perf_counter()
+        batch_size = cfg["data"]["batch_size"]
         steps = self.data.steps_per_epoch(batch_size)
-        bar, on_step = self.logs[self.going[0]].bar(batches, epoch, steps)
-        return train_epoch(self.engine, bar, cfg=self.cfg, steps_per_epoch=steps, start_step=start_step,
-                           on_step=on_step)
+        batches = epoch_batches(self.data, self.objective, [r.member.cfg["seed"] for r in going], epoch, batch_size)
+        bar, on_step = going[0].log.bar(batches, epoch, steps)
+        sums, lr, step = train_epoch(self.engine, bar, cfg=cfg, steps_per_epoch=steps,
+                                     start_step=going[trains.index(True)].progress.step, on_step=on_step)
+        val = test = None
+        if self.main:
+            self.engine.train(False)
+            val = evaluate(self.engine.logits, self.data, "val", cfg["data"]["eval_batch_size"], len(going))
+            if epoch in self.tested_at:
+                test = evaluate(self.engine.logits, self.data, "test", cfg["data"]["eval_batch_size"], len(going))
+        elapsed = (time.perf_counter() - started) / sum(trains)  # the group's time, shared by its trained runs
+        diverged = []
+        for j, run in enumerate(going):
+            if not trains[j]:
+                self.engine.restore(j, run.model, run.optimizer)
+                continue
+            means = (sums[j, :-1] / sums[j, -1]).tolist()  # batch-weighted: loss, accuracy, each term
+            record = {"epoch": epoch, "step": step, "lr": lr, "train_loss": means[0], "train_acc": means[1],
+                      **{f"train_{t}": means[2 + k] for k, t in enumerate(TERMS) if t in self.objective.names[j]}}
+            try:
+                self.end_epoch(j, run, record, None if val is None else val[j], None if test is None else test[j],
+                               elapsed)
+            except health.Diverged as error:
+                run.outcome = error
+                diverged.append(run)
+        return diverged
 
-    def end_epoch(self, j: int, i: int, record: dict, val: list | None, test: list | None, elapsed: float, *,
-                  checkpoint: bool) -> None:
-        """Member i's epoch, once trained: the one place a run's epoch is judged and recorded."""
-        progress, folder, log = self.progress[i], self.folders[i], self.logs[i]
+    def end_epoch(self, j: int, run: _Training, record: dict, val: dict | None, test: dict | None,
+                  elapsed: float) -> None:
+        """Run j's epoch, once trained: the one place a run's epoch is judged and recorded (non-finite loss, best
+        validation, health, checkpoint and resume state and manifest, log and trackers)."""
+        progress, folder = run.progress, run.folder
         try:
             health.check_finite(record, last_good=progress.epoch)
         except health.Diverged as error:
             if self.main:
                 folder.fail(progress, str(error), health=health.assess(progress.history + [record]))
-                if len(self.members) > 1:  # a run alone raises it to its caller, which says it
-                    log.say(f"{folder.path}: {error}")
-            log.close()
+                if len(self.runs) > 1:  # a run alone raises it to its caller, which says it
+                    run.log.say(f"{folder.path}: {error}")
+            run.log.close()
             raise
         if not self.main:  # other ranks only keep count
             progress.epoch, progress.step = record["epoch"], record["step"]
             return
-        if val[j]["acc"] > progress.best_val_acc:
-            progress.best_val_acc, progress.best_val_epoch = val[j]["acc"], record["epoch"]
-        record.update(val_loss=val[j]["loss"], val_acc=val[j]["acc"])
+        if val["acc"] > progress.best_val_acc:
+            progress.best_val_acc, progress.best_val_epoch = val["acc"], record["epoch"]
+        record.update(val_loss=val["loss"], val_acc=val["acc"])
         if test is not None:
-            record["test_acc"] = test[j]["acc"]
+            record["test_acc"] = test["acc"]
         record["time_s"] = elapsed
         progress.elapsed_s += elapsed
         progress.step = record["step"]
         verdict = health.assess(progress.history + [record])
-        self.engine.export(j, self.models[i], self.optimizers[i])
-        entry = folder.end_epoch(record, self.models[i], self.optimizers[i], progress, checkpoint=checkpoint,
-                                 health=verdict)
-        log.epoch(record, entry, verdict)
+        self.engine.export(j, run.model, run.optimizer)
+        entry = folder.end_epoch(record, run.model, run.optimizer, progress,
+                                 checkpoint=record["epoch"] in self.saved_at, health=verdict)
+        run.log.epoch(record, entry, verdict)
 
 
 def epoch_batches(data: data_mod.Data, objective: Objective, seeds: list[int], epoch: int,
