@@ -163,14 +163,19 @@ def test_verdicts():
 
 
 def test_the_gate_needs_half_a_point_with_the_interval_above_zero():
-    def verdict(gain):
+    def gate(gains):
         rows = Rows()
-        design(rows, "a->b", NONE, {"Tfull": {k: gain + 0.0001 * k[1] for k in CELLS}, "T0.5": UP})
-        return rows.build().pairs[0].finding
+        design(rows, "a->b", NONE, {"Tfull": gains, "T0.5": UP})
+        pair = rows.build().pairs[0]
+        return pair.finding.gate, pair.comparisons["gate"]
 
-    assert verdict(0.0051).gate == "passed"    # 0.51 to 0.53 points
-    assert verdict(0.0045).gate == "failed"    # 0.45 to 0.47 points: CI above 0, mean below 0.5
-    assert verdict(-0.01).gate == "failed"
+    assert gate({k: 0.0051 + 0.0001 * k[1] for k in CELLS})[0] == "passed"    # 0.51 to 0.53 points
+    assert gate({k: 0.0045 + 0.0001 * k[1] for k in CELLS})[0] == "failed"    # CI above 0, mean below 0.5
+    assert gate({k: -0.01 for k in CELLS})[0] == "failed"
+    # +5 points on 4 pairs, −3 on 5: a mean of +0.56 points, but an interval reaching below 0
+    verdict, comparison = gate({k: 0.05 if (k[0] + k[1]) % 2 else -0.03 for k in CELLS})
+    assert comparison.mean == pytest.approx(100 * (4 * 0.05 - 5 * 0.03) / 9) and comparison.ci_points[0] < 0
+    assert verdict == "failed"
 
 
 def test_claim_words():
@@ -321,3 +326,20 @@ def test_trajectories_from_the_database_the_run_folders_or_carried_over(tmp_path
     saved = json.loads(json.dumps(to_json(report)))
     back = [Trajectory.from_json(t) for t in saved["pairs"][0]["trajectories"]]
     assert back == trajectories
+
+
+def test_report_json_reads_back_under_its_seal(tmp_path):
+    """Integer keys (teacher epochs 2 and 10 sort one way as numbers, the other as strings) must not break the
+    checksum when the file is read back."""
+    from ckptkd.run.storage import write_sealed_json
+    from ckptkd.study.report.report_json import read_trajectories
+
+    rows = Rows()
+    rows.pair("a->b", ["epoch2", "epoch10"], epochs=10)
+    rows.analysis("a->b", 0, summary_metrics(10))
+    for e in (2, 10):
+        rows.student("a->b", f"epoch{e}", [(0, 0)], 0.5 + e / 100)
+    report = rows.build()
+    assert sorted(report.pairs[0].selection.curve[0]) == [2, 10]
+    write_sealed_json(tmp_path / "report.json", to_json(report))
+    assert read_trajectories(tmp_path / "report.json") == {("a->b", 0): report.pairs[0].trajectories[0]}

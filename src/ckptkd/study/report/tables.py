@@ -1,5 +1,5 @@
-"""The report's tables as text cells, shared by report.md (`markdown`) and the terminal (`terminal`): every number
-formatted here, once, with `ckptkd.formatting`.
+"""The report's tables as text cells, shared by report.md (`markdown`) and the terminal (`terminal`), so both show
+the same cells; numbers are formatted with `ckptkd.formatting`.
 
 Accuracies are shown in %, differences in points; a cell of students is "mean ± sample std", with (n=k) when fewer
 runs completed than were planned (or only one did: its std is undefined) and ⚠k for runs flagged unhealthy.
