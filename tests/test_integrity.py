@@ -139,6 +139,20 @@ def test_a_damaged_study_database_is_reported(tmp_path, capsys):
     assert "study database" in capsys.readouterr().out
 
 
+def test_a_damaged_report_json_is_reported(tmp_path, capsys):
+    from ckptkd.run.storage import write_sealed_json
+    from ckptkd.study.queue import ResultsDB
+
+    ResultsDB(tmp_path / "results.sqlite").close()
+    write_sealed_json(tmp_path / "report.json", {"format": 1, "pairs": []})
+    assert main(["verify", str(tmp_path)]) == 0
+    capsys.readouterr()
+    _flip(tmp_path / "report.json", 12)
+    assert main(["verify", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert str(tmp_path / "report.json") in out and out.count("damaged:") == 1, out
+
+
 @pytest.mark.parametrize("tag", ["!!python/object/apply:os.system", "!!python/object/new:os.system",
                                  "!!python/name:os.system"])
 def test_a_yaml_tag_that_would_run_code_is_refused_and_never_runs(tmp_path, tag):

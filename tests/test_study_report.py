@@ -5,6 +5,7 @@ own helpers (statistics/numpy/itertools), and compared with what report.md, resu
 import csv
 import io
 import itertools
+import json
 import math
 import re
 import shutil
@@ -17,6 +18,7 @@ import yaml
 from rich.console import Console
 
 from ckptkd.errors import UserError
+from ckptkd.run.storage import write_sealed_json
 from ckptkd.study.queue import ResultsDB
 from ckptkd.study.report import CARRIED, write_report
 
@@ -619,21 +621,9 @@ def test_blocked_runs_are_only_said_to_be_blocked_by_runs_that_failed(failing):
 
 # ---------------------------------------------------------------- carrying over what cannot be rebuilt
 
-OLD_SECTION = [
-    "Trajectory of the teacher `runs/cnn-t0` (T* = epoch 10, by the information criterion):",
-    "",
-    "| Epoch | Fraction | Val % | I(X;F) | Score | |",
-    "|---|---|---:|---:|---:|---:|",
-    "| 5 | 0.25 | 71.20 | 1.500 | 0.400 | |",
-    "| 10 | 0.50 | 80.40 | 2.000 | 1.000 | T* |",
-    "",
-    "Spearman rank agreement: I(X;F) 0.900, score 0.800.",
-]
-
-
 def make_old_study(root, *, trajectories=1, name="old"):
     """A study from before the DB kept trajectories: analysis rows with only selected_epoch/analysis, students
-    without `serves`, and no run folders (a fresh clone)."""
+    without `serves`; its run folders (teacher_folder, analysis_file) are added by each test."""
     st = Study(root, name=name, trajectories=trajectories)
     p = "cnn->cnn"
     st.pair(p, ["none", "T0.5", "Tfull"])
@@ -647,56 +637,6 @@ def make_old_study(root, *, trajectories=1, name="old"):
                 st.student(p, v, [(t, s)], round(0.7 + gain + 0.002 * s + 0.001 * t, 4), old=True,
                            depends_on=[teacher])
     return st.build(), p
-
-
-def write_old_report(study, pair, headings):
-    lines = ["# Study report: old", "", "## Table 3: teacher checkpoints as teachers", "", "| stale |", "",
-             "## Teacher trajectories", ""]
-    for heading in headings:
-        lines += [heading, ""] + OLD_SECTION + [""]
-    lines += ["## Plots", "", f"![information plane, {pair}](plots/information_plane_cnn-cnn.png)", ""]
-    (study / "report.md").write_text("\n".join(lines), encoding="utf-8")
-    (study / "plots").mkdir()
-    (study / "plots" / "information_plane_cnn-cnn.png").write_bytes(png(0.5))
-
-
-def test_fresh_clone_carries_the_trajectory_section_verbatim(tmp_path):
-    study, pair = make_old_study(tmp_path)
-    write_old_report(study, pair, [f"### {pair}"])
-    kept_plot = (study / "plots" / "information_plane_cnn-cnn.png").read_bytes()
-    result = write_report(study, quiet=True)
-    report = (study / "report.md").read_text(encoding="utf-8")
-    assert result["carried_over"] == [f"### {pair}"]
-    body = "\n".join([f"### {pair}", "", CARRIED, ""] + OLD_SECTION) + "\n"
-    assert body in section(report, "## Teacher trajectories")
-    assert "| stale |" not in report  # only what cannot be rebuilt is carried
-    # the teacher plot of a run folder that is not here is kept and linked
-    target = study / "plots" / "information_plane_cnn-cnn.png"
-    assert str(target) in result["plots"] and target.read_bytes() == kept_plot
-    assert f"![information plane, {pair}](plots/information_plane_cnn-cnn.png)" in section(report, "## Plots")
-    # the old DB's students (no `serves`) are still paired and tabled
-    assert table3(report)["cnn"][3].strip("*") == summary([0.7, 0.703, 0.706])
-    before = files(study)
-    again = write_report(study, quiet=True)
-    assert again["carried_over"] == [f"### {pair}"]
-    assert files(study) == before  # report.md, results.csv and every PNG byte-identical
-
-
-def test_trajectory_sections_of_an_old_multi_trajectory_report_are_not_lost(tmp_path):
-    """BUG (study_report.py, write_report's trajectory loop, line 882 today: `heading = f"### {pair.name}" if
-    len(trajectories) == 1 else f"### {pair.name}, trajectory {t}"`, then `_carry(previous, heading)`): a report
-    written before trajectories had one `### <pair>` section per pair (the first teacher's), even for studies with
-    several teacher trajectories. Once the run folders are gone, the new report looks only for `### <pair>,
-    trajectory <t>` in the previous report, finds none, writes "the teacher of trajectory t has not been analysed
-    yet" and drops the old section: the report loses what it had. It should carry `### <pair>` over (e.g. into the
-    first trajectory's section, or under its old heading)."""
-    study, pair = make_old_study(tmp_path, trajectories=2)
-    write_old_report(study, pair, [f"### {pair}"])
-    result = write_report(study, quiet=True)
-    report = (study / "report.md").read_text(encoding="utf-8")
-    for line in OLD_SECTION:
-        assert line in report
-    assert result["carried_over"]
 
 
 def format2_analysis(epochs=20, saved=(5, 10, 15, 20), selected=10):
@@ -713,12 +653,127 @@ def format2_analysis(epochs=20, saved=(5, 10, 15, 20), selected=10):
             "agreement": {"spearman_i_xf": 0.9, "spearman_i_yf": None, "spearman_score": 0.8}}
 
 
+def analysis_file(study, teacher, **kwargs):
+    (study / "runs" / teacher / "analysis.json").write_text(json.dumps(format2_analysis(**kwargs)))
+
+
+def format2_rows(epochs=20, saved=(5, 10, 15, 20), selected=10):
+    """The trajectory table rows the report shows for format2_analysis(...) (no manifest here, so no test %)."""
+    rows = []
+    for e in saved:
+        cells = [str(e), f"{e / epochs:.2f}", pct(0.6 + e / 50), pct(0.5 + e / 100), EMPTY, pct(0.4 + e / 40),
+                 f"{0.3 + e / 100:.3f}", f"{2.0 - e / 20:.3f}", format(1.5 - e / 20, ".3g"),
+                 f"{1 + e / 10:.2f} ± 0.01", f"{1.5 + e / 100:.3f} ± 0.002", f"{e / 25:.2f} ± 0.01",
+                 "T*" if e == selected else ""]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def trajectory_body(report, heading) -> list[str]:
+    """The lines of one '### ' trajectory section, without its heading and the blank lines around it."""
+    body = section(report, "## Teacher trajectories").split(f"{heading}\n", 1)[1].split("\n### ", 1)[0]
+    return body.strip().splitlines()
+
+
+def test_a_fresh_clone_carries_the_trajectory_section_over(tmp_path):
+    """A report built from the teacher's run folder, then the study copied without runs/ (as git has it): the
+    section comes back from report.json with the same numbers, marked; report.md itself is never read back."""
+    study, pair = make_old_study(tmp_path)
+    teacher_folder(study, "cnn-t0", shade=0.25)
+    analysis_file(study, "cnn-t0")
+    first = write_report(study, quiet=True)
+    assert first["carried_over"] == []
+    rebuilt = trajectory_body((study / "report.md").read_text(encoding="utf-8"), f"### {pair}")
+    assert rebuilt[0].startswith("Trajectory 0 (`runs/cnn-t0-analysis`): T* = epoch 10 by info@train")
+    assert [line for line in rebuilt if line.startswith("| ") and line[2].isdigit()] == format2_rows()
+
+    clone = tmp_path / "clone"
+    shutil.copytree(study, clone, ignore=shutil.ignore_patterns("runs"))
+    (clone / "report.md").write_text("# stale\n\n### cnn->cnn\n\n| stale |\n", encoding="utf-8")
+    kept_plot = (clone / "plots" / "information_plane_cnn-cnn.png").read_bytes()
+    result = write_report(clone, quiet=True)
+    report = (clone / "report.md").read_text(encoding="utf-8")
+    assert result["carried_over"] == [f"### {pair}"]
+    assert trajectory_body(report, f"### {pair}") == [CARRIED, ""] + rebuilt
+    assert "| stale |" not in report
+    # the teacher plot of a run folder that is not here is kept and linked
+    target = clone / "plots" / "information_plane_cnn-cnn.png"
+    assert str(target) in result["plots"] and target.read_bytes() == kept_plot == png(0.25)
+    assert f"![information plane, {pair}](plots/information_plane_cnn-cnn.png)" in section(report, "## Plots")
+    # the old DB's students (no `serves`) are still paired and tabled
+    assert table3(report)["cnn"][3].strip("*") == summary([0.7, 0.703, 0.706])
+    before = files(clone)
+    again = write_report(clone, quiet=True)
+    assert again["carried_over"] == [f"### {pair}"]
+    assert files(clone) == before  # report.md, report.json, results.csv and every PNG byte-identical
+
+
+def test_a_report_never_loses_what_it_had(tmp_path):
+    """Two trajectories, each section rebuilt from its teacher's analysis.json; then one run folder goes, then the
+    other, then report.md and the plots as well: every report still has both sections, with the same lines."""
+    study, pair = make_old_study(tmp_path, trajectories=2)
+    for t, selected in ((0, 10), (1, 15)):
+        teacher_folder(study, f"cnn-t{t}")
+        analysis_file(study, f"cnn-t{t}", selected=selected)
+    headings = [f"### {pair}, trajectory {t}" for t in (0, 1)]
+    write_report(study, quiet=True)
+    report = (study / "report.md").read_text(encoding="utf-8")
+    first = {h: trajectory_body(report, h) for h in headings}
+    for t, (h, selected) in enumerate(zip(headings, (10, 15))):
+        assert first[h][0].startswith(f"Trajectory {t} (`runs/cnn-t{t}-analysis`): T* = epoch {selected} by")
+        assert [line for line in first[h] if line.startswith("| ") and line[2].isdigit()] == \
+            format2_rows(selected=selected)
+
+    shutil.rmtree(study / "runs" / "cnn-t1")
+    result = write_report(study, quiet=True)
+    report = (study / "report.md").read_text(encoding="utf-8")
+    assert result["carried_over"] == [headings[1]]
+    assert trajectory_body(report, headings[0]) == first[headings[0]]
+    assert trajectory_body(report, headings[1]) == [CARRIED, ""] + first[headings[1]]
+
+    shutil.rmtree(study / "runs")
+    (study / "report.md").unlink()
+    result = write_report(study, quiet=True)
+    report = (study / "report.md").read_text(encoding="utf-8")
+    assert result["carried_over"] == headings
+    for h in headings:
+        assert trajectory_body(report, h) == [CARRIED, ""] + first[h]
+    before = files(study)
+    write_report(study, quiet=True)
+    assert files(study) == before
+
+
+def test_a_damaged_report_json_is_refused(tmp_path):
+    """report.json may hold the only copy of a section: a damaged or foreign one stops the report with one line
+    naming it, and nothing is overwritten."""
+    study, pair = make_old_study(tmp_path)
+    teacher_folder(study, "cnn-t0")
+    analysis_file(study, "cnn-t0")
+    write_report(study, quiet=True)
+    data = study / "report.json"
+    text = data.read_text(encoding="utf-8")
+    assert json.loads(text)["pairs"][0]["trajectories"][0]["summary"]["selected_epoch"] == 10
+    for damaged, message in ((text.replace('"selected_epoch": 10', '"selected_epoch": 15'),
+                              "does not match its checksum"),
+                             (text[:len(text) // 2], "is not valid JSON"),
+                             (None, "is not a report.json this ckptkd can read")):
+        if damaged is None:
+            write_sealed_json(data, {"format": 99, "pairs": []})
+        else:
+            data.write_text(damaged, encoding="utf-8")
+        before = files(study)
+        with pytest.raises(UserError, match=message) as error:
+            write_report(study, quiet=True)
+        assert str(data) in str(error.value) and "\n" not in str(error.value)
+        assert files(study) == before
+    data.unlink()  # no report.json at all is an ordinary first report
+    assert write_report(study, quiet=True)["carried_over"] == []
+
+
 def test_rebuilt_sections_survive_the_run_folders_going_away(tmp_path):
     """Rebuilt from the teacher's analysis.json (old DB rows), then the run folders are deleted: the next report
     carries the very same lines over; rebuilt from the DB's trajectory metrics, deleting the folders changes
     nothing at all."""
-    import json
-
     study, pair = make_old_study(tmp_path)
     teacher_folder(study, "cnn-t0", shade=0.25)
     (study / "runs" / "cnn-t0" / "analysis.json").write_text(json.dumps(format2_analysis()))

@@ -3,8 +3,9 @@ run below a folder, and say what is damaged.
 
 Read-only: it changes nothing. For each run it checks the manifest's checksum, every checkpoint against the sha256
 the manifest records and against its own seal (its seal alone when the manifest is damaged), the resume state, the
-teacher caches, the analysis and its cache; for a study also the database (SQLite's integrity check) and that every
-finished task's folder is there. A temporary file a
+teacher caches, the analysis and its cache; for a study also the database (SQLite's integrity check), the report's
+data (report.json, which may hold the only copy of what a report carries over) and that every finished task's
+folder is there. A temporary file a
 killed write left behind is listed as harmless (the next --resume or run removes it).
 """
 
@@ -92,6 +93,10 @@ def _verify_study(path: Path, report: Report) -> None:
         return
     if problems != ["ok"]:
         report.damaged.append(f"study database {path / 'results.sqlite'} is damaged ({problems[0]})")
+    if (path / "report.json").exists():
+        from ..study.report.report_json import read_trajectories
+
+        _check(report, lambda: read_trajectories(path / "report.json"))  # its seal, and what a report reads of it
     seen = set()
     for _name, status, run_path, kind in rows:
         folder = path / run_path

@@ -1,0 +1,183 @@
+"""report.md: the report model as Markdown (no timestamps, so the same results give the same file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...formatting import EMPTY
+from .. import variants as variants_mod
+from .findings import paragraph
+from .model import Header, PairReport, Report
+from .plots import ACCURACY, Figures
+from .tables import TextTable, cache_table, comparison_table, ensemble_table, label, selection_table, table3, \
+    time_table, trajectory_table
+from .trajectories import Trajectory
+from .verdicts import GATE_POINTS
+
+CARRIED = "*Carried over from the previous report: the run folders it was built from are not here.*"
+
+
+def table(t: TextTable) -> list[str]:
+    align = ["---"] * t.text_columns + ["---:"] * (len(t.header) - t.text_columns)
+    lines = ["| " + " | ".join(t.header) + " |", "|" + "|".join(align) + "|"]
+    for row in t.rows:
+        lines.append("| " + " | ".join(f"**{text}**" if bold else text for text, bold in row) + " |")
+    return lines
+
+
+def trajectory_heading(pair: PairReport, trajectory: Trajectory) -> str:
+    if len(pair.trajectories) == 1:
+        return f"### {pair.name}"
+    return f"### {pair.name}, trajectory {trajectory.number}"
+
+
+def _header(h: Header) -> list[str]:
+    metric = ("the mean test accuracy of each student's last k epochs (k = `eval.last_k`, default 5)" if h.last_k
+              else "last-epoch test accuracy (this study predates the last-k mean)")
+    datasets = ", ".join(name + (f" ({100 * noise:g} % label noise)" if noise else "") for name, noise in h.datasets)
+    complete = h.status["complete"]
+    numbers = lambda values: ", ".join(map(str, values)) or EMPTY  # noqa: E731
+    lines = [f"# Study report: {h.name}", "",
+             f"- Data set: {datasets or 'unknown'}",
+             f"- Teacher trajectories: {len(h.trajectories)} (numbered {numbers(h.trajectories)}); student seeds: "
+             f"{numbers(h.seeds)} (students are paired by trajectory and seed: the same teacher run, initial weights "
+             "and batch order across variants)",
+             f"- Ensemble size M = {h.definitions.get('ensemble_size', EMPTY)}",
+             f"- Accuracy: {metric} in %. ± in tables is the sample standard deviation (ddof = 1) over the students "
+             "of a cell (over trajectories for teacher accuracy); (n=k) marks a cell with fewer completed runs than "
+             "planned, and with n=1 the std is undefined; ⚠k counts students whose run was flagged unhealthy "
+             "(see Run health), which are kept in the numbers, not hidden.",
+             f"- Paired comparisons: mean of the paired differences, a 95 % hierarchical bootstrap interval "
+             f"(trajectories, then seeds within them, resampled; 10,000 draws), a two-sided sign-flip randomisation "
+             f"test, and Holm's correction over the intermediate teachers. Gate: unless T^full beats no KD by at "
+             f"least {GATE_POINTS:g} points with its interval above 0, no teacher is ranked.",
+             f"- Runs: {h.runs} in results.sqlite, {complete} complete.", ""]
+    if h.description:
+        lines += [str(h.description).strip(), ""]
+    if complete < h.runs:
+        lines += [f"**{h.runs - complete} of {h.runs} runs are not complete** ("
+                  + ", ".join(f"{n} {s}" for s, n in h.status.items() if n and s != "complete")
+                  + "); cells use the completed runs only and show — where none completed.", ""]
+    lines += ["Variants:", ""] + [f"- **{label(v)}** (`{v}`): {variants_mod.parse(v).meaning(h.definitions)}"
+                                  for v in h.variants]
+    if h.curve:
+        lines.append("- **T@N** (`epoch<N>`): KD from the teacher's checkpoint at epoch N, for every saved "
+                     "checkpoint (the selection benchmark)")
+    return lines + [""]
+
+
+def _selection(pair: PairReport, plot: str) -> list[str]:
+    lines = [f"## Selection benchmark: {pair.name}", "",
+             "Every saved checkpoint of each trajectory taught a student (the `epoch<N>` variants), so the best "
+             "teacher in hindsight is known: the epoch whose students have the highest mean accuracy over seeds, "
+             "per trajectory. Regret: the accuracy of the student of a selector's pick minus that of the best "
+             "epoch's student with the same seed (0 is perfect, negative is lost); gain: minus T^full's student. "
+             "Mean ± SE over (trajectory, seed).", ""] + table(selection_table(pair, pair.selection))
+    return lines + ["", f"![Student accuracy against teacher epoch, {pair.name}](plots/{Path(plot).name})", "",
+                    "Student accuracy against the epoch of the checkpoint that taught it (mean ± SE over seeds, one "
+                    "line per trajectory), with each selector's pick marked on its trajectory's line.", ""]
+
+
+def _health(report: Report) -> list[str]:
+    lines = ["## Run health", ""]
+    if report.health.flagged:
+        lines += [f"{len(report.health.flagged)} completed runs were flagged (kept in every number above, marked ⚠):",
+                  ""]
+        for r in report.health.flagged:
+            details = "; ".join(f"{f['flag']} at epoch {f['epoch']}: {f['detail']}" for f in r.flags)
+            lines.append(f"- `{r.name}` ({r.what}): {details}")
+    elif report.health.assessed:
+        lines.append("No run was flagged: no training loss rose for several epochs and no training accuracy "
+                     "collapsed.")
+    else:
+        lines.append("This study predates run health checks: its runs were not assessed.")
+    return lines + [""]
+
+
+def _time(report: Report) -> list[str]:
+    time = report.time
+    span = (f" From the first run's start to the last run's end the study took {time.span_s / 60:.1f} minutes "
+            f"on {time.workers} worker process(es)." if time.span_s is not None else "")
+    fused = (f" {time.fused_groups} groups of runs were trained together (fused; `fuse` in study.yaml): each run of "
+             "a group is given an even share of the group's time." if time.fused_groups else "")
+    note = (f"Teacher caches: {time.caches_built} built ({time.cache_seconds:.0f} s, inside the KD-student times "
+            f"above) and reused {time.caches_reused} times." if time.caches_built or time.caches_reused
+            else "No teacher cache was used.")
+    return ["## Compute time", "", "Wall time of each completed run as the study measured it (this machine, "
+            "whatever else it was doing), summed by kind of run. A cache is built by the first student that needs "
+            f"it and reused by every later one.{fused}{span}", ""] + table(time_table(time)) + ["", note, ""]
+
+
+def _trajectory(pair: PairReport, t: Trajectory) -> list[str]:
+    if t.summary is None:
+        return [f"{pair.name}: the teacher of trajectory {t.number} has not been analysed yet."]
+    s = t.summary
+    rho = lambda key: "undefined" if s.agreement.get(key) is None else f"{s.agreement[key]:.3f}"  # noqa: E731
+    lines = [f"Trajectory {t.number} (`{t.path}`): T* = epoch {s.selected_epoch} by {s.criterion}, tied with "
+             f"{', '.join(str(e) for e in s.ties if e != s.selected_epoch) or 'none'}. Train %: the un-augmented "
+             f"training images in eval mode; confidence, p_t@τ (the tempered probability of the true class), "
+             f"non-target entropy (nats, at τ) and NC1 on the {s.split} split; I(X;F), I(Y;F) and the score: "
+             "mean ± SE over split seeds.", ""]
+    lines += table(trajectory_table(s))
+    lines += ["", f"Spearman rank agreement of the probe/decoder and kNN estimators across checkpoints: I(X;F) "
+                  f"{rho('spearman_i_xf')}, I(Y;F) {rho('spearman_i_yf')}, score {rho('spearman_score')}."]
+    return ([CARRIED, ""] if t.carried else []) + lines
+
+
+def render(report: Report, figures: Figures) -> str:
+    """report.md; `figures`: the plots written for it, which it links."""
+    lines = _header(report.header)
+    lines += ["## Findings", ""] + [line for pair in report.pairs for line in (paragraph(pair), "")]
+    lines += ["## Table 3: teacher checkpoints as teachers", "", "Best student accuracy of each row in bold; the "
+              "Average row is the mean of the per-pair means (shown only when every pair has a number).", ""]
+    lines += table(table3(report)) + [""]
+    compared = comparison_table(report)
+    if compared.rows:
+        lines += ["## Paired comparisons", "", "Δ: first minus second variant, in points, over students paired by "
+                  "(trajectory, seed). Holm p: adjusted over the intermediate teachers of a pair.", ""]
+        lines += table(compared) + [""]
+    ensembles = ensemble_table(report)
+    if ensembles.rows:
+        lines += ["## Full ensemble vs snapshot ensemble", "",
+                  "Teachers: the accuracy of the teacher ensemble, averaged over distinct teacher sets. Δ: difference "
+                  "of the student means in points; Snapshot better: paired students for which the snapshot won.", ""]
+        lines += table(ensembles) + [""]
+    if report.online:
+        lines += ["## Teacher cache: cached vs online teachers", "",
+                  "The same students (same seeds, so the same initial weights and batch order; the augmentation "
+                  "draws differ, since cached students draw among each image's banked views) distilled from teacher "
+                  "outputs looked up in the view-bank cache and from teachers run on every batch. Δ: cached − "
+                  "online in points and in pooled standard deviations; within seed noise when |Δ| is at most one "
+                  "pooled standard deviation. Cached better: paired students for which the cached one won, with the "
+                  "two-sided sign test of wins against losses.", ""]
+        lines += table(cache_table(report)) + [""]
+    for pair in report.pairs:
+        if pair.selection is not None:
+            lines += _selection(pair, figures.selection[pair.name])
+    lines += _health(report)
+    lines += _time(report)
+
+    lines += ["## Teacher trajectories", ""]
+    for pair in report.pairs:
+        if not pair.trajectories:
+            lines += [f"### {pair.name}", "", f"{pair.name}: the trajectory teacher has not completed yet.", ""]
+        for t in pair.trajectories:
+            lines += [trajectory_heading(pair, t), ""] + _trajectory(pair, t) + [""]
+
+    lines += ["## Plots", ""]
+    if figures.accuracy is not None:
+        lines += [f"![Student accuracy by variant](plots/{ACCURACY})", "",
+                  "Student test accuracy by variant: mean ± std (error bars), one dot per student; the dashed line "
+                  "and band are the no-KD baseline's mean ± std.", ""]
+    for pair in report.pairs:
+        for figure, path in figures.teacher.get(pair.name, []):
+            lines += [f"![{figure.replace('_', ' ')}, {pair.name}](plots/{Path(path).name})", ""]
+
+    if report.unfinished:
+        lines += ["## Runs not complete", ""]
+        for r in report.unfinished:
+            waits = f"; blocked by failed {', '.join(r.blocked_by)}" if r.blocked_by else ""
+            error = f": {r.error}" if r.error is not None else ""
+            lines.append(f"- `{r.name}` ({r.kind}, {r.status}, attempts: {r.attempts}{waits}){error}")
+        lines.append("")
+    return "\n".join(lines)
