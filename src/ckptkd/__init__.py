@@ -12,7 +12,7 @@ import os
 # OpenMP threads wait passively; it must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 # The public names, by where they live (layout by pipeline stage: data, models -> run -> teachers -> training ->
 # selection -> study -> cli).
