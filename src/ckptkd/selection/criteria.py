@@ -14,11 +14,11 @@ mean and a standard error, and checkpoints are compared seed by seed (the same i
 
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..stats import mean_se
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,6 @@ def criterion_key(name: str, split: str | None, analysis_split: str) -> str:
     return f"{name}@{split or CRITERIA[name].split or analysis_split}"
 
 
-def _mean_se(values: list[float]) -> tuple[float, float | None]:
-    return statistics.mean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
-
-
 def evaluate(checkpoints: list[dict], criterion: Criterion, split: str) -> dict:
     """The criterion on one split. `checkpoints`: [{"epoch", "val_acc", split: {"seeds": [{quantity: float|None}]}}].
 
@@ -68,7 +64,7 @@ def evaluate(checkpoints: list[dict], criterion: Criterion, split: str) -> dict:
         for seeds in per_seed.values():
             values = [s.get(quantity) for s in seeds if s.get(quantity) is not None]
             if values:
-                mean, se = _mean_se(values)
+                mean, se = mean_se(values)
                 means.append(mean)
                 ses.append(se or 0.0)
         if not criterion.normalise:
@@ -117,7 +113,7 @@ def evaluate(checkpoints: list[dict], criterion: Criterion, split: str) -> dict:
     for epoch in sorted(scores):
         common = sorted(scores[epoch].keys() & scores[best].keys())
         diffs = [scores[epoch][i] - scores[best][i] for i in common]
-        diff, diff_se = _mean_se(diffs) if diffs else (means[epoch] - means[best], None)
+        diff, diff_se = mean_se(diffs) if diffs else (means[epoch] - means[best], None)
         if epoch == best:
             tied = True
         elif diff_se:
@@ -125,7 +121,7 @@ def evaluate(checkpoints: list[dict], criterion: Criterion, split: str) -> dict:
         else:
             tied = diff >= 0.0
         ties += [epoch] if tied else []
-        mean, se = _mean_se(list(scores[epoch].values()))
+        mean, se = mean_se(list(scores[epoch].values()))
         rows.append({"epoch": epoch, "score": mean, "se": se, "diff": diff, "diff_se": diff_se, "tied": tied})
     val = {c["epoch"]: c.get("val_acc", -1.0) for c in checkpoints}
     t_star = max(ties, key=lambda e: (val.get(e) if val.get(e) is not None else -1.0, e))
