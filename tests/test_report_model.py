@@ -77,117 +77,185 @@ class Rows:
         return build(self.config, self.rows, {}, trajectories or {})
 
 
-def design(rows, pair, none, shifts):
+def design(rows, pair, none, shifts, trajectories=3):
     """Students of a pair: no KD by seed (one run serving every trajectory), each other variant by (t, s) as
     none[s] + shifts[variant][(t, s)] (in fractions)."""
     rows.pair(pair, ["none"] + list(shifts))
-    for t in range(3):
+    for t in range(trajectories):
         rows.teacher(pair, t, 0.75)
     for s in range(3):
-        rows.student(pair, "none", [(t, s) for t in range(3)], none[s])
+        rows.student(pair, "none", [(t, s) for t in range(trajectories)], none[s])
     for variant, shift in shifts.items():
-        for t, s in CELLS:
-            rows.student(pair, variant, [(t, s)], none[s] + shift[(t, s)])
+        for t in range(trajectories):
+            for s in range(3):
+                rows.student(pair, variant, [(t, s)], none[s] + shift(t, s))
 
 
-NONE = [0.70, 0.71, 0.69]
-GAIN = {(t, s): 0.02 + 0.001 * t - 0.0005 * s for t, s in CELLS}          # T^full − no KD: +1.9 to +2.2 points
-UP = {k: GAIN[k] + 0.01 + 0.0002 * (k[0] + k[1]) for k in CELLS}         # 1.0 to 1.08 points above T^full
-DOWN = {k: GAIN[k] - 0.008 - 0.0003 * k[1] for k in CELLS}               # 0.8 to 0.86 points below
-MIXED = {k: GAIN[k] + (0.03 if (k[0] + k[1]) % 2 else -0.025) for k in CELLS}  # +3 or −2.5 points: no verdict
+def t975(df: float) -> float:
+    from scipy import stats as scipy_stats
+
+    return float(scipy_stats.t.ppf(0.975, df))
 
 
-def test_comparisons_pair_students_by_trajectory_and_seed():
+def welch(a, b):
+    """mean(a) - mean(b) with its Welch interval, computed here (scipy's t quantile)."""
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    mean = statistics.mean(a) - statistics.mean(b)
+    half = t975(df) * (va + vb) ** 0.5
+    return mean, (mean - half, mean + half)
+
+
+def exact_permutation_p(a, b) -> float:
+    pooled, observed = list(a) + list(b), abs(statistics.mean(a) - statistics.mean(b))
+    splits = list(itertools.combinations(range(len(pooled)), len(a)))
+    extreme = sum(abs(statistics.mean([pooled[i] for i in g]) - statistics.mean(
+        [pooled[i] for i in range(len(pooled)) if i not in g])) >= observed - 1e-12 for g in splits)
+    return extreme / len(splits)
+
+
+NONE = [0.700, 0.701, 0.699]                                        # no KD: three runs within 0.1 points
+GAIN = lambda t, s: 0.02 + 0.001 * t - 0.0005 * s                     # T^full − no KD: about +2 points
+UP = lambda t, s: GAIN(t, s) + 0.01 + 0.0002 * (t + s)               # 1.0 to 1.2 points above T^full
+DOWN = lambda t, s: GAIN(t, s) - 0.008 - 0.0003 * s                  # 0.8 to 0.86 points below
+MIXED = lambda t, s: GAIN(t, s) + (0.03 if (t + s) % 2 else -0.025)  # +3 or −2.5 points: nothing settled
+
+
+def test_comparisons_are_made_at_the_independent_unit():
+    """A variant of the trajectory against one that serves every trajectory (no KD): its trajectory means against
+    the runs, each counted once; two variants of the trajectory: one difference per trajectory. The paired students
+    are kept for wins and losses, never as units."""
     rows = Rows()
     design(rows, "a->b", NONE, {"Tfull": GAIN, "T0.5": UP})
     rows.rows = [r for r in rows.rows if r["run_id"] != "a->b-T0.5-t2s1"]  # one cell missing
     pair = rows.build().pairs[0]
     gate = pair.comparisons["gate"]
     assert (gate.a, gate.b) == ("Tfull", "none")
-    # no KD's seed-s run pairs with T^full's student of (t, s) for every trajectory t
-    assert gate.diffs == pytest.approx({k: GAIN[k] for k in CELLS})
-    assert gate.mean == pytest.approx(100 * statistics.mean(GAIN.values()))
-    assert gate.p == pytest.approx(exact_p(list(gate.diffs.values())))
-    assert gate.signs == (9, 0, 0) and gate.holm is None
-    low, high = gate.ci_points
-    assert 100 * min(GAIN.values()) - 1e-9 <= low <= gate.mean <= high <= 100 * max(GAIN.values()) + 1e-9
+    assert gate.diffs == pytest.approx({(t, s): GAIN(t, s) for t, s in CELLS}) and gate.signs == (9, 0, 0)
+    means = [statistics.mean(NONE[s] + GAIN(t, s) for s in range(3)) for t in range(3)]
+    mean, ci = welch(means, NONE)
+    e = gate.estimate
+    assert (e.design, e.unit, e.n) == ("two-sample", "trajectory | run", (3, 3))
+    assert e.mean == pytest.approx(mean) and e.ci == pytest.approx(ci)
+    assert e.p == pytest.approx(exact_permutation_p(means, NONE)) and e.min_p == pytest.approx(2 / 20)
     middle = pair.comparisons["T0.5"]
     assert (middle.a, middle.b) == ("T0.5", "Tfull")
     assert sorted(middle.diffs) == [k for k in CELLS if k != (2, 1)]  # only cells both variants have
-    assert middle.diffs == pytest.approx({k: UP[k] - GAIN[k] for k in CELLS if k != (2, 1)})
+    units = [statistics.mean(UP(t, s) - GAIN(t, s) for s in range(3) if (t, s) != (2, 1)) for t in range(3)]
+    e = middle.estimate
+    assert (e.design, e.unit, e.n, e.df) == ("paired", "trajectory", 3, 2)
+    assert e.mean == pytest.approx(statistics.mean(units))
+    half = t975(2) * statistics.stdev(units) / 3 ** 0.5
+    assert e.ci == pytest.approx((e.mean - half, e.mean + half))
+    assert e.p == pytest.approx(exact_p(units)) == 0.25 and e.min_p == 0.25  # 3 units: 2 / 2^3 at best
     assert list(pair.comparisons) == ["gate", "T0.5"]
+
+
+def test_a_variant_of_one_trajectory_is_compared_within_it_too():
+    rows = Rows()
+    design(rows, "a->b", NONE, {"Tfull": GAIN, "T0.5": UP}, trajectories=1)
+    c = rows.build().pairs[0].comparisons["T0.5"]
+    assert c.estimate.n == 1 and c.estimate.ci is None and c.min_p == 1.0
+    within = [UP(0, s) - GAIN(0, s) for s in range(3)]
+    assert c.within.unit == "seed within trajectory 0" and c.within.n == 3
+    assert c.within.mean == pytest.approx(statistics.mean(within)) and c.within.p == pytest.approx(exact_p(within))
 
 
 def test_intermediate_teachers_share_one_holm_correction():
     rows = Rows()
-    design(rows, "a->b", NONE, {"Tfull": GAIN, "T0.3": DOWN, "T0.5": UP, "T0.7": MIXED, "Tstar": UP})
+    design(rows, "a->b", NONE, {"Tfull": GAIN, "T0.3": DOWN, "T0.5": UP, "T0.7": MIXED, "Tstar": UP},
+           trajectories=7)
     pair = rows.build().pairs[0]
-    raw = {v: exact_p([shift[k] - GAIN[k] for k in CELLS]) for v, shift in (("T0.3", DOWN), ("T0.5", UP),
-                                                                            ("T0.7", MIXED))}
+    units = lambda shift: [statistics.mean(shift(t, s) - GAIN(t, s) for s in range(3)) for t in range(7)]
+    raw = {v: exact_p(units(shift)) for v, shift in (("T0.3", DOWN), ("T0.5", UP), ("T0.7", MIXED))}
     adjusted = holm(raw)
-    assert raw["T0.5"] == pytest.approx(2 / 512)
+    assert raw["T0.5"] == pytest.approx(2 / 128)
     for v in raw:
         assert pair.comparisons[v].p == pytest.approx(raw[v])
         assert pair.comparisons[v].holm == pytest.approx(adjusted[v])
-    assert pair.comparisons["T0.5"].holm == pytest.approx(3 * 2 / 512)
+        assert pair.comparisons[v].min_p == pytest.approx(3 * 2 / 128)  # Holm's first step: 3 times the least p
+    assert pair.comparisons["T0.5"].holm == pytest.approx(3 * 2 / 128)
     # T* is compared with T^full on its own: no correction
-    assert pair.comparisons["Tstar"].holm is None and pair.comparisons["Tstar"].p == pytest.approx(2 / 512)
+    assert pair.comparisons["Tstar"].holm is None and pair.comparisons["Tstar"].p == pytest.approx(2 / 128)
     assert list(pair.comparisons) == ["gate", "T0.3", "T0.5", "T0.7", "Tstar"]
 
 
 def test_verdicts():
     rows = Rows()
-    design(rows, "confirmed->x", NONE, {"Tfull": GAIN, "T0.3": DOWN, "T0.5": UP, "T0.7": MIXED, "Tstar": DOWN})
-    design(rows, "refuted->x", NONE, {"Tfull": GAIN, "T0.3": DOWN, "T0.5": DOWN})
-    design(rows, "open->x", NONE, {"Tfull": GAIN, "T0.3": DOWN, "T0.5": MIXED})
-    small = {k: 0.003 + 0.0002 * k[1] for k in CELLS}  # KD gains 0.3 to 0.34 points: above 0, below the gate
-    design(rows, "nokd->x", NONE, {"Tfull": small, "T0.5": UP})
+    design(rows, "confirmed->x", NONE, {"Tfull": GAIN, "T0.3": DOWN, "T0.5": UP, "T0.7": MIXED, "Tstar": DOWN},
+           trajectories=7)
+    design(rows, "equivalent->x", NONE, {"Tfull": GAIN, "T0.3": DOWN, "T0.5": DOWN}, trajectories=7)
+    design(rows, "open->x", NONE, {"Tfull": GAIN, "T0.3": DOWN, "T0.5": MIXED}, trajectories=7)
+    design(rows, "unresolvable->x", NONE, {"Tfull": GAIN, "T0.3": UP, "T0.5": UP})  # 3 trajectories
+    small = lambda t, s: 0.003 + 0.0002 * s  # KD gains 0.3 to 0.34 points: interval above 0, below the gate
+    design(rows, "below->x", NONE, {"Tfull": small, "T0.5": UP}, trajectories=7)
     design(rows, "nobase->x", NONE, {"Tfull": GAIN, "T0.5": UP})
     rows.rows = [r for r in rows.rows if (r["group"]["pair"], r["group"].get("variant")) != ("nobase->x", "none")]
     rows.config["pairs"][-1]["variants"].remove("none")
     report = rows.build()
     findings = {p.name: p.finding for p in report.pairs}
-    assert {name: f.verdict for name, f in findings.items()} == {
-        "confirmed->x": "confirmed", "refuted->x": "refuted at this scale", "open->x": "inconclusive",
-        "nokd->x": "inconclusive", "nobase->x": "inconclusive"}
-    assert [f.gate for f in findings.values()] == ["passed", "passed", "passed", "failed", "missing"]
+    cannot = "design cannot resolve: 3 trajectories, smallest attainable p = 0.5 after Holm's correction over 2"
+    assert {name: str(f.verdict) for name, f in findings.items()} == {
+        "confirmed->x": "confirmed", "equivalent->x": "no gain larger than 0.3 points",
+        "open->x": "inconclusive (no intermediate teacher is confirmed, and a gain of 0.3 points is not ruled out "
+                   "for all)",
+        "unresolvable->x": f"inconclusive ({cannot})",
+        "below->x": "inconclusive (KD helped by less than the 0.5-point gate)",
+        "nobase->x": "inconclusive (no no-KD and T^full students to compare)"}
+    assert [f.gate for f in findings.values()] == ["passed", "passed", "passed", "passed", "below", "missing"]
     confirmed = findings["confirmed->x"]
     assert confirmed.intermediate == ["T0.3", "T0.5", "T0.7"] and confirmed.winners == ["T0.5"]
     assert confirmed.best == "T0.5"
-    assert confirmed.claims == {"T0.3": "refuted at this scale", "T0.5": "confirmed", "T0.7": "inconclusive",
-                                "Tstar": "refuted at this scale"}
+    assert {k: str(c) for k, c in confirmed.claims.items()} == {
+        "T0.3": "worse", "T0.5": "confirmed",
+        "T0.7": "inconclusive (the interval holds both 0 and a gain of 0.3 points)", "Tstar": "worse"}
     assert confirmed.also == [("Tstar", "T*")]
-    # a failed gate ranks nothing, whatever the intermediate teachers did
-    assert findings["nokd->x"].intermediate == [] and findings["nokd->x"].claims == {}
-    assert findings["open->x"].claims == {"T0.3": "refuted at this scale", "T0.5": "inconclusive"}
+    # a gate below its bar ranks nothing, but every comparison's own claim is still made
+    assert str(findings["below->x"].claims["T0.5"]) == "confirmed"
+    assert str(findings["unresolvable->x"].claims["T0.5"]) == f"inconclusive ({cannot})"
 
 
 def test_the_gate_needs_half_a_point_with_the_interval_above_zero():
-    def gate(gains):
+    def gate(gains, trajectories=7):
         rows = Rows()
-        design(rows, "a->b", NONE, {"Tfull": gains, "T0.5": UP})
+        design(rows, "a->b", NONE, {"Tfull": gains, "T0.5": UP}, trajectories)
         pair = rows.build().pairs[0]
         return pair.finding.gate, pair.comparisons["gate"]
 
-    assert gate({k: 0.0051 + 0.0001 * k[1] for k in CELLS})[0] == "passed"    # 0.51 to 0.53 points
-    assert gate({k: 0.0045 + 0.0001 * k[1] for k in CELLS})[0] == "failed"    # CI above 0, mean below 0.5
-    assert gate({k: -0.01 for k in CELLS})[0] == "failed"
-    # +5 points on 4 pairs, −3 on 5: a mean of +0.56 points, but an interval reaching below 0
-    verdict, comparison = gate({k: 0.05 if (k[0] + k[1]) % 2 else -0.03 for k in CELLS})
-    assert comparison.mean == pytest.approx(100 * (4 * 0.05 - 5 * 0.03) / 9) and comparison.ci_points[0] < 0
-    assert verdict == "failed"
+    assert gate(lambda t, s: 0.0051 + 0.0001 * s)[0] == "passed"    # 0.51 to 0.53 points
+    assert gate(lambda t, s: 0.0045 + 0.0001 * s)[0] == "below"     # interval above 0, mean below 0.5
+    assert gate(lambda t, s: -0.01)[0] == "failed"
+    assert gate(lambda t, s: 0.03, trajectories=1)[0] == "unresolved"  # one trajectory: no interval
+    # +5 points on some students, −3 on others: a mean above 0.5 points, but an interval reaching below 0
+    state, comparison = gate(lambda t, s: 0.05 if (t + s) % 2 else -0.03)
+    assert comparison.mean > 0.5 and comparison.ci_points[0] < 0
+    assert state == "failed"
 
 
 def test_claim_words():
-    def c(mean, low, high, p, holm=None):
-        return Comparison("a", "b", {(0, 0): mean / 100, (0, 1): mean / 100}, (low / 100, high / 100), p, holm)
+    from ckptkd.stats import UnitEstimate
 
-    assert claim(c(1.0, 0.2, 1.8, 0.01)) == "confirmed"
-    assert claim(c(1.0, 0.2, 1.8, 0.01, holm=0.06)) == "inconclusive"  # the adjusted p decides where there is one
-    assert claim(c(1.0, -0.1, 1.8, 0.01)) == "inconclusive"
-    assert claim(c(-1.0, -1.8, 0.4, 0.01)) == "refuted at this scale"
-    assert claim(c(0.0, -0.6, 0.6, 0.9)) == "inconclusive"
-    assert claim(Comparison("a", "b", {}, None, 1.0)) == "inconclusive"
+    def c(mean, low, high, p, holm=None, n=8, family=1):
+        estimate = UnitEstimate("paired", "trajectory", n, mean / 100, (low / 100, high / 100), n - 1, p,
+                                2 / 2 ** n)
+        return Comparison("a", "b", {(0, 0): mean / 100}, estimate, holm=holm, family=family, trajectories=n)
+
+    assert str(claim(c(1.0, 0.2, 1.8, 0.01))) == "confirmed"
+    assert str(claim(c(-1.0, -1.8, -0.2, 0.01))) == "worse"
+    assert str(claim(c(1.0, 0.2, 1.8, 0.01, holm=0.06))) == (  # the adjusted p decides where there is one
+        "inconclusive (the interval holds both 0 and a gain of 0.3 points)")
+    assert str(claim(c(1.0, -0.1, 1.8, 0.01))) == "inconclusive (the interval holds both 0 and a gain of 0.3 points)"
+    assert str(claim(c(-0.5, -0.9, 0.2, 0.2))) == "no gain larger than 0.3 points"
+    assert str(claim(c(-0.5, -0.9, 0.2, 0.2), margin=0.1)) == (
+        "inconclusive (the interval holds both 0 and a gain of 0.1 points)")
+    # three units cannot reach p < 0.05: a clear interval above 0 is still no confirmation
+    assert str(claim(c(1.0, 0.2, 1.8, 0.25, n=3))) == (
+        "inconclusive (design cannot resolve: 3 trajectories, smallest attainable p = 0.25)")
+    assert str(claim(c(1.0, 0.2, 1.8, 0.03, n=6, family=3))).startswith(
+        "inconclusive (design cannot resolve: 6 trajectories, smallest attainable p = 0.0938 after Holm")
+    assert str(claim(Comparison("a", "b", {}, None))) == "inconclusive (no students of both variants)"
+    same = Comparison("Tstar", "Tfull", {(0, 0): 0.0}, c(0, 0, 0, 1).estimate, same_runs=3, trajectories=3)
+    assert str(claim(same)) == "the same runs"
 
 
 def test_cell_counts_and_the_average_row():

@@ -30,11 +30,13 @@ STUDY_DEFAULTS: dict[str, Any] = {
     "compare_online": [],
     "max_attempts": 3,
     "fuse": "auto",
+    "margin": 0.3,
     "pairs": [],
 }
 
 # Study keys that say how the grid is run, not what it computes: a study resumes under another setting of them.
-HOW_KEYS = ("description", "fuse")
+# (`margin`, the equivalence margin of the report's verdicts in points, only changes how results are read.)
+HOW_KEYS = ("description", "fuse", "margin")
 
 
 def _fuse(v):
@@ -68,6 +70,7 @@ STUDY_FIELDS = {
     "compare_online": list_of(lambda v: "a variant other than none" if v == "none" else variants_mod.check(v)),
     "max_attempts": integer(1, 100),
     "fuse": _fuse,
+    "margin": number(0.0, 100.0, lo_open=True),
 }
 
 

@@ -55,4 +55,4 @@ def write_report(study: str | Path, *, console: Console | None = None,
     if not quiet:
         terminal.show(report, console or terminal_console(), str(paths["report"]), headings)
     return {"report": str(paths["report"]), "csv": str(paths["csv"]), "plots": figures.paths(),
-            "carried_over": headings, "verdicts": {pair.name: pair.finding.verdict for pair in report.pairs}}
+            "carried_over": headings, "verdicts": {pair.name: str(pair.finding.verdict) for pair in report.pairs}}

@@ -47,9 +47,18 @@ def _header(h: Header) -> list[str]:
              "of a cell (over trajectories for teacher accuracy); (n=k) marks a cell with fewer completed runs than "
              "planned, and with n=1 the std is undefined; ⚠k counts students whose run was flagged unhealthy "
              "(see Run health), which are kept in the numbers, not hidden.",
-             f"- Paired comparisons: mean of the paired differences, a 95 % hierarchical bootstrap interval "
-             f"(trajectories, then seeds within them, resampled; 10,000 draws), a two-sided sign-flip randomisation "
-             f"test, and Holm's correction over the intermediate teachers. Gate: unless T^full beats no KD by at "
+             "- Comparisons are made at the unit that is independent: the trajectory when both variants depend on "
+             "the teacher trajectory (one difference per trajectory, the mean over its seeds), the seed when neither "
+             "does, and trajectory means against runs when one variant is one run per seed serving every trajectory "
+             "(no KD, a full ensemble of the same members). Intervals: 95 %, Student t with n − 1 degrees of "
+             "freedom (paired units) or Welch (two samples); p: an exact sign-flip (paired) or permutation (two "
+             "samples) test over those units, Holm-corrected over the intermediate teachers; each comparison states "
+             "its unit, n and the smallest p its units can reach. Wins / losses count the paired students, which "
+             "are not independent.",
+             f"- Verdicts: *confirmed* (p < 0.05 and the interval above 0), *worse* (below 0), *no gain larger "
+             f"than {h.margin:g} points* (the interval ends below the equivalence margin, the paper's average gain "
+             f"of T^0.5 over T^full unless the study sets `margin`), or *inconclusive*, saying why (\"design cannot "
+             f"resolve\" when the smallest attainable p is not below 0.05). Gate: unless T^full beats no KD by at "
              f"least {GATE_POINTS:g} points with its interval above 0, no teacher is ranked.",
              f"- Runs: {h.runs} in results.sqlite, {complete} complete.", ""]
     if h.description:
@@ -133,8 +142,10 @@ def render(report: Report, figures: Figures) -> str:
     lines += table(table3(report)) + [""]
     compared = comparison_table(report)
     if compared.rows:
-        lines += ["## Paired comparisons", "", "Δ: first minus second variant, in points, over students paired by "
-                  "(trajectory, seed). Holm p: adjusted over the intermediate teachers of a pair.", ""]
+        lines += ["## Comparisons", "", "Δ: first minus second variant, in points, estimated at the unit in the "
+                  "third column (n in words). Holm p: adjusted over the intermediate teachers of a pair. Smallest p: "
+                  "the smallest p the units can reach (after Holm where it applies). Wins / ties / losses: over "
+                  "students paired by (trajectory, seed), not independent.", ""]
         lines += table(compared) + [""]
     ensembles = ensemble_table(report)
     if ensembles.rows:

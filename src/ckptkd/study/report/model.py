@@ -18,7 +18,7 @@ from .comparisons import Comparison, pair_comparisons
 from .rows import Durations, PairRows, done, flags, pair_rows
 from .selection import SelectionBenchmark, selection_benchmark
 from .trajectories import Trajectory, TrajectorySummary, is_summary
-from .verdicts import Finding, finding
+from .verdicts import DEFAULT_MARGIN, Finding, finding
 
 TIME_PARTS = ("teacher training", "checkpoint analysis", "students, no KD", "KD students, cached teachers",
               "KD students, teachers online")
@@ -42,7 +42,8 @@ class Header:
     """The study as a whole. `definitions`: the study.yaml settings that define the variants (ensemble_size,
     snapshot), as written; `datasets`: (name, label noise fraction) of the teachers' data, distinct, in pair order;
     `variants`: every pair's variants but the epoch<N> ones, ordered; `curve`: whether any pair has epoch<N>
-    students; `status`: how many runs the database has in each status."""
+    students; `status`: how many runs the database has in each status; `margin`: the equivalence margin in points
+    (study key `margin`)."""
     name: str
     description: str | None
     datasets: list[tuple[str, float]]
@@ -54,6 +55,7 @@ class Header:
     status: dict[str, int]
     variants: list[str]
     curve: bool
+    margin: float = DEFAULT_MARGIN
 
 
 @dataclass
@@ -226,7 +228,8 @@ def _header(config: dict, rows: list[dict], pairs: list[PairRows]) -> Header:
         last_k=any((r["metrics"] or {}).get("test_acc_last_k") is not None for r in students), runs=len(rows),
         status={s: sum(r["status"] == s for r in rows) for s in ("complete", "pending", "running", "failed")},
         variants=variants,
-        curve=any(variants_mod.parse(v).base == "epoch" for p in pairs for v in p.variants))
+        curve=any(variants_mod.parse(v).base == "epoch" for p in pairs for v in p.variants),
+        margin=config.get("margin", DEFAULT_MARGIN))
 
 
 def _cells(pair: PairRows) -> dict[str, Cell]:
@@ -335,7 +338,7 @@ def build(config: dict, rows: list[dict], blocked: dict[str, list[str]], traject
         lead = next((r for r in g.teachers if r["status"] == "complete"), None)
         pairs.append(PairReport(
             g.name, g.teacher_model, g.student_model, g.variants, Cell(g.teacher_accuracy()), cells, comparisons,
-            finding(g.variants, comparisons), _ensemble(g, cells), _cache(g, online, cells, durations),
+            finding(g.variants, comparisons, config.get("margin", DEFAULT_MARGIN)), _ensemble(g, cells), _cache(g, online, cells, durations),
             selection_benchmark(g), _trajectories(g, trajectories), lead["path"] if lead is not None else None))
 
     columns = variants_mod.ordered({v for p in pairs for v in p.variants if variants_mod.parse(v).table == "table3"})

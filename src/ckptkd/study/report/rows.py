@@ -70,6 +70,18 @@ class PairRows:
         """(trajectory, seed) -> accuracy of the completed students of a variant: what comparisons pair up."""
         return {k: accuracy(r["metrics"]) for k, r in sorted(self.students.get(variant, {}).items()) if done(r)}
 
+    def run_ids(self, variant: str) -> dict[tuple[int, int], str]:
+        """(trajectory, seed) -> the run that fills the cell, for the completed students of a variant."""
+        return {k: r["run_id"] for k, r in sorted(self.students.get(variant, {}).items()) if done(r)}
+
+    def shared(self, variant: str) -> bool:
+        """Whether the variant's runs serve several trajectories (no KD, a full ensemble of the same members): its
+        unit is then the run, not the trajectory."""
+        trajectories: dict[str, set[int]] = {}
+        for (t, _s), run_id in self.run_ids(variant).items():
+            trajectories.setdefault(run_id, set()).add(t)
+        return any(len(ts) > 1 for ts in trajectories.values())
+
     def values(self, variant: str) -> list[float]:
         """One value per distinct run (a run serving several trajectories counts once)."""
         seen = {}

@@ -14,6 +14,7 @@ from ... import stats
 from ...formatting import EMPTY, percent, points
 from .. import variants as variants_mod
 from .comparisons import Comparison
+from .verdicts import units_text
 from .model import Cell, ComputeTime, PairReport, Report
 from .selection import SelectionBenchmark
 from .trajectories import TrajectorySummary
@@ -56,6 +57,12 @@ def ci_text(c: Comparison) -> str:
     return EMPTY if c.ci_points is None else f"[{points(c.ci_points[0])}, {points(c.ci_points[1])}]"
 
 
+def p_text(c: Comparison) -> str:
+    """The test's p, Holm-adjusted where it has a family, and the smallest p the design can reach."""
+    held = f", Holm {c.holm:.3g}" if c.holm is not None else ""
+    return f"p = {c.p:.3g}{held}, smallest attainable {c.min_p:.3g}"
+
+
 def student_name(pair: PairReport) -> str:
     # Two pairs of the same models (e.g. a label-noise control) are told apart by the pair's name.
     if pair.name == f"{pair.teacher_model}->{pair.student_model}":
@@ -79,19 +86,22 @@ def table3(report: Report) -> TextTable:
 
 
 def comparison_table(report: Report) -> TextTable:
-    header = ["Pair", "Comparison", "Pairs", "Mean Δ (points)", "95 % CI", "Wins / ties / losses", "p", "Holm p"]
+    header = ["Pair", "Comparison", "Unit (n)", "Mean Δ (points)", "95 % CI", "p", "Holm p", "Smallest p",
+              "Wins / ties / losses", "Claim"]
     rows = []
     for pair in report.pairs:
         for key, c in pair.comparisons.items():
             what = f"{label(c.a)} − {label(c.b)}" + (" (gate)" if key == "gate" else "")
-            if not c.diffs:
-                rows.append([(pair.name, False), (what, False)] + [(EMPTY, False)] * 6)
+            if c.estimate is None:
+                rows.append([(pair.name, False), (what, False)] + [(EMPTY, False)] * 8)
                 continue
             wins, ties, losses = c.signs
-            rows.append([(pair.name, False), (what, False), (str(len(c.diffs)), False), (points(c.mean), False),
-                         (ci_text(c), False), (f"{wins} / {ties} / {losses}", False), (f"{c.p:.3f}", False),
-                         (EMPTY if c.holm is None else f"{c.holm:.3f}", False)])
-    return TextTable("Paired comparisons: student accuracy differences", header, rows, 2)
+            claim = "gate" if key == "gate" else str(pair.finding.claims.get(key, EMPTY))
+            rows.append([(pair.name, False), (what, False), (units_text(c), False), (points(c.mean), False),
+                         (ci_text(c), False), (f"{c.p:.3g}", False), (EMPTY if c.holm is None else f"{c.holm:.3g}",
+                                                                     False),
+                         (f"{c.min_p:.3g}", False), (f"{wins} / {ties} / {losses}", False), (claim, False)])
+    return TextTable("Comparisons at the independent unit: student accuracy differences", header, rows, 2)
 
 
 def ensemble_table(report: Report) -> TextTable:

@@ -1,0 +1,100 @@
+"""ckptkd.stats: Student's t without scipy (checked against scipy), the exact randomisation tests, and — by
+simulation — that intervals made at the independent unit cover a true difference of zero as often as they claim,
+where intervals over pseudo-replicated pairs do not."""
+
+import itertools
+import math
+import shutil
+import statistics
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from ckptkd import stats
+from conftest import REPO
+
+
+@pytest.mark.parametrize("df", [1, 2, 2.94, 4, 7.5, 30, 400])
+def test_student_t_matches_scipy(df):
+    for q in (0.6, 0.9, 0.975, 0.995):
+        assert stats.t_quantile(q, df) == pytest.approx(scipy_stats.t.ppf(q, df), abs=1e-8)
+        assert stats.t_quantile(1 - q, df) == pytest.approx(scipy_stats.t.ppf(1 - q, df), abs=1e-8)
+    for t in (-4.0, -0.3, 0.0, 0.8, 2.5, 12.0):
+        assert stats.t_sf(t, df) == pytest.approx(scipy_stats.t.sf(t, df), abs=1e-10)
+
+
+def test_exact_randomisation_tests_and_the_smallest_p_they_can_reach():
+    assert stats.sign_flip_p([0.1, 0.2, 0.3]) == pytest.approx(2 / 8)  # all one sign: the least p of 3 units
+    assert stats.sign_flip_p([0.1, -0.2, 0.3]) == pytest.approx(
+        np.mean([abs(np.mean(np.array(s) * [0.1, -0.2, 0.3])) >= abs(np.mean([0.1, -0.2, 0.3])) - 1e-12
+                 for s in itertools.product((1, -1), repeat=3)]))
+    assert stats.permutation_p([1.0, 1.1, 1.2], [0.0, 0.1, 0.2]) == pytest.approx(2 / math.comb(6, 3))
+    paired = stats.paired_units([0.1, 0.2, 0.3], "trajectory")
+    assert (paired.n, paired.df, paired.min_p) == (3, 2, 0.25)
+    assert stats.paired_units([0.1] * 7, "trajectory").min_p == pytest.approx(2 / 128)
+    two = stats.two_sample_units([1.0, 1.1, 1.2], [0.0, 0.1, 0.3], "trajectory | run")
+    assert two.n == (3, 3) and two.min_p == pytest.approx(0.1)
+    welch = scipy_stats.ttest_ind([1.0, 1.1, 1.2], [0.0, 0.1, 0.3], equal_var=False)
+    assert two.df == pytest.approx(welch.df)
+    low, high = welch.confidence_interval(0.95)
+    assert two.ci == pytest.approx((low, high))
+    single = stats.paired_units([0.4], "trajectory")
+    assert single.ci is None and single.min_p == 1.0 and single.p == 1.0
+
+
+def _simulated_studies(n: int = 1000, trajectories: int = 3, seeds: int = 3, seed: int = 7):
+    """Studies with no true difference between the variants: a trajectory (teacher) effect, a seed effect that a
+    seed's students share (initial weights, batch order), run noise; b either of the trajectory too (its own
+    checkpoint of the same teacher) or one run per seed serving every trajectory (no KD)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        tau = rng.normal(0, 0.3, trajectories)
+        zeta = rng.normal(0, 0.2, seeds)
+        a = 85 + tau[:, None] + zeta[None, :] + rng.normal(0, 0.15, (trajectories, seeds))
+        b_paired = (85 + 0.8 * tau[:, None] + rng.normal(0, 0.15, trajectories)[:, None] + zeta[None, :]
+                    + rng.normal(0, 0.15, (trajectories, seeds)))
+        b_shared = 85 + zeta + rng.normal(0, 0.3, seeds)
+        yield a, b_paired, b_shared
+
+
+def test_unit_level_intervals_cover_zero_as_often_as_they_claim_and_pseudo_replicated_ones_do_not():
+    """1,000 simulated studies of 3 trajectories x 3 seeds with no true effect: the 95 % intervals at the
+    independent unit cover 0 in at least 93 % of them, for both designs; an interval that counts the 9 (trajectory,
+    seed) pairs as independent (what 0.3 reported) covers it far less often."""
+    covered = {"paired": 0, "shared": 0, "pairs as units (paired)": 0, "pairs as units (shared)": 0}
+    n = 0
+    for a, b_paired, b_shared in _simulated_studies():
+        n += 1
+        paired = stats.paired_units(list((a - b_paired).mean(axis=1)), "trajectory")
+        shared = stats.two_sample_units(list(a.mean(axis=1)), list(b_shared), "trajectory | run")
+        covered["paired"] += paired.ci[0] <= 0 <= paired.ci[1]
+        covered["shared"] += shared.ci[0] <= 0 <= shared.ci[1]
+        for name, diffs in (("pairs as units (paired)", (a - b_paired).ravel()),
+                            ("pairs as units (shared)", (a - b_shared[None, :]).ravel())):
+            naive = stats.paired_units(list(diffs), "pair")
+            covered[name] += naive.ci[0] <= 0 <= naive.ci[1]
+    rates = {k: v / n for k, v in covered.items()}
+    assert rates["paired"] >= 0.93 and rates["shared"] >= 0.93, rates
+    assert rates["pairs as units (paired)"] < 0.90 and rates["pairs as units (shared)"] < 0.90, rates
+
+
+def test_the_pseudo_replicated_gate_of_the_committed_fashion_study_is_tested_at_its_units(tmp_path):
+    """results/fashion-kd: its no-KD runs (3, one per seed) each serve all 3 trajectories. 0.3 counted 9 pairs and
+    reported the KD gate at p = 0.004; at the units that are independent (3 trajectory means against 3 runs) the
+    smallest p the design can reach is 0.1."""
+    from ckptkd.study.report import write_report
+
+    study = tmp_path / "fashion-kd"
+    shutil.copytree(REPO / "results" / "fashion-kd", study, ignore=shutil.ignore_patterns("plots"))
+    write_report(study, quiet=True)
+    import json
+
+    report = json.loads((study / "report.json").read_text())
+    gate = {p["name"]: p["comparisons"]["gate"] for p in report["pairs"]}["cnn->cnn"]
+    old_p = stats.sign_flip_p([d for *_k, d in gate["diffs"]])
+    assert old_p == pytest.approx(2 / 512) and len(gate["diffs"]) == 9  # the 9 pairs 0.3 tested
+    e = gate["estimate"]
+    assert (e["design"], e["unit"], e["n"]) == ("two-sample", "trajectory | run", [3, 3])
+    assert e["min_p"] == pytest.approx(0.1) and e["p"] >= 0.1
+    assert statistics.mean(d for *_k, d in gate["diffs"]) == pytest.approx(e["mean"])
