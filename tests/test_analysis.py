@@ -40,7 +40,8 @@ def test_analysis_has_both_splits_per_checkpoint_with_seeded_estimates(analysed)
                 estimate = r[split]["estimates"][quantity]
                 values = [s[quantity] for s in r[split]["seeds"]]
                 assert estimate["n"] == 3 and estimate["mean"] == pytest.approx(sum(values) / 3)
-                assert estimate["se"] == pytest.approx(statistics.stdev(values) / math.sqrt(3))
+                # overlapping splits: Nadeau & Bengio's corrected SE, sd * sqrt(1/K + 0.3/0.7)
+                assert estimate["se"] == pytest.approx(statistics.stdev(values) * math.sqrt(1 / 3 + 0.3 / 0.7))
             assert len(r[split]["soft_matrix"]) == 10 and abs(sum(r[split]["soft_matrix"][0]) - 1.0) < 1e-4
     assert analysis["split"] == "train" and analysis["splits"]["val"]["n"] == 143
     assert analysis["selected"]["criterion"] == "info@train"
@@ -143,7 +144,8 @@ def test_estimator_subset_keeps_every_class_share():
 
 
 def test_t_star_is_stable_across_estimator_seeds_on_the_digits_teacher(tmp_path):
-    """configs/digits_teacher.yaml's trajectory: T* of 5 estimator seeds lies in one tie set at least 4 times."""
+    """configs/digits_teacher.yaml's trajectory: for at least 4 of 5 estimator seeds, T* is the most common T* or
+    has it in its tie set."""
     from ckptkd import train
 
     from conftest import REPO
@@ -151,8 +153,11 @@ def test_t_star_is_stable_across_estimator_seeds_on_the_digits_teacher(tmp_path)
     run = train(str(REPO / "configs" / "digits_teacher.yaml"), out=tmp_path / "t", quiet=True,
                 overrides={"log.progress": False, "log.tensorboard": False, "device": "cpu"})
     picks = [analyze(run.path, seed=seed, plots=False, quiet=True)["selected"] for seed in range(5)]
-    agreeing = max(sum(p["epoch"] in reference["ties"] for p in picks) for reference in picks)
-    assert agreeing >= 4, [(p["epoch"], p["ties"]) for p in picks]
+    epochs = [p["epoch"] for p in picks]
+    mode = max(set(epochs), key=epochs.count)
+    # the same T* as the most common one, or that one inside the seed's tie set
+    agreeing = sum(p["epoch"] == mode or mode in p["ties"] for p in picks)
+    assert agreeing >= 4, [(p["epoch"], p["ties"], p["argmax"]) for p in picks]
 
 
 def test_degenerate_features_are_reported_not_fatal(tmp_path, teacher_run):
@@ -224,3 +229,29 @@ def test_every_criterion_picks_in_its_documented_direction(name, split, quantiti
     result = evaluate(checkpoints, CRITERIA[name], split)
     assert result["t_star"] == (3 if higher else 1) and result["ties"] == [result["t_star"]]
     assert ranking(result) == ([3, 2, 1] if higher else [1, 2, 3])
+
+
+def test_the_probe_strength_shared_by_split_seeds_is_chosen_on_images_none_of_them_holds_out(monkeypatch):
+    """Choosing it once per checkpoint and split (most of the estimators' cost) must not look at any seed's held-out
+    images, where that seed's estimate is scored."""
+    from ckptkd import info
+    from ckptkd.selection import analysis as analysis_mod
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(600) % 4
+    features = torch.randn(600, 12, generator=gen) + labels[:, None].float()
+    inputs = torch.randn(600, 1, 4, 4, generator=gen)
+    plans = [info.plan_split(inputs, labels, seed=k) for k in range(5)]
+    seen = {}
+    real = info.choose_probe_decay
+
+    def spy(z, codes, fit, seed, probe_epochs):
+        seen["fit"] = fit
+        return real(z, codes, fit, seed, probe_epochs)
+
+    monkeypatch.setattr(analysis_mod.info, "choose_probe_decay", spy)
+    decay = analysis_mod.shared_probe_decay(features, plans, 20)
+    assert decay is not None and len(seen["fit"]) > 100
+    for plan in plans:
+        assert not set(seen["fit"].tolist()) & set(plan.held.tolist())
+        assert set(seen["fit"].tolist()) <= set(plan.fit.tolist())

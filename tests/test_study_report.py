@@ -714,7 +714,8 @@ def test_a_fresh_clone_carries_the_trajectory_section_over(tmp_path):
     first = write_report(study, quiet=True)
     assert first["carried_over"] == []
     rebuilt = trajectory_body((study / "report.md").read_text(encoding="utf-8"), f"### {pair}")
-    assert rebuilt[0].startswith("Trajectory 0 (`runs/cnn-t0-analysis`): T* = epoch 10 by info@train")
+    assert rebuilt[0].startswith("Trajectory 0 (`runs/cnn-t0-analysis`): T* (the tie-aware pick) = epoch 10 by "
+                                 "info@train")
     assert [line for line in rebuilt if line.startswith("| ") and line[2].isdigit()] == format2_rows()
 
     clone = tmp_path / "clone"
@@ -750,7 +751,8 @@ def test_a_report_never_loses_what_it_had(tmp_path):
     report = (study / "report.md").read_text(encoding="utf-8")
     first = {h: trajectory_body(report, h) for h in headings}
     for t, (h, selected) in enumerate(zip(headings, (10, 15))):
-        assert first[h][0].startswith(f"Trajectory {t} (`runs/cnn-t{t}-analysis`): T* = epoch {selected} by")
+        assert first[h][0].startswith(f"Trajectory {t} (`runs/cnn-t{t}-analysis`): T* (the tie-aware pick) = "
+                                      f"epoch {selected} by")
         assert [line for line in first[h] if line.startswith("| ") and line[2].isdigit()] == \
             format2_rows(selected=selected)
 

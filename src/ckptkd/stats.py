@@ -220,6 +220,17 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
     return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) >= 2 else None)
 
 
+def resampled_mean_se(values: list[float], held_fraction: float) -> tuple[float, float | None]:
+    """Mean and standard error of an estimate repeated over K random splits of one data set, each scoring on a
+    `held_fraction` held out of the same images: the splits overlap, so their estimates are correlated and the plain
+    SE understates the uncertainty. Nadeau & Bengio's (2003) corrected resampled SE, sd * sqrt(1/K + n_held /
+    n_fit), accounts for it; None for a single value."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, statistics.stdev(values) * math.sqrt(1 / len(values) + held_fraction / (1 - held_fraction))
+
+
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) >= 2 else None)
 

@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from . import info
 
 FORMAT = 2
 # Bump when a measurement changes, so cached per-checkpoint results are recomputed rather than mixed.
-METHOD_VERSION = 3
+METHOD_VERSION = 4
 # The estimators see at most this many images per split (a fixed class-stratified subset): beyond a few thousand
 # their fixed costs dominate and the estimates barely move; the full-split measures use every image.
 ESTIMATOR_SAMPLES = 2000
@@ -159,9 +158,10 @@ def split_measures(logits, labels, features, *, temperature: float, num_classes:
             "soft_matrix": soft_matrix, "class_correlation": correlation}
 
 
-def seed_measures(logits, labels, features, plan: info.SplitPlan, *, temperature: float, probe_epochs: int) -> dict:
+def seed_measures(logits, labels, features, plan: info.SplitPlan, *, temperature: float, probe_epochs: int,
+                  probe_decay=info.estimators.SEARCH) -> dict:
     """One split seed: the estimators fit on the plan's fit part and are scored on its held-out part, where the
-    direct measures are read too."""
+    direct measures are read too (`probe_decay`: as `shared_probe_decay` chose it for every seed)."""
     held = plan.held
     direct = {"acc": (logits[held].argmax(1) == labels[held]).double().mean().item(),
               "p_target_t": p_target(logits[held], labels[held], temperature).double().mean().item(),
@@ -174,7 +174,7 @@ def seed_measures(logits, labels, features, plan: info.SplitPlan, *, temperature
         return {**out, **{k: None for k in ("i_xf", "i_yf", "knn_i_xf", "knn_i_yf")},
                 "status": {k: "failed" for k in ("i_xf", "i_yf")}, "note": str(e)}
     whitened = info.whiten_features(f, plan.fit)
-    mi = info.estimate_with(f, plan, probe_epochs=probe_epochs, whitened=whitened)
+    mi = info.estimate_with(f, plan, probe_epochs=probe_epochs, whitened=whitened, probe_decay=probe_decay)
     fit = plan.fit
     knn = info.knn_with(whitened.z[fit], plan.u[fit], plan.codes[fit], seed=plan.seed)
     out.update(i_xf=mi["i_xf"], i_yf=mi["i_yf"], knn_i_xf=knn["i_xf"], knn_i_yf=knn["i_yf"],
@@ -183,14 +183,34 @@ def seed_measures(logits, labels, features, plan: info.SplitPlan, *, temperature
     return out
 
 
+def shared_probe_decay(features, plans: list, probe_epochs: int):
+    """The I(Y;F) probe's L2 strength for every split seed of one checkpoint and split, chosen once (the search is
+    most of the estimators' cost) on the images that every seed fits on, so that no seed's held-out images take
+    part in choosing it. With one seed, its own fit part; with no images common to all, each seed searches."""
+    if not plans:
+        return info.estimators.SEARCH
+    common = plans[0].fit
+    for plan in plans[1:]:
+        common = common[torch.isin(common, plan.fit)]
+    if len(torch.unique(plans[0].codes[common])) < len(torch.unique(plans[0].codes)) or len(common) < 20:
+        return info.estimators.SEARCH  # too few common images to choose on: each seed chooses on its own
+    try:
+        f = info.estimators.as_matrix(features, "features")
+    except UserError:
+        return info.estimators.SEARCH  # non-finite features: every estimate fails anyway
+    whitened = info.whiten_features(f, common)
+    return info.choose_probe_decay(whitened.z, plans[0].codes, common, plans[0].seed, probe_epochs)
+
+
 def summarise(seeds: list[dict]) -> dict:
-    """Per quantity: mean and standard error over the seeds with a value, and how many failed or were clipped."""
+    """Per quantity: mean and standard error over the seeds with a value (corrected for their overlapping splits),
+    and how many failed or were clipped."""
     out = {}
     for quantity in SEED_QUANTITIES:
         values = [s[quantity] for s in seeds if s.get(quantity) is not None]
+        mean, se = selection.seed_mean_se(values) if values else (None, None)
         out[quantity] = {
-            "mean": statistics.mean(values) if values else None,
-            "se": statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None,
+            "mean": mean, "se": se,
             "n": len(values), "failed": len(seeds) - len(values),
             "clipped": sum(s.get("status", {}).get(quantity) == "clipped" for s in seeds)}
     return out
@@ -220,8 +240,9 @@ def measure_checkpoint(model, data: data_mod.Data, plans: dict, subsets: dict, *
             notes.append("features contain NaN or infinite values: every estimate of this checkpoint failed")
         sub = subsets[split]
         with one_thread():
+            decay = shared_probe_decay(features[sub], plans[split], probe_epochs)
             seeds = [seed_measures(logits[sub], labels[sub], features[sub], plan, temperature=temperature,
-                                   probe_epochs=probe_epochs) for plan in plans[split]]
+                                   probe_epochs=probe_epochs, probe_decay=decay) for plan in plans[split]]
         if not plans[split]:
             notes.append(f"{split}: too few images for the estimators ({len(sub)}); only the whole-split "
                          f"measures were taken")
@@ -325,8 +346,10 @@ def analyze(run: str | Path, *, temperature: float | None = None, seed: int = 0,
         "class_names": data.class_names,
         "checkpoints": records,
         "criteria": criteria,
+        # T* (the tie-aware pick) and T*_info (the criterion's pure argmax, the paper's rule), both named.
         "selected": {"epoch": best, "fraction": next(r["fraction"] for r in records if r["epoch"] == best),
                      "reference": f"{run}@epoch={best}", "criterion": key, "ties": chosen["ties"],
+                     "argmax": chosen.get("best"),
                      "description": (selection.CRITERIA[key.split("@")[0]].doc + f", on the {key.split('@')[1]} "
                                      "split; ties within 2 SE, broken by validation accuracy")
                      if key in criteria and "@" in key else "the validation accuracy recorded at each checkpoint"},
@@ -370,14 +393,16 @@ def select(run: str | Path, *, k: int = 1, by: str = "info", split: str | None =
            allow_incomplete: bool = False) -> dict:
     """The best K checkpoints (K > 1: a snapshot ensemble) by a criterion of `selection.CRITERIA` on a split.
 
-    Returns {"run", "criterion", "t_star", "ties", "references", "checkpoints": [{"epoch", "score", "se", "tied"}],
+    Returns {"run", "criterion", "t_star" (the tie-aware pick), "t_star_info" (the criterion's pure argmax), "ties",
+    "references", "checkpoints": [{"epoch", "score", "se", "tied"}],
     "flat", "skipped"}. `by="val"` without an analysis reads the validation accuracy recorded in the manifest."""
     folder = Run(run)
     checkpoints = resolve(f"{folder.path}@all", allow_incomplete=allow_incomplete)
     by_epoch = {c.epoch: c for c in checkpoints}
     if by == "val" and split in (None, "val") and not folder.has_analysis():
         ordered = sorted(checkpoints, key=lambda c: (c.metrics["val_acc"], c.epoch), reverse=True)
-        result = {"criterion": "val (recorded)", "t_star": ordered[0].epoch, "ties": [ordered[0].epoch],
+        result = {"criterion": "val (recorded)", "t_star": ordered[0].epoch, "best": ordered[0].epoch,
+                  "ties": [ordered[0].epoch],
                   "scores": [{"epoch": c.epoch, "score": c.metrics["val_acc"], "se": None, "tied": c is ordered[0]}
                              for c in sorted(checkpoints, key=lambda c: c.epoch)], "flat": False, "skipped": []}
         epochs = [c.epoch for c in ordered]
@@ -399,6 +424,6 @@ def select(run: str | Path, *, k: int = 1, by: str = "info", split: str | None =
         raise UserError(f"select: {folder.path}/analysis.json names epoch {unknown[0]}, which the run has no "
                         f"checkpoint of; rerun `ckptkd analyze {folder.path}`")
     return {"run": str(folder.path), "criterion": result["criterion"], "t_star": result["t_star"],
-            "ties": result["ties"], "references": [by_epoch[e].reference for e in epochs[:k]],
+            "t_star_info": result.get("best"), "ties": result["ties"], "references": [by_epoch[e].reference for e in epochs[:k]],
             "checkpoints": [{k_: row.get(k_) for k_ in ("epoch", "score", "se", "tied")} for row in result["scores"]],
             "flat": result["flat"], "skipped": result["skipped"]}

@@ -6,10 +6,15 @@ mean and a standard error, and checkpoints are compared seed by seed (the same i
 * A criterion's terms are min-max normalised across checkpoints (the paper's Algorithm 1) only when the term's range
   across checkpoints exceeds twice its noise (the median standard error); a flat term gets weight 0 instead of the
   same weight as an informative one. If every term is flat, the criterion cannot tell the checkpoints apart.
-* The tie set: every checkpoint whose paired difference to the best mean score is within 2 standard errors of that
-  difference (checkpoints whose score is undefined on every seed are skipped, and named).
-* T* is the tie set's checkpoint with the highest validation accuracy as recorded when it was saved (the criterion
-  cannot tell them apart, so the better teacher by held-out accuracy is taken), the later one on equal accuracy.
+* T*_info (`best`): the checkpoint with the highest mean score, the paper's pure argmax — noisy where checkpoints
+  differ by less than the estimators' split noise.
+* The tie set: every checkpoint not significantly worse than T*_info, seed by seed: its paired difference to the
+  best is within t(0.975, K - 1) standard errors of that difference (checkpoints whose score is undefined on every
+  seed are skipped, and named). The K split seeds resample one set of images, so their estimates are correlated:
+  every SE here is Nadeau & Bengio's corrected resampled SE (`stats.resampled_mean_se`), not the plain one.
+* T* (`t_star`, the tie-aware pick) is the tie set's checkpoint with the highest validation accuracy as recorded when
+  it was saved (the criterion cannot tell them apart, so the better teacher by held-out accuracy is taken), the later
+  one on equal accuracy. It is what `select`, `RUN@best-info` and a study's `Tstar` variant use.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import statistics
 from dataclasses import dataclass
 
 from ..errors import UserError
-from ..stats import mean_se
+from ..stats import resampled_mean_se, t_quantile
+from .info.estimators import HOLDOUT
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,14 @@ CRITERIA = {c.name: c for c in (
     Criterion("nc1", (("nc1", 1),), False, "train",
               "highest within-class variability of F on training inputs (least neural collapse, NC1)"),
 )}
-TIE_SE = 2.0
+TIE_SE = 2.0        # a term is normalised only when its range across checkpoints exceeds this many SEs
+TIE_LEVEL = 0.975  # ties: not worse than the best at the 2.5 % one-sided level of a paired t over split seeds
+
+
+def seed_mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and SE over split seeds, which overlap (`stats.resampled_mean_se`): a plain SE made tie sets too narrow,
+    so that another set of split seeds picked another T*."""
+    return resampled_mean_se(values, HOLDOUT)
 
 
 def criterion_key(name: str, split: str | None, analysis_split: str) -> str:
@@ -64,7 +77,7 @@ def evaluate(checkpoints: list[dict], criterion: Criterion, split: str) -> dict:
         for seeds in per_seed.values():
             values = [s.get(quantity) for s in seeds if s.get(quantity) is not None]
             if values:
-                mean, se = mean_se(values)
+                mean, se = seed_mean_se(values)
                 means.append(mean)
                 ses.append(se or 0.0)
         if not criterion.normalise:
@@ -113,15 +126,17 @@ def evaluate(checkpoints: list[dict], criterion: Criterion, split: str) -> dict:
     for epoch in sorted(scores):
         common = sorted(scores[epoch].keys() & scores[best].keys())
         diffs = [scores[epoch][i] - scores[best][i] for i in common]
-        diff, diff_se = mean_se(diffs) if diffs else (means[epoch] - means[best], None)
+        diff, diff_se = seed_mean_se(diffs) if diffs else (means[epoch] - means[best], None)
         if epoch == best:
             tied = True
         elif diff_se:
-            tied = diff >= -TIE_SE * diff_se
+            # Not significantly worse than the best: a paired t over the split seeds, with their degrees of freedom
+            # (2 SE alone is too narrow with 5 seeds: an estimated SE that comes out small by chance broke ties).
+            tied = diff >= -t_quantile(TIE_LEVEL, len(diffs) - 1) * diff_se
         else:
             tied = diff >= 0.0
         ties += [epoch] if tied else []
-        mean, se = mean_se(list(scores[epoch].values()))
+        mean, se = seed_mean_se(list(scores[epoch].values()))
         rows.append({"epoch": epoch, "score": mean, "se": se, "diff": diff, "diff_se": diff_se, "tied": tied})
     val = {c["epoch"]: c.get("val_acc", -1.0) for c in checkpoints}
     t_star = max(ties, key=lambda e: (val.get(e) if val.get(e) is not None else -1.0, e))

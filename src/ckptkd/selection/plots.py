@@ -204,10 +204,11 @@ def plot_analysis(run, analysis: dict, manifest) -> dict[str, str]:
     split = analysis["split"]
     return {
         "information_plane": information_plane(records, split, selected["epoch"], selected["ties"],
-                                               f"information plane — {name}", out / "information_plane.png"),
-        "trajectory": trajectory(records, criterion, len(analysis["class_names"]), f"trajectory — {name}",
-                                 out / "trajectory.png"),
+                                               f"information plane — {name} (tau = {analysis['temperature']:g})",
+                                               out / "information_plane.png"),
+        "trajectory": trajectory(records, criterion, len(analysis["class_names"]),
+                                 f"trajectory — {name} (tau = {analysis['temperature']:g})", out / "trajectory.png"),
         "class_correlation": class_correlation_pair(intermediate, full, analysis["class_names"],
                                                     f"class structure of the soft labels — {name} (tau = "
-                                                    f"{analysis['temperature']})", out / "class_correlation.png"),
+                                                    f"{analysis['temperature']:g})", out / "class_correlation.png"),
     }

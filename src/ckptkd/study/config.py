@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,15 @@ def resolve_study(source: str | Path | dict, overrides: list[str] | dict | None 
             variants = variants + [f"epoch{e}" for e in checkpoint_epochs(teacher)]
         resolved_pairs.append({"name": name, "teacher": teacher, "student": student, "trajectories": trajectories,
                                "variants": variants_mod.ordered(variants)})
+    if study["analysis"]["temperature"] is None:  # each teacher is analysed at its students' temperature
+        by_teacher: dict[str, set] = {}
+        for p in resolved_pairs:
+            teacher = {k: v for k, v in p["teacher"].items() if k not in ("name", "seed")}
+            key = json.dumps(config_mod.identity(teacher), sort_keys=True)
+            by_teacher.setdefault(key, set()).add(p["student"]["kd"]["temperature"])
+        if any(len(temps) > 1 for temps in by_teacher.values()):
+            raise UserError("study: pairs that share a teacher distill at different kd.temperature values, and a "
+                            "teacher run has one analysis: set analysis.temperature")
     names = [p["name"] for p in resolved_pairs]
     if len(set(names)) != len(names):
         raise UserError(f"study: two pairs share a name ({names}); give each pair a distinct name")

@@ -85,7 +85,9 @@ def plan(study: dict) -> list[Task]:
                 own.append(train_task(cfg, {**base, "role": "teacher" if k == 0 else "ensemble_member",
                                             "teacher_seed": t_seed, "seed": seed}, pair["name"]))
             leads[t_seed], members[t_seed] = own[0], own
-            analysis_cfg = {"run": own[0].path, **study["analysis"]}
+            # The analysis reads the soft labels at the temperature its students distill at.
+            analysis_cfg = {"run": own[0].path, **study["analysis"],
+                            "temperature": analysis_temperature(study, pair)}
             analyses[t_seed] = add(Task(task_id("analyze", analysis_cfg), "analyze", f"{own[0].name}-analysis",
                                         analysis_cfg, own[0].path, depends_on=[own[0].run_id],
                                         group={**base, "role": "analysis", "teacher_seed": t_seed, "seed": t_seed,
@@ -118,6 +120,12 @@ def plan(study: dict) -> list[Task]:
                                                         "teacher_seed": t_seed, "pairs": [], "serves": []}),
                         [[pair["name"], name, t_seed, seed]])
     return list(tasks.values())
+
+
+def analysis_temperature(study: dict, pair: dict) -> float:
+    """`analysis.temperature` where the study sets it, else the temperature the pair's students distill at."""
+    set_ = study["analysis"]["temperature"]
+    return set_ if set_ is not None else pair["student"]["kd"]["temperature"]
 
 
 def fuse_groups(tasks: list[Task], size: int) -> dict[str, list[str]]:

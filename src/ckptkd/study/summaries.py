@@ -38,8 +38,10 @@ def analysis_metrics(analysis: dict, path: Path, recorded: dict[int, dict] | Non
                            "nontarget_entropy_t": m["nontarget_entropy_t"], "nc1": m["nc1"],
                            **{q: [est[q]["mean"], est[q]["se"]] for q in ("i_xf", "i_yf")},
                            "score": [row.get("score"), row.get("se")]})
-    return {"selected_epoch": analysis["selected"]["epoch"], "analysis": str(path / "analysis.json"),
+    return {"selected_epoch": analysis["selected"]["epoch"], "argmax": analysis["selected"].get("argmax"),
+            "analysis": str(path / "analysis.json"),
             "split": split, "criterion": analysis["selected"]["criterion"], "ties": analysis["selected"]["ties"],
             "trajectory": trajectory, "agreement": analysis.get("agreement"),
-            "picks": {key: {"t_star": c["t_star"], "ties": c["ties"], "flat": c["flat"]}
+            "picks": {key: {"t_star": c["t_star"], "t_star_info": c.get("best"), "ties": c["ties"],
+                            "flat": c["flat"]}
                       for key, c in analysis["criteria"].items()}}

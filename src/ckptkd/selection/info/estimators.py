@@ -45,6 +45,7 @@ PROBE_DECAYS = (1.0, 0.1, 0.01, 1e-3, 1e-4)
 # Per-sample ridge strengths (multiplied by the number of rows), strong to weak.
 DECODER_RIDGES = (100.0, 10.0, 1.0, 0.1, 0.01, 1e-3, 1e-4)
 INNER_HOLDOUT = 0.25
+HOLDOUT = 0.3           # the share of a split seed's images its estimates are scored on
 X_COMPONENTS = 32
 EIGEN_FLOOR = 1e-6      # components below this fraction of the largest eigenvalue are dropped
 Z_MAX = 10.0            # whitened values are clipped to +-Z_MAX (fit-part standard deviations)
@@ -238,13 +239,22 @@ def _cross_entropy(columns, codes, probe) -> float:
     return float(nnf.cross_entropy(_logits(columns, probe), codes))
 
 
-def _i_yf(z, codes, fit, held, seed, probe_epochs) -> dict:
+SEARCH = "search"  # `probe_decay` default: choose the probe's L2 strength on an inner split of the fit part
+
+
+def choose_probe_decay(z, codes, fit, seed, probe_epochs) -> float | None:
+    """The probe's L2 strength, chosen on an inner split of `fit` from PROBE_DECAYS, or None when the label prior
+    beats every probe there (F shows no usable label information)."""
+    decay, _ = _decay_search(z, codes, fit, seed, probe_epochs)
+    return decay
+
+
+def _decay_search(z, codes, fit, seed, probe_epochs):
+    """(chosen decay or None, the probe fitted with it on the inner part, a warm start for the final fit)."""
     n_classes = int(codes.max()) + 1
     inner_fit, inner_val = _split(fit, codes[fit], INNER_HOLDOUT, generator(seed, STREAM_PROBE_SPLIT))
-    # float32 and one sample per column: with only K outputs, MKL's kernels for [K, D] @ [D, n] are several times
-    # faster than for [n, D] @ [D, K], and the probe's fits dominate the estimators' time.
     columns = {name: z[idx].T.to(torch.float32).contiguous() for name, idx in
-               [("inner_fit", inner_fit), ("inner_val", inner_val), ("fit", fit), ("held", held)]}
+               [("inner_fit", inner_fit), ("inner_val", inner_val)]}
     probe = (torch.zeros(n_classes, z.shape[1]), _log_prior(codes[inner_fit], n_classes))
     best_decay, best_ce, best_probe = None, _cross_entropy(columns["inner_val"], codes[inner_val], probe), probe
     if z.shape[1]:
@@ -253,10 +263,22 @@ def _i_yf(z, codes, fit, held, seed, probe_epochs) -> dict:
             ce = _cross_entropy(columns["inner_val"], codes[inner_val], probe)
             if ce < best_ce:
                 best_decay, best_ce, best_probe = decay, ce, probe
+    return best_decay, best_probe
+
+
+def _i_yf(z, codes, fit, held, seed, probe_epochs, probe_decay=SEARCH) -> dict:
+    n_classes = int(codes.max()) + 1
+    # float32 and one sample per column: with only K outputs, MKL's kernels for [K, D] @ [D, n] are several times
+    # faster than for [n, D] @ [D, K], and the probe's fits dominate the estimators' time.
+    columns = {name: z[idx].T.to(torch.float32).contiguous() for name, idx in [("fit", fit), ("held", held)]}
+    if probe_decay == SEARCH:
+        best_decay, start = _decay_search(z, codes, fit, seed, probe_epochs)
+    else:  # chosen by the caller (on images every split seed fits on: `analysis` shares it across seeds)
+        best_decay, start = probe_decay, (torch.zeros(n_classes, z.shape[1]), _log_prior(codes[fit], n_classes))
     if best_decay is None:
-        probe = (torch.zeros_like(best_probe[0]), _log_prior(codes[fit], n_classes))
+        probe = (torch.zeros(n_classes, z.shape[1]), _log_prior(codes[fit], n_classes))
     else:
-        probe = _fit_softmax(columns["fit"], codes[fit], best_decay, probe_epochs, best_probe)
+        probe = _fit_softmax(columns["fit"], codes[fit], best_decay, probe_epochs, start)
     probe_ce = _cross_entropy(columns["held"], codes[held], probe)
     h_y = _entropy(codes[held])
     return {**judged("i_yf", h_y - probe_ce, -FAIL_I_YF * h_y), "h_y": h_y, "probe_ce": probe_ce,
@@ -317,7 +339,7 @@ class SplitPlan:
     input_dim: int | None
 
 
-def plan_split(inputs, labels, *, n: int | None = None, seed: int = 0, holdout: float = 0.3,
+def plan_split(inputs, labels, *, n: int | None = None, seed: int = 0, holdout: float = HOLDOUT,
                x_components: int = X_COMPONENTS) -> SplitPlan:
     """The split of one seed (stratified by label) and, when `inputs` is given, X's components on it."""
     n = len(labels) if n is None else n
@@ -330,13 +352,15 @@ def plan_split(inputs, labels, *, n: int | None = None, seed: int = 0, holdout: 
 
 
 def estimate_with(features, plan: SplitPlan, *, probe_epochs: int = PROBE_EPOCHS,
-                  whitened: Whitened | None = None) -> dict:
+                  whitened: Whitened | None = None, probe_decay: float | None | str = SEARCH) -> dict:
     """Both held-out estimates on a prepared split: i_xf (when the plan has X), i_yf, with raw values and statuses,
     and what the feature preprocessing kept and dropped (`features`). `whitened`: `whiten_features(features,
-    plan.fit)` when the caller already has it."""
+    plan.fit)` when the caller already has it. `probe_decay`: the probe's L2 strength (None: the label prior),
+    chosen by the caller on images outside the plan's held-out part; by default it is chosen here, on an inner split
+    of the fit part."""
     f = as_matrix(features, "features")
     whitened = whitened if whitened is not None else whiten_features(f, plan.fit)
-    out = {**_i_yf(whitened.z, plan.codes, plan.fit, plan.held, plan.seed, probe_epochs),
+    out = {**_i_yf(whitened.z, plan.codes, plan.fit, plan.held, plan.seed, probe_epochs, probe_decay),
            "features": whitened.describe()}
     if plan.u is not None:
         out.update(_i_xf(whitened.z, plan.u, plan.fit, plan.held, plan.seed), input_dim=plan.input_dim)

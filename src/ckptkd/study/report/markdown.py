@@ -122,8 +122,11 @@ def _trajectory(pair: PairReport, t: Trajectory) -> list[str]:
         return [f"{pair.name}: the teacher of trajectory {t.number} has not been analysed yet."]
     s = t.summary
     rho = lambda key: "undefined" if s.agreement.get(key) is None else f"{s.agreement[key]:.3f}"  # noqa: E731
-    lines = [f"Trajectory {t.number} (`{t.path}`): T* = epoch {s.selected_epoch} by {s.criterion}, tied with "
-             f"{', '.join(str(e) for e in s.ties if e != s.selected_epoch) or 'none'}. Train %: the un-augmented "
+    argmax = "" if s.argmax is None else (
+        f"; T*_info, the criterion's pure argmax, = epoch {s.argmax}" + (" too" if s.argmax == s.selected_epoch else ""))
+    lines = [f"Trajectory {t.number} (`{t.path}`): T* (the tie-aware pick) = epoch {s.selected_epoch} by "
+             f"{s.criterion}, tied with {', '.join(str(e) for e in s.ties if e != s.selected_epoch) or 'none'}"
+             f"{argmax}. Train %: the un-augmented "
              f"training images in eval mode; confidence, p_t@τ (the tempered probability of the true class), "
              f"non-target entropy (nats, at τ) and NC1 on the {s.split} split; I(X;F), I(Y;F) and the score: "
              "mean ± SE over split seeds.", ""]

@@ -52,20 +52,22 @@ class TrajectoryRow:
 class TrajectorySummary:
     """What the report shows of one analysed teacher trajectory. `agreement`: the Spearman rank agreement of the
     probe/decoder and kNN estimators across checkpoints (keys spearman_i_xf, spearman_i_yf, spearman_score; a value
-    of None where undefined)."""
+    of None where undefined); `selected_epoch` is T* (the tie-aware pick), `argmax` T*_info (the criterion's pure
+    argmax; None for summaries kept before 0.4)."""
     selected_epoch: int
     ties: list[int]
     criterion: str | None
     split: str | None
     rows: list[TrajectoryRow]
     agreement: dict[str, float | None]
+    argmax: int | None = None
 
     @classmethod
     def from_metrics(cls, metrics: dict) -> TrajectorySummary:
         """From an analysis summary as the database keeps it (`analysis_metrics`)."""
         return cls(metrics["selected_epoch"], list(metrics.get("ties") or []), metrics.get("criterion"),
                    metrics.get("split"), [TrajectoryRow.from_metrics(r) for r in metrics["trajectory"]],
-                   dict(metrics.get("agreement") or {}))
+                   dict(metrics.get("agreement") or {}), metrics.get("argmax"))
 
 
 @dataclass
