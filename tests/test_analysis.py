@@ -251,7 +251,7 @@ def test_the_probe_strength_shared_by_split_seeds_is_chosen_on_images_none_of_th
 
     monkeypatch.setattr(analysis_mod.info, "choose_probe_decay", spy)
     decay = analysis_mod.shared_probe_decay(features, plans, 20)
-    assert decay is not None and len(seen["fit"]) > 100
+    assert decay is not None and len(seen["fit"]) > 60  # about 0.7^5 of the 600 images
     for plan in plans:
         assert not set(seen["fit"].tolist()) & set(plan.held.tolist())
         assert set(seen["fit"].tolist()) <= set(plan.fit.tolist())
