@@ -32,12 +32,14 @@ STUDY_DEFAULTS: dict[str, Any] = {
     "max_attempts": 3,
     "fuse": "auto",
     "margin": 0.3,
+    "run_names": "variant",
     "pairs": [],
 }
 
 # Study keys that say how the grid is run, not what it computes: a study resumes under another setting of them.
-# (`margin`, the equivalence margin of the report's verdicts in points, only changes how results are read.)
-HOW_KEYS = ("description", "fuse", "margin")
+# (`margin`, the equivalence margin of the report's verdicts in points, only changes how results are read;
+# `run_names` is always taken from the study folder's own study.yaml.)
+HOW_KEYS = ("description", "fuse", "margin", "run_names")
 
 
 def _fuse(v):
@@ -72,6 +74,7 @@ STUDY_FIELDS = {
     "max_attempts": integer(1, 100),
     "fuse": _fuse,
     "margin": number(0.0, 100.0, lo_open=True),
+    "run_names": lambda v: None if v in ("variant", "hash") else "variant or hash",
 }
 
 

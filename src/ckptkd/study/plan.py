@@ -40,8 +40,13 @@ def plan(study: dict) -> list[Task]:
     and every student seed runs under every trajectory, paired across variants. Tasks whose configs are identical
     are one task serving several (pair, variant, trajectory, seed) cells, listed in its group's "serves": pairs with
     identical teachers share the teacher runs (as the paper's grid shares WRN-40-2), a student without a teacher
-    serves every trajectory, and T0.5 of a 60-epoch teacher is the same student as epoch30 of the curve."""
+    serves every trajectory, and T0.5 of a 60-epoch teacher is the same student as epoch30 of the curve.
+
+    A student run is named after the first cell it serves: pair, variant, trajectory (for a variant that has a
+    teacher) and seed, e.g. `cnn-to-mlp-T0.5-t1-s0`, `cnn-to-mlp-none-s0` (`run_names: variant`); studies begun
+    before 0.4 keep their hash names (`run_names: hash`), which their tasks' ids hold."""
     tasks: dict[str, Task] = {}
+    named: dict[str, str] = {}  # a student config's hash (its name aside) -> the name it was given
     runs = Path("runs")
     # References stay relative to the study folder, so a task's id does not depend on how the folder is spelled.
     m = study["ensemble_size"]
@@ -98,6 +103,7 @@ def plan(study: dict) -> list[Task]:
                 members[t_seed] = [leads[s] for s in picked]
         pair_slug = slug(pair["name"].replace("->", "-to-"))
         names = list(pair["variants"]) + [f"{v}@online" for v in study["compare_online"]]
+        hashed = study.get("run_names", "variant") == "hash"
         for t_seed in teacher_seeds:
             ctx = variants_mod.Context(lead=leads[t_seed].path, members=[t.path for t in members[t_seed]],
                                        lead_id=leads[t_seed].run_id, member_ids=[t.run_id for t in members[t_seed]],
@@ -114,7 +120,12 @@ def plan(study: dict) -> list[Task]:
                         cfg["kd"]["cache"] = "off"
                     if variant.temperature is not None:
                         cfg["kd"]["temperature"] = variant.temperature
-                    cfg["name"] = f"{pair_slug}-student-{task_id('student', cfg)[:8]}-s{seed}"
+                    if hashed:  # studies begun before 0.4: their tasks' ids hold these names
+                        cfg["name"] = f"{pair_slug}-student-{task_id('student', cfg)[:8]}-s{seed}"
+                    else:  # named after the first cell it serves; a run serving several keeps that one name
+                        cell = f"{pair['name']}-{name}" + (f"-t{t_seed}" if teachers else "") + f"-s{seed}"
+                        cfg["name"] = named.setdefault(task_id("student", cfg),
+                                                       slug(cell.replace("->", "-to-"), keep="._=", collapse=True))
                     add(Task(task_id("distill", cfg), "distill", cfg["name"], cfg, str(runs / cfg["name"]),
                              depends_on=depends, group={**base, "role": "student", "variant": name, "seed": seed,
                                                         "teacher_seed": t_seed, "pairs": [], "serves": []}),

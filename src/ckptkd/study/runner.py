@@ -125,8 +125,12 @@ def run_study(source: str | Path | dict, out: str | Path | None = None, *, overr
     saved = study_dir / "study.yaml"
     text_ = config_mod.dump(study)
     if saved.is_file():
+        earlier = config_mod.read_yaml(saved)
+        # Runs keep the names they were planned with: studies begun before 0.4 named them by hash.
+        study["run_names"] = earlier.get("run_names", "hash")
+        text_ = config_mod.dump(study)
         # The description is prose for the report and `fuse` says how runs are trained, not what they compute.
-        before = {k: v for k, v in config_mod.read_yaml(saved).items() if k not in HOW_KEYS}
+        before = {k: v for k, v in earlier.items() if k not in HOW_KEYS}
         now = {k: v for k, v in study.items() if k not in HOW_KEYS}
         if config_mod.identity(before) != config_mod.identity(now):
             raise UserError(f"study: {study_dir} holds a different study (its study.yaml differs); "
