@@ -255,3 +255,40 @@ def test_the_probe_strength_shared_by_split_seeds_is_chosen_on_images_none_of_th
     for plan in plans:
         assert not set(seen["fit"].tolist()) & set(plan.held.tolist())
         assert set(seen["fit"].tolist()) <= set(plan.fit.tolist())
+
+
+def test_select_by_proxy_picks_the_checkpoint_whose_short_student_validates_best(teacher_run, tmp_path, monkeypatch):
+    """Every checkpoint teaches a short proxy of the real student; the pick is the proxy with the best validation
+    accuracy (never test), its runs are ordinary run folders under RUN/proxy/, and a second call reads proxy.json."""
+    import json as json_mod
+
+    from ckptkd.run import Run
+    from ckptkd.selection import proxy as proxy_mod
+    from ckptkd.selection.analysis import select
+
+    run = tmp_path / "t"
+    shutil.copytree(teacher_run.path, run)
+    student = {"model": {"name": "mlp", "widths": [16]}, "data": {"name": "digits", "batch_size": 64},
+               "device": "cpu", "schedule": {"epochs": 20, "warmup_epochs": 10, "milestones": [0.5, 15]},
+               "log": {"progress": False, "tensorboard": False}}
+    result = select(run, by="proxy", student=student)
+    assert result["proxy_epochs"] == 2 and result["cost_s"] > 0  # 10 % of 20 epochs
+    folders = sorted((run / "proxy").glob("*/epoch-*"))
+    assert [f.name for f in folders] == [f"epoch-{e:04d}" for e in (2, 3, 4, 6)]
+    val = {}
+    for f in folders:
+        manifest = Run(f).manifest
+        assert manifest.epochs == 2 and [t["epoch"] for t in manifest.teachers] == [int(f.name[6:])]
+        val[int(f.name[6:])] = manifest.final.val_acc
+    cfg = Run(folders[0]).config()
+    assert cfg["schedule"]["warmup_epochs"] == 1 and cfg["schedule"]["milestones"] == [0.5, 2]  # scaled to 2
+    assert result["t_star"] == max(val, key=lambda e: (val[e], e))
+    assert {c["epoch"]: c["score"] for c in result["checkpoints"]} == val
+    assert result["references"] == [f"{run}@epoch={result['t_star']}"]
+    saved = json_mod.loads(next((run / "proxy").glob("*/proxy.json")).read_text())
+    assert saved["t_star"] == result["t_star"] and saved["folder"].startswith("proxy/")
+    monkeypatch.setattr("ckptkd.training.loop.fit", lambda *a, **k: pytest.fail("trained again"))
+    assert select(run, by="proxy", student=student)["t_star"] == result["t_star"]
+    with pytest.raises(UserError, match="--student"):
+        select(run, by="proxy")
+    assert proxy_mod.proxy_config(Run(folders[0]).config(), 1)["schedule"]["warmup_epochs"] == 0

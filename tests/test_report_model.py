@@ -308,23 +308,29 @@ def test_selection_benchmark_regrets_and_gains():
     selectors = {s.key: s for s in benchmark.selectors}
 
     def expected(chosen):
-        regrets, gains = [], []
+        """Cross-fitted regrets and gains by trajectory: seed s's best epoch is the best of the other seed."""
+        regrets, gains = {}, {}
         for t, e in chosen.items():
             if e in curve[t]:
-                regrets += [100 * (curve[t][e][s] - curve[t][best[t]][s]) for s in (0, 1)]
-                gains += [100 * (curve[t][e][s] - curve[t][6][s]) for s in (0, 1)]
+                for s in (0, 1):
+                    best = max(curve[t], key=lambda x: (curve[t][x][1 - s], x))
+                    regrets.setdefault(t, []).append(100 * (curve[t][e][s] - curve[t][best][s]))
+                    gains.setdefault(t, []).append(100 * (curve[t][e][s] - curve[t][6][s]))
         return regrets, gains
 
     for key, chosen in (("info@train", {0: 6, 1: 2}), ("nc1@train", {0: 5, 1: None}), ("best-val", {0: 6, 1: 2}),
                         ("T0.5", {0: 3, 1: 3}), ("Tfull", {0: 6, 1: 6}), ("info@val", {0: None, 1: None})):
         assert selectors[key].picks == chosen, key
         assert (selectors[key].regrets, selectors[key].gains) == expected(chosen), key
-    # by hand: info@train picks T^full's epoch on t0 (6.25 points below the best, epoch 4, for both seeds) and
-    # epoch 2 on t1 (best: epoch 4, tied with 2 and later)
-    assert selectors["info@train"].regrets == [-6.25, -6.25, 25.0, -25.0]
-    assert selectors["info@train"].gains == [0.0, 0.0, 12.5, 0.0]
-    assert selectors["Tfull"].regret == (-6.25, pytest.approx(statistics.stdev([-6.25, -6.25, 12.5, -25.0]) / 2))
-    assert selectors["T0.5"].regrets == [] and selectors["T0.5"].regret is None  # epoch 3 taught no student
+    # by hand: on t0 seed 0's best is seed 1's best, epoch 4 (0.75), and seed 1's is seed 0's, epoch 4 (0.625);
+    # on t1 seed 0's best is epoch 4 (0.75 on seed 1) and seed 1's epoch 2 (0.5 on seed 0, against 0.25 and 0.375)
+    assert benchmark.best == {0: {0: 4, 1: 4}, 1: {0: 4, 1: 2}}
+    assert selectors["info@train"].regrets == {0: [-6.25, -6.25], 1: [25.0, 0.0]}
+    assert selectors["info@train"].gains == {0: [0.0, 0.0], 1: [12.5, 0.0]}
+    t0, t1 = statistics.mean([-6.25, -6.25]), statistics.mean([12.5, 0.0])  # T^full's regrets by trajectory
+    assert selectors["Tfull"].regret == pytest.approx((statistics.mean([t0, t1]), statistics.stdev([t0, t1]) / 2 ** 0.5))
+    assert selectors["T0.5"].regrets == {} and selectors["T0.5"].regret is None  # epoch 3 taught no student
+    assert selectors["info@train"].trajectories == 2 and selectors["nc1@train"].trajectories == 0
 
 
 def test_ensemble_and_cache_comparisons_keep_their_direction():

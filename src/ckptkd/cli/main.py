@@ -78,7 +78,8 @@ def cmd_select(args) -> None:
 
     from ..selection.analysis import select
 
-    result = select(args.run, k=args.k, by=args.by, split=args.split, allow_incomplete=args.allow_incomplete)
+    result = select(args.run, k=args.k, by=args.by, split=args.split, allow_incomplete=args.allow_incomplete,
+                    student=args.student, overrides=args.set, proxy_epochs=args.proxy_epochs)
     if args.json:
         print(json.dumps(result))
     else:
@@ -222,8 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("select", help="print references to T* (or the top K checkpoints: a snapshot ensemble)")
     p.add_argument("run")
     p.add_argument("--k", type=int, default=1, help="how many checkpoints (default 1)")
-    p.add_argument("--by", choices=["info", "knn-info", "val", "p_target", "nontarget_entropy", "nc1"],
-                   default="info", help="the selection criterion (default: the information criterion)")
+    p.add_argument("--by", choices=["info", "knn-info", "val", "p_target", "nontarget_entropy", "nc1", "proxy"],
+                   default="info", help="the selection criterion (default: the information criterion; proxy: short "
+                                        "distillations of --student from every checkpoint, scored on validation)")
+    p.add_argument("--student", default=None, help="--by proxy: the student's config")
+    p.add_argument("--proxy-epochs", type=_positive, default=None,
+                   help="--by proxy: epochs of each proxy student (default: 10%% of the student's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="--by proxy: override a student key")
     p.add_argument("--split", choices=["train", "val"], default=None,
                    help="the split the criterion is read on (default: the criterion's own)")
     p.add_argument("--json", action="store_true",

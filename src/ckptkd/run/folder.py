@@ -8,6 +8,7 @@ RUN/
   state/last.safetensors               what --resume needs (`state.Progress` + tensors); no pickle
   metrics.jsonl                        one JSON object per epoch
   analysis.json, analysis-cache/, plots/   written by `ckptkd analyze`
+  proxy/                               the proxy students of `ckptkd select --by proxy`
   cache/                               teacher-output caches of this run's checkpoints
 ```
 
@@ -45,7 +46,7 @@ METRICS = "metrics.jsonl"
 ANALYSIS = "analysis.json"
 # Everything a run (or a kill of one) may leave in its folder; anything else belongs to somebody else.
 _OWNED = {CONFIG, MANIFEST, METRICS, ANALYSIS, "checkpoints", "state", "tensorboard", "analysis-cache", "plots",
-          "cache"}
+          "cache", "proxy"}
 
 
 def sealed_since_0_3(written: dict) -> bool:

@@ -390,16 +390,28 @@ def _agreement(records: list[dict], criteria: dict, split: str) -> dict:
 
 
 def select(run: str | Path, *, k: int = 1, by: str = "info", split: str | None = None,
-           allow_incomplete: bool = False) -> dict:
+           allow_incomplete: bool = False, student: str | Path | dict | None = None,
+           overrides: dict | list | None = None, proxy_epochs: int | None = None) -> dict:
     """The best K checkpoints (K > 1: a snapshot ensemble) by a criterion of `selection.CRITERIA` on a split.
 
     Returns {"run", "criterion", "t_star" (the tie-aware pick), "t_star_info" (the criterion's pure argmax), "ties",
     "references", "checkpoints": [{"epoch", "score", "se", "tied"}],
-    "flat", "skipped"}. `by="val"` without an analysis reads the validation accuracy recorded in the manifest."""
+    "flat", "skipped"}. `by="val"` without an analysis reads the validation accuracy recorded in the manifest;
+    `by="proxy"` distills short proxies of `student` (with `overrides`) from every checkpoint (`selection.proxy`)."""
     folder = Run(run)
     checkpoints = resolve(f"{folder.path}@all", allow_incomplete=allow_incomplete)
     by_epoch = {c.epoch: c for c in checkpoints}
-    if by == "val" and split in (None, "val") and not folder.has_analysis():
+    if by == "proxy":
+        if student is None:
+            raise UserError("select --by proxy needs the student: --student CONFIG")
+        from .proxy import proxy_select
+
+        result = proxy_select(folder.path, student, overrides=overrides, epochs=proxy_epochs,
+                              allow_incomplete=allow_incomplete)
+        epochs = [result["t_star"]] + sorted((r["epoch"] for r in result["scores"] if r["epoch"] != result["t_star"]),
+                                             key=lambda e: -next(r["score"] for r in result["scores"]
+                                                                 if r["epoch"] == e))
+    elif by == "val" and split in (None, "val") and not folder.has_analysis():
         ordered = sorted(checkpoints, key=lambda c: (c.metrics["val_acc"], c.epoch), reverse=True)
         result = {"criterion": "val (recorded)", "t_star": ordered[0].epoch, "best": ordered[0].epoch,
                   "ties": [ordered[0].epoch],
@@ -426,4 +438,5 @@ def select(run: str | Path, *, k: int = 1, by: str = "info", split: str | None =
     return {"run": str(folder.path), "criterion": result["criterion"], "t_star": result["t_star"],
             "t_star_info": result.get("best"), "ties": result["ties"], "references": [by_epoch[e].reference for e in epochs[:k]],
             "checkpoints": [{k_: row.get(k_) for k_ in ("epoch", "score", "se", "tied")} for row in result["scores"]],
-            "flat": result["flat"], "skipped": result["skipped"]}
+            "flat": result["flat"], "skipped": result["skipped"],
+            **({"cost_s": result["cost_s"], "proxy_epochs": result["epochs"]} if by == "proxy" else {})}

@@ -97,6 +97,14 @@ def plan(study: dict) -> list[Task]:
                                         analysis_cfg, own[0].path, depends_on=[own[0].run_id],
                                         group={**base, "role": "analysis", "teacher_seed": t_seed, "seed": t_seed,
                                                "pairs": [], "serves": []}), [[pair["name"]]])
+        if any(v.base == "epoch" for v in parsed):  # the selection benchmark: the proxy selector too
+            for t_seed in teacher_seeds:
+                proxy_cfg = {"run": leads[t_seed].path, "student": pair["student"],
+                             "epochs": proxy_epochs(pair["student"]), "seed": study["seeds"][0]}
+                add(Task(task_id("proxy", proxy_cfg), "proxy", f"{leads[t_seed].name}-proxy", proxy_cfg,
+                         leads[t_seed].path, depends_on=[leads[t_seed].run_id],
+                         group={**base, "role": "proxy", "teacher_seed": t_seed, "seed": t_seed, "pairs": [],
+                                "serves": []}), [[pair["name"]]])
         if not extra_members:
             for i, t_seed in enumerate(teacher_seeds):  # this trajectory and the next M - 1, in a fixed order
                 picked = sorted(teacher_seeds[(i + j) % len(teacher_seeds)] for j in range(min(m, len(teacher_seeds))))
@@ -131,6 +139,13 @@ def plan(study: dict) -> list[Task]:
                                                         "teacher_seed": t_seed, "pairs": [], "serves": []}),
                         [[pair["name"], name, t_seed, seed]])
     return list(tasks.values())
+
+
+def proxy_epochs(student: dict) -> int:
+    """How long each proxy student of the selection benchmark trains (`selection.proxy`'s default share)."""
+    from ..selection.proxy import PROXY_SHARE
+
+    return max(1, round(PROXY_SHARE * student["schedule"]["epochs"]))
 
 
 def analysis_temperature(study: dict, pair: dict) -> float:

@@ -40,6 +40,12 @@ def _execute(task: dict, study_dir: Path, db: ResultsDB) -> tuple[dict, dict]:
     out = study_dir / task["path"]
     heartbeat = lambda _record: db.heartbeat(task["run_id"])
     cfg = copy.deepcopy(task["config"])
+    if task["kind"] == "proxy":
+        from ..selection.proxy import proxy_select
+
+        result = proxy_select(study_dir / cfg["run"], cfg["student"], epochs=cfg["epochs"], seed=cfg["seed"],
+                              quiet=True)
+        return {k: result[k] for k in ("t_star", "scores", "epochs", "seed", "cost_s", "skipped")}, {}
     if task["kind"] == "analyze":
         result = analyze(out, seed=cfg["seed"], temperature=cfg["temperature"], split=cfg["split"],
                          seeds=cfg["seeds"], quiet=True)
@@ -105,9 +111,10 @@ def _record(db: ResultsDB, row: dict, result, seconds: float, say) -> None:
         return
     metrics, timings = result
     db.complete(row["run_id"], metrics=metrics, timings=timings)
-    outcome = (f"T* = epoch {metrics['selected_epoch']}" if row["kind"] == "analyze"
-               else f"test {100 * metrics['test_acc']:.2f}%")
-    flags = [] if row["kind"] == "analyze" else metrics["health"]["flags"]
+    outcome = {"analyze": lambda: f"T* = epoch {metrics['selected_epoch']}",
+               "proxy": lambda: f"proxy pick = epoch {metrics['t_star']}"}.get(
+        row["kind"], lambda: f"test {100 * metrics['test_acc']:.2f}%")()
+    flags = [] if row["kind"] in ("analyze", "proxy") else metrics["health"]["flags"]
     flagged = f"  warning: {', '.join(f['flag'] for f in flags)}" if flags else ""
     say(f"    {outcome} ({seconds:.1f} s){flagged}")
 

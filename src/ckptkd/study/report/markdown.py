@@ -78,10 +78,16 @@ def _header(h: Header) -> list[str]:
 def _selection(pair: PairReport, plot: str) -> list[str]:
     lines = [f"## Selection benchmark: {pair.name}", "",
              "Every saved checkpoint of each trajectory taught a student (the `epoch<N>` variants), so the best "
-             "teacher in hindsight is known: the epoch whose students have the highest mean accuracy over seeds, "
-             "per trajectory. Regret: the accuracy of the student of a selector's pick minus that of the best "
-             "epoch's student with the same seed (0 is perfect, negative is lost); gain: minus T^full's student. "
-             "Mean ± SE over (trajectory, seed).", ""] + table(selection_table(pair, pair.selection))
+             "teacher in hindsight is known — and is never chosen on the students that score it: for each student "
+             "seed, the best epoch is the one whose students of the other seeds have the highest mean accuracy "
+             "(cross-fitted). Regret: the accuracy of the student of a selector's pick minus that of the best "
+             "epoch's student of the same seed (0: as good as the best in hindsight; negative: lost); gain: minus "
+             "T^full's student. In points, mean ± SE over trajectories (a trajectory's students share their "
+             "teacher: each trajectory's mean is one unit). Cost: the selector's own wall time per trajectory "
+             "(the analysis for the criteria of `ckptkd analyze`; the proxy students for the proxy; nothing for "
+             "the fixed rules and best val accuracy, recorded when each checkpoint was saved). "
+             "T* is the tie-aware pick a study's `Tstar` variant uses; T*_info the criterion's pure argmax.", ""]
+    lines += table(selection_table(pair, pair.selection))
     return lines + ["", f"![Student accuracy against teacher epoch, {pair.name}](plots/{Path(plot).name})", "",
                     "Student accuracy against the epoch of the checkpoint that taught it (mean ± SE over seeds, one "
                     "line per trajectory), with each selector's pick marked on its trajectory's line.", ""]

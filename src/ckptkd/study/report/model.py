@@ -20,8 +20,8 @@ from .selection import SelectionBenchmark, selection_benchmark
 from .trajectories import Trajectory, TrajectorySummary, is_summary
 from .verdicts import DEFAULT_MARGIN, Finding, finding
 
-TIME_PARTS = ("teacher training", "checkpoint analysis", "students, no KD", "KD students, cached teachers",
-              "KD students, teachers online")
+TIME_PARTS = ("teacher training", "checkpoint analysis", "proxy selection", "students, no KD",
+              "KD students, cached teachers", "KD students, teachers online")
 
 
 @dataclass
@@ -296,6 +296,8 @@ def _time(rows: list[dict], durations: Durations) -> ComputeTime:
         role = group.get("role")
         if role == "analysis" or row["kind"] == "analyze":
             part = "checkpoint analysis"
+        elif row["kind"] == "proxy":
+            part = "proxy selection"
         elif role != "student":
             part = "teacher training"
         elif group.get("variant") == "none" or not metrics.get("teachers"):
@@ -339,7 +341,7 @@ def build(config: dict, rows: list[dict], blocked: dict[str, list[str]], traject
         pairs.append(PairReport(
             g.name, g.teacher_model, g.student_model, g.variants, Cell(g.teacher_accuracy()), cells, comparisons,
             finding(g.variants, comparisons, config.get("margin", DEFAULT_MARGIN)), _ensemble(g, cells), _cache(g, online, cells, durations),
-            selection_benchmark(g), _trajectories(g, trajectories), lead["path"] if lead is not None else None))
+            selection_benchmark(g, durations.of), _trajectories(g, trajectories), lead["path"] if lead is not None else None))
 
     columns = variants_mod.ordered({v for p in pairs for v in p.variants if variants_mod.parse(v).table == "table3"})
     # A column's average is only given when every pair has a number in it: a partial mean would mislead.

@@ -64,6 +64,7 @@ class PairRows:
     teacher_epochs: int | None
     teachers: list[dict] = field(default_factory=list)
     analyses: dict[int, dict] = field(default_factory=dict)
+    proxies: dict[int, dict] = field(default_factory=dict)       # trajectory -> its proxy selection's row
     students: dict[str, dict[tuple[int, int], dict]] = field(default_factory=dict)  # variant -> (t, s) -> row
 
     def accuracy(self, variant: str) -> dict[tuple[int, int], float]:
@@ -139,6 +140,8 @@ def pair_rows(study: dict, rows: list[dict]) -> list[PairRows]:
                 pair(name, group).teachers.append(row)
             elif role == "analysis":
                 pair(name, group).analyses[group.get("teacher_seed", 0)] = row
+            elif role == "proxy":
+                pair(name, group).proxies[group.get("teacher_seed", 0)] = row
     for p in pairs.values():
         p.teachers.sort(key=lambda r: r["group"].get("teacher_seed", 0))
         seen = {v for v in p.students if v}

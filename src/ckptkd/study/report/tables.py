@@ -156,10 +156,13 @@ def selection_table(pair: PairReport, benchmark: SelectionBenchmark) -> TextTabl
         mean, se = summary
         return points(mean) + ("" if se is None else f" ± {se:.2f}")
 
-    header = ["Selector", "Picked epoch (per trajectory)", "Regret (points)", "Gain over T^full (points)", "n"]
+    header = ["Selector", "Picked epoch (per trajectory)", "Regret (points)", "Gain over T^full (points)",
+              "Trajectories", "Cost per trajectory (s)"]
     rows = [[(s.label, False), (", ".join(EMPTY if s.picks.get(t) is None else str(s.picks[t])
                                          for t in benchmark.trajectories), False),
-             (mean_se(s.regret), False), (mean_se(s.gain), False), (str(len(s.regrets)), False)]
+             (mean_se(s.regret), False), (mean_se(s.gain), False), (str(s.trajectories), False),
+             ("0" if s.key in ("T0.5", "Tfull", "best-val") else EMPTY if s.cost_s is None else f"{s.cost_s:.0f}",
+              False)]
             for s in benchmark.selectors]
     return TextTable(f"Selection benchmark, {pair.name}", header, rows, 2)
 
