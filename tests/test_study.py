@@ -194,6 +194,14 @@ def test_trajectories_pair_every_seed_with_every_teacher_and_share_what_is_ident
     assert len(members) == 3 and all(m.endswith("@epoch=4") for m in members)
     # curve (4 epochs) + none + T0.5/Tfull (shared with the curve) + full ensemble, per seed
     assert len(students) == 2 * (3 * 4 + 1 + 1)
+    # the selection benchmark's proxy selector: one per trajectory, after its teacher, for the pair's student
+    proxies = [t for t in tasks if t.kind == "proxy"]
+    teachers = {t.group["teacher_seed"]: t for t in tasks if t.kind == "train"}
+    assert sorted(t.group["teacher_seed"] for t in proxies) == [0, 1, 2]
+    for proxy in proxies:
+        assert proxy.depends_on == [teachers[proxy.group["teacher_seed"]].run_id]
+        assert proxy.config["run"] == teachers[proxy.group["teacher_seed"]].path
+        assert proxy.config["epochs"] == 1 and proxy.config["student"]["model"] == students[0].config["model"]
 
 
 def test_a_pair_may_have_its_own_variants_and_label_noise():
@@ -283,3 +291,25 @@ def test_online_students_in_a_fused_group_run_their_teachers_online(tmp_path):
         assert manifest["fused"]["members"] == 4
         online = row["group"]["variant"].endswith("@online")
         assert ("cache" in manifest["teacher_ensemble"]) is not online, row["group"]["variant"]
+
+
+def test_a_selection_benchmark_study_runs_the_proxy_selector_and_reports_every_selector(tmp_path):
+    """End to end on digits: 2 trajectories with a student from every checkpoint; each trajectory's proxy selection
+    runs (after its teacher) and the report scores it beside the criteria, with its cost."""
+    from ckptkd.study.queue import ResultsDB
+
+    study = tiny_study(trajectories=2, variants=["none", "Tfull"], curve=True,
+                       analysis={"seeds": 2, "split": "train", "seed": 0})
+    out = run_study(study, out=tmp_path / "s", quiet=True)
+    rows = ResultsDB(out / "results.sqlite", readonly=True).rows()
+    proxies = [r for r in rows if r["kind"] == "proxy"]
+    assert len(proxies) == 2 and all(r["status"] == "complete" for r in proxies)
+    for r in proxies:
+        scores = {row["epoch"]: row["score"] for row in r["metrics"]["scores"]}
+        assert r["metrics"]["t_star"] == max(scores, key=lambda e: (scores[e], e)) and r["metrics"]["cost_s"] > 0
+    report = (out / "report.md").read_text()
+    table = report.split("## Selection benchmark:", 1)[1].split("\n## ", 1)[0]
+    proxy_row = next(line for line in table.splitlines() if line.startswith("| proxy"))
+    picks = ", ".join(str(r["metrics"]["t_star"]) for r in sorted(proxies, key=lambda r: r["group"]["teacher_seed"]))
+    assert f"| {picks} |" in proxy_row
+    assert "| proxy selection |" in report  # its time, in the compute-time table

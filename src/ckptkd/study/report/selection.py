@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ... import stats
 from ...config import epoch_at_fraction
 from .. import variants as variants_mod
-from .rows import PairRows, done
+from .rows import PairRows
 
 # (label, key): the analysis' criteria by their key in `picks` (":argmax" for a criterion's pure argmax), the proxy
 # selector, and three fixed rules (best-val, T0.5, Tfull)
@@ -108,7 +108,8 @@ def _picks(pair: PairRows, trajectory: int, epochs: list[int]) -> dict[str, int 
         elif key == "Tfull":
             out[key] = max(epochs) if epochs else None
         elif key == "proxy":
-            out[key] = (proxy["metrics"] or {}).get("t_star") if proxy is not None and done(proxy) else None
+            complete = proxy is not None and proxy["status"] == "complete"
+            out[key] = (proxy["metrics"] or {}).get("t_star") if complete else None
         elif key.endswith(":argmax"):
             out[key] = (picks.get(key.split(":")[0]) or {}).get("t_star_info")
         else:
