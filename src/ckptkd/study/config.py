@@ -38,8 +38,9 @@ STUDY_DEFAULTS: dict[str, Any] = {
 
 # Study keys that say how the grid is run, not what it computes: a study resumes under another setting of them.
 # (`margin`, the equivalence margin of the report's verdicts in points, only changes how results are read;
-# `run_names` is always taken from the study folder's own study.yaml.)
-HOW_KEYS = ("description", "fuse", "margin", "run_names")
+# `max_attempts` how often a failing task is retried; `run_names` is always taken from the study folder's own
+# study.yaml.)
+HOW_KEYS = ("description", "fuse", "margin", "max_attempts", "run_names")
 
 
 def _fuse(v):
