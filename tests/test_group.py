@@ -154,7 +154,7 @@ def test_members_left_at_different_epochs_resume_to_the_uninterrupted_weights(te
         fit(_students(teacher_run, tmp_path / "cut"), quiet=True, engine=engine)
     monkeypatch.setattr(RunWriter, "end_epoch", real_end_epoch)
     assert [json.loads(line)["epoch"] for line in (tmp_path / "cut/s0/metrics.jsonl").read_text().splitlines()] == [1, 2]
-    assert manifest_json(tmp_path / "cut/s1")["status"] == "failed"
+    assert manifest_json(tmp_path / "cut/s1")["status"] == "interrupted"
     resumed = fit(_students(teacher_run, tmp_path / "cut"), resume=True, quiet=True, engine=engine)
     assert [_weights(r) for r in resumed] == [_weights(r) for r in reference]
     assert all(r.manifest.complete for r in resumed)

@@ -313,3 +313,38 @@ def test_a_selection_benchmark_study_runs_the_proxy_selector_and_reports_every_s
     picks = ", ".join(str(r["metrics"]["t_star"]) for r in sorted(proxies, key=lambda r: r["group"]["teacher_seed"]))
     assert f"| {picks} |" in proxy_row
     assert "| proxy selection |" in report  # its time, in the compute-time table
+
+
+def test_sigterm_three_times_during_the_teacher_spends_none_of_its_attempts(tmp_path):
+    """A local study worker stopped with SIGTERM while it trains the teacher, three times (preemption, `docker
+    stop`): each time it exits 143 and gives the task back; started again, the study completes and the teacher's row
+    records one attempt, not four."""
+    study = tiny_study(variants=["none", "Tfull"], seeds=1, max_attempts=2)
+    study["pairs"][0]["teacher"]["schedule"] = {"epochs": 30}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    out = tmp_path / "s"
+    command = [sys.executable, "-m", "ckptkd", "study", str(path), "--out", str(out), "--no-report"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in range(3):
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        states = list(out.glob("runs/teacher-*/state/last.safetensors"))
+        before = states[0].stat().st_mtime_ns if states else None
+        deadline = time.time() + 120
+        while time.time() < deadline:  # a new epoch of the teacher written by this worker
+            states = list(out.glob("runs/teacher-*/state/last.safetensors"))
+            if states and states[0].stat().st_mtime_ns != before:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, (attempt, err)
+        teacher = next(r for r in ResultsDB(out / "results.sqlite", readonly=True).rows() if r["kind"] == "train")
+        assert teacher["status"] == "pending" and teacher["attempts"] == 0, (attempt, teacher)
+        manifest = json.loads(next(out.glob("runs/teacher-*/manifest.json")).read_text())
+        assert manifest["status"] == "interrupted", attempt
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    rows = ResultsDB(out / "results.sqlite", readonly=True).rows()
+    assert all(r["status"] == "complete" for r in rows)
+    assert next(r for r in rows if r["kind"] == "train")["attempts"] == 1

@@ -127,7 +127,7 @@ def test_resume_from_every_epoch_is_bit_identical(tmp_path, monkeypatch, optim, 
         monkeypatch.setattr(folder_module, "save_state", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             train(cfg, out=tmp_path / f"stop{stop}", quiet=True)
-        assert manifest_json(tmp_path / f"stop{stop}")["status"] == "failed"
+        assert manifest_json(tmp_path / f"stop{stop}")["status"] == "interrupted"
         monkeypatch.setattr(folder_module, "save_state", save_state)
         # what a write killed half-way leaves behind; resuming clears it
         stale = tmp_path / f"stop{stop}" / "state" / ".last.safetensors.x1y2z3.tmp"
@@ -254,3 +254,32 @@ def test_bf16_precision_trains_and_records_itself(tmp_path):
     assert bf16["precision"] == "bf16" and fp32["precision"] == "fp32"
     assert bf16["checkpoints"][-1]["sha256"] != fp32["checkpoints"][-1]["sha256"]  # autocast really ran
     assert bf16["final"]["val_acc"] > 0.5 and math.isfinite(bf16["checkpoints"][-1]["metrics"]["train_loss"])
+
+
+def test_sigterm_is_an_interruption_the_run_resumes_from_bit_identical(tmp_path):
+    """SIGTERM (what `kill`, `docker stop`, systemd and Slurm's preemption send) mid-run: the conventional exit 143,
+    the manifest says `interrupted` with the resume command on stderr, and --resume ends bit-identical."""
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(schedule={"epochs": 8}, checkpoints={"every": 1})))
+    reference = run_cli("train", str(cfg_path), "--out", str(tmp_path / "ref"))
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "ckptkd", "train", str(cfg_path), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "state" / "last.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    manifest = manifest_json(out)
+    if proc.returncode == 0:  # it finished before the signal came: nothing to resume
+        assert manifest["status"] == "complete"
+    else:
+        assert proc.returncode == 143, err
+        assert "ckptkd: interrupted by SIGTERM; continue with: ckptkd train" in err and err.rstrip().endswith("--resume")
+        assert manifest["status"] == "interrupted" and manifest["error"] == "interrupted by SIGTERM"
+        resumed = run_cli("train", str(cfg_path), "--out", str(out), "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+    assert [c["sha256"] for c in manifest_json(out)["checkpoints"]] == [
+        c["sha256"] for c in manifest_json(tmp_path / "ref")["checkpoints"]]

@@ -1,4 +1,8 @@
-"""The one error type that reaches users as a one-line message and exit code 2."""
+"""The one error type that reaches users as a one-line message and exit code 2, and the interrupt a signal becomes."""
+
+import contextlib
+import signal
+import threading
 
 
 class UserError(Exception):
@@ -6,3 +10,41 @@ class UserError(Exception):
 
     The message is shown as one line, so it must name the field, file or reference at fault.
     """
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal that stops a process by asking (SIGTERM from `kill`, `docker stop`, systemd or Slurm's preemption;
+    SIGUSR2, Slurm's warning before a time limit; SIGHUP): handled as Ctrl-C is — the run keeps its last saved state,
+    its manifest says `interrupted`, a study gives its tasks back without spending an attempt — and the process
+    exits with the conventional 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)
+
+
+def raise_interrupted(signum, _frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interrupting_signals():
+    """While inside, SIGTERM, SIGUSR2 and SIGHUP raise `Interrupted` (as the command line always does): for a
+    Python program that runs a study or a training job it may lose to preemption. Only the main thread can take
+    signals: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, raise_interrupted) for signum in INTERRUPTING_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -1,7 +1,7 @@
 """The command line: a thin face over the Python API.
 
 Exit codes: 0 ok, 2 a user error (one line on stderr naming the field, file or reference at fault), 1 a bug, 130
-interrupted.
+interrupted by Ctrl-C, 128 + N by signal N (143: SIGTERM, 140: SIGUSR2, Slurm's warning before a time limit).
 """
 
 from __future__ import annotations
@@ -312,9 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     # Parsing first, before anything imports torch, so --help and argument errors answer at once.
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    from ..errors import UserError
+    import signal
+
+    from ..errors import INTERRUPTING_SIGNALS, Interrupted, UserError, raise_interrupted
     from ..training import distributed
 
+    for signum in INTERRUPTING_SIGNALS:  # preemption, a time limit, a hang-up: interruptions, not crashes
+        signal.signal(signum, raise_interrupted)
     try:
         if distributed.launched() and args.func not in (cmd_train, cmd_distill):
             raise UserError(f"ckptkd {args.command} does not run under torchrun; only train and distill do "
@@ -324,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split())
         print(f"ckptkd: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"ckptkd: interrupted{_resume_hint(args, argv)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        by = f" by {e}" if isinstance(e, Interrupted) else ""
+        print(f"ckptkd: interrupted{by}{_resume_hint(args, argv)}", file=sys.stderr)
+        return e.exit_code if isinstance(e, Interrupted) else 130
     except OSError as e:
         if e.filename is None:
             raise

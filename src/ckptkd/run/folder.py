@@ -241,6 +241,12 @@ class RunWriter:
             self.manifest.health = health
         self._write_views(progress)
 
+    def interrupt(self, progress: Progress, why: str) -> None:
+        """Mark the run interrupted: stopped on request (Ctrl-C, SIGTERM, a time limit), its last saved state kept
+        for `--resume`."""
+        self.manifest.status, self.manifest.error = "interrupted", why
+        self._write_views(progress)
+
     def finish(self, progress: Progress, final: Final) -> Run:
         self.manifest.status, self.manifest.final, self.manifest.error = "complete", final, None
         self._write_views(progress)

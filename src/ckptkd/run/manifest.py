@@ -18,7 +18,7 @@ from ..errors import UserError
 
 FORMAT = 1
 KINDS = ("train", "distill", "import")
-STATUSES = ("running", "complete", "failed")
+STATUSES = ("running", "complete", "failed", "interrupted")
 
 
 @dataclass

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .. import config as config_mod
-from ..errors import UserError
+from ..errors import UserError, interrupting_signals
 from ..run.storage import atomic_write_text, remove_stale_temporaries
 from .config import HOW_KEYS, resolve_study
 from .plan import fuse_groups, group_size, plan
@@ -156,38 +156,39 @@ def run_study(source: str | Path | dict, out: str | Path | None = None, *, overr
     done = 0
     total = len(tasks)
     try:
-        while max_tasks is None or done < max_tasks:
-            rows = db.claim_group(worker, groups)
-            if not rows:
-                if db.pending_count() == 0:
-                    break
-                time.sleep(poll_s)  # another process holds the tasks ours depend on
-                continue
-            finished = total - db.pending_count()
-            started = time.perf_counter()
-            if len(rows) == 1:
-                row = rows[0]
-                say(f"[{finished + 1}/{total}] {row['kind']:<8} {row['name']} (attempt {row['attempts']}) ...")
-                work = lambda: [_execute(row, study_dir, db)]  # noqa: E731
-            else:
-                say(f"[{finished + 1}-{finished + len(rows)}/{total}] {rows[0]['kind']:<8} {len(rows)} runs as one "
-                    f"group: {', '.join(r['name'] for r in rows)} (attempt {max(r['attempts'] for r in rows)}) ...")
-                work = lambda: _execute_group(rows, study_dir, db, say)  # noqa: E731
-            try:
-                results = work()
-            except KeyboardInterrupt:
-                _release(db, rows)  # not the tasks' fault: they keep their attempts and are claimed again
-                raise
-            except ClaimLost as lost:  # judged stale and taken over by another worker, which now owns it
-                say(f"    given up: {lost}")
-                _release(db, rows)
-                continue
-            except Exception as error:  # noqa: BLE001 - any failure of one task is recorded, the study goes on
-                results = [error] * len(rows)
-            for row, result in zip(rows, results):
-                _record(db, row, result, time.perf_counter() - started, say if len(rows) == 1 else
-                        (lambda msg, name=row["name"]: say(f"{msg.rstrip()}  {name}")))
-            done += len(rows)
+        with interrupting_signals():  # preemption gives the tasks back: no attempt is spent on it
+            while max_tasks is None or done < max_tasks:
+                rows = db.claim_group(worker, groups)
+                if not rows:
+                    if db.pending_count() == 0:
+                        break
+                    time.sleep(poll_s)  # another process holds the tasks ours depend on
+                    continue
+                finished = total - db.pending_count()
+                started = time.perf_counter()
+                if len(rows) == 1:
+                    row = rows[0]
+                    say(f"[{finished + 1}/{total}] {row['kind']:<8} {row['name']} (attempt {row['attempts']}) ...")
+                    work = lambda: [_execute(row, study_dir, db)]  # noqa: E731
+                else:
+                    say(f"[{finished + 1}-{finished + len(rows)}/{total}] {rows[0]['kind']:<8} {len(rows)} runs as one "
+                        f"group: {', '.join(r['name'] for r in rows)} (attempt {max(r['attempts'] for r in rows)}) ...")
+                    work = lambda: _execute_group(rows, study_dir, db, say)  # noqa: E731
+                try:
+                    results = work()
+                except KeyboardInterrupt:
+                    _release(db, rows)  # not the tasks' fault: they keep their attempts and are claimed again
+                    raise
+                except ClaimLost as lost:  # judged stale and taken over by another worker, which now owns it
+                    say(f"    given up: {lost}")
+                    _release(db, rows)
+                    continue
+                except Exception as error:  # noqa: BLE001 - any failure of one task is recorded, the study goes on
+                    results = [error] * len(rows)
+                for row, result in zip(rows, results):
+                    _record(db, row, result, time.perf_counter() - started, say if len(rows) == 1 else
+                            (lambda msg, name=row["name"]: say(f"{msg.rstrip()}  {name}")))
+                done += len(rows)
     finally:
         db.close()
     if report and (max_tasks is None or done < max_tasks):

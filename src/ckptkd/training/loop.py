@@ -385,11 +385,13 @@ def evaluate(logits_of: Callable[[torch.Tensor], torch.Tensor], data: data_mod.D
 
 
 def stopped(folder: RunWriter, progress: Progress, error: BaseException) -> None:
-    """Mark a run that stopped early as failed; a full disk becomes the one-line error it is, saying what is still
-    safe."""
-    reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+    """Mark a run that stopped early: interrupted (Ctrl-C, or a signal that asks a process to stop: `--resume`
+    continues it), else failed; a full disk becomes the one-line error it is, saying what is still safe."""
     try:
-        folder.fail(progress, reason)
+        if isinstance(error, KeyboardInterrupt):
+            folder.interrupt(progress, f"interrupted by {error}" if str(error) else "interrupted")
+        else:
+            folder.fail(progress, f"{type(error).__name__}: {error}")
     except OSError:
         pass  # the disk that stopped the run may not take the manifest either; the previous one stays in place
     if is_disk_full(error):
