@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -520,3 +521,74 @@ def test_a_shared_folder_loses_only_the_temporaries_of_dead_ckptkd_writers(tmp_p
     assert removed == {files["dead"], files["old-elsewhere"]}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files[k] for k in
                                                                 ("alive", "elsewhere", "editor", "old-editor"))
+
+
+# --- 11. one writer per run folder ---------------------------------------------------------------------------------
+
+def test_a_run_folder_has_one_writer_a_live_holder_is_named_and_a_dead_ones_lock_taken_over(tmp_path):
+    """--resume into a folder another live process is training is refused, naming its host and pid; once that
+    process is gone its lock is taken over; a finished run leaves no lock behind."""
+    import socket
+
+    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(schedule={"epochs": 40}))
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "ckptkd", "train", cfg_path, "--out", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (out / "state" / "last.safetensors").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        second = run_cli("train", cfg_path, "--out", str(out), "--resume")
+        assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert (f"is being written by another process (host {socket.gethostname()}, pid {first.pid})"
+                in second.stderr)
+    finally:
+        first.kill()
+        first.wait()
+    assert json.loads((out / ".lock").read_text())["pid"] == first.pid  # killed: its lock stays behind
+    resumed = run_cli("train", cfg_path, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert manifest_json(out)["status"] == "complete" and not (out / ".lock").exists()
+
+
+def test_two_processes_starting_one_run_folder_at_once_one_trains_and_the_other_is_refused(tmp_path):
+    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(schedule={"epochs": 2}))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "ckptkd", "train", cfg_path, "--out", str(out)]
+    procs = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert "Traceback" not in refused and ("being written by another process" in refused
+                                           or "already exists" in refused), refused
+    assert manifest_json(out)["status"] == "complete"
+
+
+def test_a_lock_of_a_dead_process_or_of_an_earlier_run_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch):
+    import socket
+
+    from ckptkd.run import RunWriter
+    from ckptkd.run.lock import LOCK
+
+    cfg = config_mod.resolve(tiny_config())
+    folder = tmp_path / "run"
+    folder.mkdir()
+    dead = {"host": socket.gethostname(), "pid": 2 ** 22 + 12345, "job": None}
+    (folder / LOCK).write_text(json.dumps(dead))
+    writer = RunWriter.open(folder, cfg, resume=True)
+    assert json.loads((folder / LOCK).read_text())["pid"] == os.getpid()
+    writer.close()
+    assert list(folder.iterdir()) == []  # the lock is given back
+    alive = {"host": socket.gethostname(), "pid": os.getppid(), "job": None}
+    (folder / LOCK).write_text(json.dumps(alive))
+    with pytest.raises(UserError, match=f"pid {os.getppid()}"):
+        RunWriter.open(folder, cfg, resume=True)
+    assert json.loads((folder / LOCK).read_text()) == alive  # a live holder's lock is left alone
+    elsewhere = {"host": "node-17", "pid": os.getppid(), "job": "4242"}
+    (folder / LOCK).write_text(json.dumps(elsewhere))
+    with pytest.raises(UserError, match="host node-17, pid .*Slurm job 4242"):
+        RunWriter.open(folder, cfg, resume=True)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the same job, requeued onto this node
+    RunWriter.open(folder, cfg, resume=True).close()

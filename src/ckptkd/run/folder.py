@@ -7,6 +7,7 @@ RUN/
   checkpoints/epoch-0030.safetensors   weights (state_dict incl. BatchNorm buffers)
   state/last.safetensors               what --resume needs (`state.Progress` + tensors); no pickle
   metrics.jsonl                        one JSON object per epoch
+  .lock                                the process writing the run, while it does (`lock`)
   analysis.json, analysis-cache/, plots/   written by `ckptkd analyze`
   proxy/                               the proxy students of `ckptkd select --by proxy`
   cache/                               teacher-output caches of this run's checkpoints
@@ -34,6 +35,7 @@ from pathlib import Path
 from .. import config as config_mod
 from ..errors import UserError
 from .analysis_file import analysis_problem
+from .lock import LOCK, RunLock
 from .manifest import CheckpointEntry, Final, Manifest
 from .state import Progress, load_state, save_state
 from .storage import (atomic_write_text, read_sealed_json, remove_stale_temporaries, save_tensors, shared_permissions,
@@ -46,7 +48,7 @@ METRICS = "metrics.jsonl"
 ANALYSIS = "analysis.json"
 # Everything a run (or a kill of one) may leave in its folder; anything else belongs to somebody else.
 _OWNED = {CONFIG, MANIFEST, METRICS, ANALYSIS, "checkpoints", "state", "tensorboard", "analysis-cache", "plots",
-          "cache", "proxy"}
+          "cache", "proxy", LOCK}
 
 
 def sealed_since_0_3(written: dict) -> bool:
@@ -165,6 +167,7 @@ class RunWriter:
         self.run, self.cfg, self.writes = run, cfg, writes
         self.resumable, self.complete = resumable, complete
         self.manifest: Manifest | None = None
+        self.lock: RunLock | None = None
 
     @property
     def path(self) -> Path:
@@ -172,12 +175,33 @@ class RunWriter:
 
     @classmethod
     def open(cls, out: str | Path, cfg: dict, *, resume: bool, writes: bool = True) -> "RunWriter":
-        """Apply the create/resume policy to `out` (see the module docstring); writes nothing yet."""
-        run = Run(out)
-        path = run.path
+        """Apply the create/resume policy to `out` (see the module docstring). A writer first takes the folder's
+        lock (`lock`: one writer per run folder), which it gives back with `close`; nothing else is written yet."""
+        path = Path(out)
         if path.exists() and not path.is_dir():
             raise UserError(f"--out {path} is a file, not a folder")
-        empty = not path.exists() or not any(path.iterdir())
+        lock = RunLock(path) if writes else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            writer = cls._open(Run(path), cfg, resume=resume, writes=writes)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        writer.lock = lock
+        return writer
+
+    def close(self) -> None:
+        """Give the folder's lock back (a folder this writer created and wrote nothing into is removed)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    @classmethod
+    def _open(cls, run: Run, cfg: dict, *, resume: bool, writes: bool) -> "RunWriter":
+        path = run.path
+        empty = not path.exists() or not any(p.name != LOCK for p in path.iterdir())
         if not resume:
             if not empty:
                 raise UserError(f"run folder {path} already exists; use --resume to continue it or choose another "

@@ -104,7 +104,8 @@ def fit(members: list[Member], *, resume: bool = False, quiet: bool = False, eng
         announce: Callable[[str], None] | None = None) -> list[Run | Exception]:
     """Train `members` together; returns each member's Run, or the error that stopped it alone (`health.Diverged`:
     that member is marked failed and the others go on). An interrupt or any other error stops the whole group, every
-    unfinished member's folder marked failed. `on_epoch({"epoch": N})` is called after each epoch's files are written
+    unfinished member's folder marked interrupted or failed. Each member's folder is locked while this runs (one
+    writer per run folder: another live process's folder is refused, naming it). `on_epoch({"epoch": N})` is called after each epoch's files are written
     (a study uses it as a heartbeat). A group of more than one says which engine it runs and why, in one line (to
     `announce` when given, else to the terminal unless `quiet`); a group of one with `engine="auto"` is an ordinary
     run, with no `fused` entry in its manifest."""
@@ -115,33 +116,49 @@ def fit(members: list[Member], *, resume: bool = False, quiet: bool = False, eng
         raise UserError("fused groups do not run under torchrun; train them in one process (or use fuse: off)")
     device = distributed.setup(pick_device(cfg["device"]))
     main = distributed.is_main()
-    folders = [RunWriter.open(m.out, m.cfg, resume=resume, writes=main) for m in members]
-    todo = [(m, f) for m, f in zip(members, folders) if not f.complete]
-    if todo:
-        distributed.check_batch(cfg["data"]["batch_size"])
-        distributed.barrier()  # every rank has looked at the folders before rank 0 writes to them
-        data = data_mod.build(cfg["data"], device)
-        spec = model_spec(cfg, data)
-        _prepare_teachers([m for m, _ in todo], data, quiet=quiet or not main)
-        runs = [_Training(m, f, *_initial_model(m.cfg, spec, device)) for m, f in todo]
-        say = announce or (lambda message: None if quiet else print(message, file=sys.stderr, flush=True))
-        chosen, why, groups = ("direct", "", [runs]) if alone else _engine_and_groups(runs, spec, engine, device, say)
-        for group in groups:
-            for position, run in enumerate(group):
-                fused = None if alone else {"engine": chosen, "members": len(group), "index": position,
-                                            "group": [str(r.folder.path) for r in group]}
-                _begin(run, new_manifest(run.member.cfg, run.member.kind, spec, data, device, run.member.teacher),
-                       fused, quiet=quiet or not main, main=main)
-        try:
-            for group in groups:
-                if not alone:
-                    say(f"training {len(group)} runs as one group ({chosen}: {why})")
-                _Group(group, data=data, engine=chosen, device=device, main=main).run(on_epoch)
-        except BaseException as error:
-            _stopped([run for run in runs if run.outcome is None], error, main)  # later groups' runs too
-            raise
-        outcomes = iter(run.outcome for run in runs)
+    folders: list[RunWriter] = []
+    try:
+        for m in members:  # each takes its folder's lock: one writer per run folder
+            folders.append(RunWriter.open(m.out, m.cfg, resume=resume, writes=main))
+        outcomes = _train(members, folders, alone=alone, engine=engine, device=device, main=main, quiet=quiet,
+                          on_epoch=on_epoch, announce=announce)
+    finally:
+        for folder in folders:
+            folder.close()
     distributed.barrier()  # the other ranks return once rank 0 has written the finished runs
+    return outcomes
+
+
+def _train(members: list[Member], folders: list[RunWriter], *, alone: bool, engine: str, device: torch.device,
+           main: bool, quiet: bool, on_epoch, announce) -> list[Run | Exception]:
+    """`fit` once the folders are open: every member not complete yet trained, each outcome in member order."""
+    cfg = members[0].cfg
+    todo = [(m, f) for m, f in zip(members, folders) if not f.complete]
+    if not todo:
+        return [f.run for f in folders]
+    distributed.check_batch(cfg["data"]["batch_size"])
+    distributed.barrier()  # every rank has looked at the folders before rank 0 writes to them
+    data = data_mod.build(cfg["data"], device)
+    spec = model_spec(cfg, data)
+    _prepare_teachers([m for m, _ in todo], data, quiet=quiet or not main)
+    runs = [_Training(m, f, *_initial_model(m.cfg, spec, device)) for m, f in todo]
+    say = announce or (lambda message: None if quiet else print(message, file=sys.stderr, flush=True))
+    chosen, why, groups = ("direct", "", [runs]) if alone else _engine_and_groups(runs, spec, engine, device, say)
+    for group in groups:
+        for position, run in enumerate(group):
+            fused = None if alone else {"engine": chosen, "members": len(group), "index": position,
+                                        "group": [str(r.folder.path) for r in group]}
+            _begin(run, new_manifest(run.member.cfg, run.member.kind, spec, data, device, run.member.teacher),
+                   fused, quiet=quiet or not main, main=main)
+    try:
+        for group in groups:
+            if not alone:
+                say(f"training {len(group)} runs as one group ({chosen}: {why})")
+            _Group(group, data=data, engine=chosen, device=device, main=main).run(on_epoch)
+    except BaseException as error:
+        _stopped([run for run in runs if run.outcome is None], error, main)  # later groups' runs too
+        raise
+    outcomes = iter(run.outcome for run in runs)
     return [f.run if f.complete else next(outcomes) for f in folders]
 
 
