@@ -50,6 +50,31 @@ def test_analysis_has_both_splits_per_checkpoint_with_seeded_estimates(analysed)
     for name in ("information_plane", "trajectory", "class_correlation"):
         png = run / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.with_suffix(".pdf").read_bytes()[:4] == b"%PDF"  # beside it, for papers
+        assert analysis["plots"][name] == str(png)  # the analysis names the PNG, as it always did
+
+
+def test_analysis_figures_name_ties_as_the_criterion_makes_them_and_keep_the_temperature(analysed, monkeypatch):
+    """Ties are checkpoints not significantly worse than T* (a paired t), no longer those within 2 SE."""
+    from ckptkd.run import Run
+    from ckptkd.selection import plots
+
+    run, analysis = analysed
+    drawn = {}
+
+    def keep(fig, path):  # instead of saving: the figure as drawn, by file name
+        drawn[path.stem] = fig
+        return str(path)
+
+    monkeypatch.setattr(plots, "save", keep)
+    plots.plot_analysis(Run(run), analysis, Run(run).manifest)
+    assert set(drawn) == {"information_plane", "trajectory", "class_correlation"}
+    for fig in drawn.values():
+        assert f"(tau = {analysis['temperature']:g})" in fig._suptitle.get_text()
+    epochs = [r["epoch"] for r in analysis["checkpoints"]]
+    plots.information_plane(analysis["checkpoints"], "train", epochs[-1], epochs, "title", run / "unused.png")
+    legend = [t.get_text() for t in drawn["unused"].legends[0].get_texts()]
+    assert legend == ["tied with T* (not significantly worse)", f"T* (epoch {epochs[-1]})"]
 
 
 def test_the_recorded_checkpoint_accuracy_is_that_checkpoints_validation_accuracy(analysed):

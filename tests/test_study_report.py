@@ -24,6 +24,7 @@ from ckptkd.study.report import CARRIED, write_report
 
 EMPTY = "—"
 PNG = b"\x89PNG\r\n\x1a\n"
+PDF = b"%PDF"
 FLAG = {"flag": "loss_rising", "epoch": 12, "detail": "training loss rose for 4 epochs (1.23 to 1.57)"}
 
 
@@ -224,22 +225,32 @@ class Study:
 
 
 def trajectory_metrics(epochs, saved, selected, *, t=0, picks=None, val=None, teacher="teacher"):
-    """An analysis row's metrics as ckptkd.study.analysis_metrics stores them."""
+    """An analysis row's metrics as ckptkd.study.analysis_metrics stores them; each trajectory's information
+    estimates shifted by its number, so that the trajectories of a pair lie apart in the information plane."""
     rows = [{"epoch": e, "fraction": e / epochs, "val_acc": (val or {}).get(e, 0.5 + e / 100),
              "train_acc": 0.6 + e / 50, "test_acc": 0.49 + e / 100, "confidence": 0.4 + e / 40,
              "p_target_t": 0.3 + e / 100, "nontarget_entropy_t": 2.0 - e / 20, "nc1": 1.5 - e / 20,
-             "i_xf": [1 + e / 10, 0.01], "i_yf": [1.5 + e / 100, 0.002], "score": [e / 25, 0.01]} for e in saved]
+             "i_xf": [1 + e / 10 + 0.3 * t, 0.01], "i_yf": [1.5 + e / 100 - 0.02 * t, 0.002],
+             "score": [e / 25, 0.01]} for e in saved]
     return {"selected_epoch": selected, "analysis": f"runs/{teacher}-t{t}/analysis.json", "split": "train",
             "criterion": "info", "ties": [selected], "trajectory": rows,
             "agreement": {"spearman_i_xf": 0.9, "spearman_i_yf": None, "spearman_score": 0.8},
             "picks": picks or {"info@train": {"t_star": selected, "ties": [selected], "flat": False}}}
 
 
-def teacher_folder(study, name, shade=0.0):
+def pdf_stand_in(shade: float = 0.0) -> bytes:
+    """A teacher figure's PDF as the report copies it (bytes it never parses)."""
+    return PDF + f"-1.4 stand-in {shade}\n".encode()
+
+
+def teacher_folder(study, name, shade=0.0, pdf=True):
+    """A teacher's run folder with its analysis figures: a PNG each, and its PDF unless the run predates them."""
     plots = study / "runs" / name / "plots"
     plots.mkdir(parents=True)
     for figure in ("information_plane", "class_correlation", "trajectory"):
         (plots / f"{figure}.png").write_bytes(png(shade))
+        if pdf:
+            (plots / f"{figure}.pdf").write_bytes(pdf_stand_in(shade))
 
 
 # ---------------------------------------------------------------- the main study: three pairs, three verdicts
@@ -520,13 +531,19 @@ def test_trajectories_csv_and_plots(main):
     flagged = next(r for r in lines if r["run_id"] == f"{FLAGGED[0]}-{FLAGGED[1]}-t1s2")
     assert flagged["health"] == "loss_rising"
 
+    # every pair's information plane, drawn from the database; the lead teacher's own figures copied for the one
+    # pair whose run folder is here
     names = sorted(path.rsplit("/", 1)[-1] for path in result["plots"])
     assert names == ["accuracy_by_variant.png", "class_correlation_wrn40-wrn16.png",
+                     "information_plane_resnet56-resnet20.png", "information_plane_vgg13-vgg8.png",
                      "information_plane_wrn40-wrn16.png", "trajectory_wrn40-wrn16.png"]
     for path in result["plots"]:
         assert open(path, "rb").read(8) == PNG
         assert f"(plots/{path.rsplit('/', 1)[-1]})" in report
-    assert (study / "plots" / "information_plane_wrn40-wrn16.png").read_bytes() == png()
+    for figure in ("class_correlation", "trajectory"):
+        assert (study / "plots" / f"{figure}_wrn40-wrn16.png").read_bytes() == png()
+        assert (study / "plots" / f"{figure}_wrn40-wrn16.pdf").read_bytes() == pdf_stand_in()
+    assert (study / "plots" / "information_plane_wrn40-wrn16.png").read_bytes() != png()  # drawn, not copied
 
 
 def test_terminal_view_at_80_columns_keeps_every_label_whole(main):
@@ -721,15 +738,20 @@ def test_a_fresh_clone_carries_the_trajectory_section_over(tmp_path):
     clone = tmp_path / "clone"
     shutil.copytree(study, clone, ignore=shutil.ignore_patterns("runs"))
     (clone / "report.md").write_text("# stale\n\n### cnn->cnn\n\n| stale |\n", encoding="utf-8")
-    kept_plot = (clone / "plots" / "information_plane_cnn-cnn.png").read_bytes()
+    kept_plot = (clone / "plots" / "class_correlation_cnn-cnn.png").read_bytes()
+    plane = (clone / "plots" / "information_plane_cnn-cnn.png").read_bytes()
     result = write_report(clone, quiet=True)
     report = (clone / "report.md").read_text(encoding="utf-8")
     assert result["carried_over"] == [f"### {pair}"]
     assert trajectory_body(report, f"### {pair}") == [CARRIED, ""] + rebuilt
     assert "| stale |" not in report
-    # the teacher plot of a run folder that is not here is kept and linked
-    target = clone / "plots" / "information_plane_cnn-cnn.png"
+    # the teacher plot of a run folder that is not here is kept and linked; the information plane is drawn again,
+    # from the carried-over summary, the same
+    target = clone / "plots" / "class_correlation_cnn-cnn.png"
     assert str(target) in result["plots"] and target.read_bytes() == kept_plot == png(0.25)
+    assert (clone / "plots" / "class_correlation_cnn-cnn.pdf").read_bytes() == pdf_stand_in(0.25)
+    assert f"![class correlation, {pair}](plots/class_correlation_cnn-cnn.png)" in section(report, "## Plots")
+    assert (clone / "plots" / "information_plane_cnn-cnn.png").read_bytes() == plane
     assert f"![information plane, {pair}](plots/information_plane_cnn-cnn.png)" in section(report, "## Plots")
     # the old DB's students (no `serves`) are still paired and tabled
     assert table3(report)["cnn"][3].strip("*") == summary([0.7, 0.703, 0.706])
@@ -857,8 +879,10 @@ PICKS = {0: {"info@train": 6, "info@val": 4, "nc1@train": 3, "p_target@train": 2
 VAL = {0: {2: 0.55, 4: 0.61, 6: 0.62, 8: 0.62}, 1: {2: 0.50, 4: 0.64, 6: 0.60, 8: 0.58}}  # best val: 8 (tie), 4
 
 
-def test_selection_benchmark(tmp_path):
-    st = Study(tmp_path, name="curve", seeds=(0, 1), trajectories=2)
+def make_selection_study(root):
+    """Pair SEL with every checkpoint of its 2 trajectories teaching students of 2 seeds (CURVE), the selectors'
+    picks (PICKS, VAL) and no-KD students."""
+    st = Study(root, name="curve", seeds=(0, 1), trajectories=2)
     st.pair(SEL, ["none", "T0.5", "Tfull", "epoch2", "epoch4", "epoch6", "epoch8"], epochs=8)
     for t in range(2):
         teacher = st.teacher(SEL, t, 0.7)
@@ -873,7 +897,11 @@ def test_selection_benchmark(tmp_path):
                 also = [["T0.5", t, s]] if e == 4 else [["Tfull", t, s]] if e == 8 else []
                 st.student(SEL, f"epoch{e}", [(t, s)], accs[s] / 100, also=also, depends_on=[teacher],
                            teacher_epochs=(e,))
-    study = st.build()
+    return st.build()
+
+
+def test_selection_benchmark(tmp_path):
+    study = make_selection_study(tmp_path)
     result = write_report(study, quiet=True)
     report = (study / "report.md").read_text(encoding="utf-8")
 

@@ -351,7 +351,7 @@ def analyze(run: str | Path, *, temperature: float | None = None, seed: int = 0,
                      "reference": f"{run}@epoch={best}", "criterion": key, "ties": chosen["ties"],
                      "argmax": chosen.get("best"),
                      "description": (selection.CRITERIA[key.split("@")[0]].doc + f", on the {key.split('@')[1]} "
-                                     "split; ties within 2 SE, broken by validation accuracy")
+                                     "split; ties: not significantly worse than its argmax, broken by validation accuracy")
                      if key in criteria and "@" in key else "the validation accuracy recorded at each checkpoint"},
         "ranking": [{"epoch": e} for e in selection.ranking(chosen)],
         "agreement": _agreement(records, criteria, split),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -14,32 +15,41 @@ import numpy as np  # noqa: E402
 from ..formatting import data_label  # noqa: E402
 from ..run.storage import atomic_write_bytes  # noqa: E402
 
+# pdf.fonttype 42 embeds TrueType fonts: publishers' checks reject the default Type 3 fonts.
 plt.rcParams.update({"figure.dpi": 150, "savefig.bbox": "tight", "font.size": 9, "axes.spines.top": False,
-                     "axes.spines.right": False})
+                     "axes.spines.right": False, "pdf.fonttype": 42})
 
 
 def save(fig, path: Path) -> str:
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    """Write `fig` as PNG at `path` and as PDF beside it (same stem: vector, for papers), each atomically; returns
+    the PNG's path. The PDF goes first, so a PNG on disk has its PDF. The PDF's creation date is left out: the same
+    figure gives the same bytes, and a report rebuilt from the same results changes no file."""
+    path = Path(path)
+    for target, kind, metadata in ((path.with_suffix(".pdf"), "pdf", {"CreationDate": None}), (path, "png", None)):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=kind, metadata=metadata)
+        atomic_write_bytes(target, buffer.getvalue())
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
     return str(path)
 
 
-def _epoch_labels(xs: list[float], ys: list[float], epochs: list[int], keep: set[int]) -> set[int]:
-    """Which points get an epoch label: those in `keep` first, then in training order each point at least 6 % of
-    the plot's span away from every point already labelled, so late checkpoints that sit on top of each other (a
-    converged run) share one label instead of piling up into an unreadable smear."""
+def spaced_labels(xs: list[float], ys: list[float], first: list[int], min_distance: float = 0.06) -> list[int]:
+    """Which points get a label: the indices in `first` in their order, then every other point in order, each kept
+    only when it is at least `min_distance` (a fraction of the plot's span in x and in y) from every point already
+    kept, so points that sit on top of each other (a converged run) share one label instead of piling up into an
+    unreadable smear."""
     span_x = (max(xs) - min(xs)) or 1.0
     span_y = (max(ys) - min(ys)) or 1.0
-    order = [i for i, e in enumerate(epochs) if e in keep] + [i for i, e in enumerate(epochs) if e not in keep]
     chosen: list[int] = []
-    for i in order:
-        if all(math.hypot((xs[i] - xs[j]) / span_x, (ys[i] - ys[j]) / span_y) >= 0.06 for j in chosen):
+    for i in list(dict.fromkeys(first)) + [i for i in range(len(xs)) if i not in first]:
+        if all(math.hypot((xs[i] - xs[j]) / span_x, (ys[i] - ys[j]) / span_y) >= min_distance for j in chosen):
             chosen.append(i)
-    return {epochs[i] for i in chosen}
+    return chosen
+
+
+def _epoch_labels(xs: list[float], ys: list[float], epochs: list[int], keep: set[int]) -> set[int]:
+    """The epochs of one trajectory that get a label: those in `keep` first (spaced_labels)."""
+    return {epochs[i] for i in spaced_labels(xs, ys, [i for i, e in enumerate(epochs) if e in keep])}
 
 
 def information_plane(records: list[dict], split: str, selected: int, ties: list[int], title: str,
@@ -72,7 +82,7 @@ def information_plane(records: list[dict], split: str, selected: int, ties: list
         tied = [(x, y) for x, y, e in zip(xs, ys, epochs) if e in ties and e != selected]
         if tied:
             ax.scatter(*zip(*tied), s=130, facecolor="none", edgecolor="darkorange", lw=1.2, zorder=3,
-                       label="tied with T* (within 2 SE)")
+                       label="tied with T* (not significantly worse)")
         if selected in epochs:
             k = epochs.index(selected)
             ax.scatter([xs[k]], [ys[k]], marker="*", s=260, facecolor="none", edgecolor="crimson", lw=1.5,
@@ -137,7 +147,7 @@ def trajectory(records: list[dict], criterion: dict, num_classes: int, title: st
                      ms=3, capsize=2, color="C0", label=criterion["criterion"])
     tied = [e for e in have if e in criterion["ties"]]
     axes[3].scatter(tied, [rows[e]["score"] for e in tied], s=80, facecolor="none", edgecolor="darkorange",
-                    label="tie set")
+                    label="tied with T* (not significantly worse)")
     axes[3].set_title(f"selection score ({criterion['criterion']}@{criterion['split']})")
     axes[3].set_ylabel("score (mean ± SE)")
     for ax in axes:
@@ -156,39 +166,54 @@ def trajectory(records: list[dict], criterion: dict, num_classes: int, title: st
     return save(fig, path)
 
 
+def class_ticks(class_names: list[str]) -> list[int]:
+    """The classes named on the axes of a class-by-class panel: every one up to 20 classes, about ten beyond."""
+    n = len(class_names)
+    return list(range(n)) if n <= 20 else list(range(0, n, max(1, n // 10)))
+
+
 def class_correlation_pair(intermediate: dict, full: dict, class_names: list[str], title: str, path: Path) -> str:
+    """class_correlation_figure, saved; returns the PNG's path (a PDF beside it)."""
+    return save(class_correlation_figure(intermediate, full, class_names, title), path)
+
+
+def class_correlation_figure(intermediate: dict, full: dict, class_names: list[str], title: str):
     """Soft-label matrices and class correlations on the training inputs, intermediate beside full, diagonals
     masked (the true class would dwarf the off-diagonal structure that is the point), each row of panels on one
-    colour scale."""
+    colour scale. Class names on both axes of every panel, long x ones upright; the constrained layout gives them
+    the room they take, so long names (Fashion-MNIST's "T-shirt/top") overlap neither a neighbouring panel nor a
+    title."""
     soft = [np.array(r["train"]["soft_matrix"], dtype=float) for r in (intermediate, full)]
     corr = [np.array(r["train"]["class_correlation"], dtype=float) for r in (intermediate, full)]
     for m in soft + corr:
         np.fill_diagonal(m, np.nan)
     vmax = max(np.nanmax(m) for m in soft)
     cmax = max(np.nanmax(np.abs(m)) for m in corr) or 1.0
-    n = len(class_names)
-    size = min(12, 4 + 0.35 * n)
-    fig, axes = plt.subplots(2, 2, figsize=(2 * size / 1.6, 2 * size / 1.8))
-    labels = [f"epoch {r['epoch']} ({r['fraction']:.2g})" for r in (intermediate, full)]
+    ticks = class_ticks(class_names)
+    names = [class_names[i] for i in ticks]
+    # Names longer than "cat" would collide side by side: they stand upright (slanted ones would need more room).
+    upright = max(len(name) for name in names) > 3
+    size = min(12.0, 7.0 + 0.2 * len(ticks))
+    fig, axes = plt.subplots(2, 2, figsize=(size * 1.1, size), layout="constrained")
+    labels = [f"epoch {r['epoch']} ({r['fraction']:.0%} of training)" for r in (intermediate, full)]
+    # The masked diagonal in grey: white is r = 0 on the correlation scale, and would read as "uncorrelated".
+    magma, red_blue = (plt.get_cmap(name).with_extremes(bad="0.8") for name in ("magma", "RdBu_r"))
     for col in range(2):
-        im_soft = axes[0, col].imshow(soft[col], cmap="magma", vmin=0, vmax=vmax)
-        axes[0, col].set_title(f"{labels[col]}\nmean soft labels, off-diagonal")
-        im_corr = axes[1, col].imshow(corr[col], cmap="RdBu_r", vmin=-cmax, vmax=cmax)
-        axes[1, col].set_title(f"{labels[col]}\nclass correlation, off-diagonal")
+        im_soft = axes[0, col].imshow(soft[col], cmap=magma, vmin=0, vmax=vmax)
+        axes[0, col].set_title(f"{labels[col]}\nmean soft labels, diagonal (grey) masked")
+        axes[0, col].set(xlabel="predicted class", ylabel="true class")
+        im_corr = axes[1, col].imshow(corr[col], cmap=red_blue, vmin=-cmax, vmax=cmax)
+        axes[1, col].set_title(f"{labels[col]}\nclass correlation, diagonal (grey) masked")
+        axes[1, col].set(xlabel="class", ylabel="class")
         for row in range(2):
             ax = axes[row, col]
-            ticks = range(n) if n <= 20 else range(0, n, max(1, n // 10))
-            ax.set_xticks(list(ticks))
-            ax.set_yticks(list(ticks))
-            ax.set_xticklabels([class_names[i] for i in ticks], rotation=90, fontsize=6)
-            ax.set_yticklabels([class_names[i] for i in ticks], fontsize=6)
+            ax.set_xticks(ticks, names, rotation=90 if upright else 0, fontsize=7)
+            ax.set_yticks(ticks, names, fontsize=7)
             ax.spines[:].set_visible(False)
-        axes[0, col].set_ylabel("true class")
-        axes[0, col].set_xlabel("predicted class")
-    fig.colorbar(im_soft, ax=axes[0, :].tolist(), shrink=0.8, label="probability at tau (training inputs)")
-    fig.colorbar(im_corr, ax=axes[1, :].tolist(), shrink=0.8, label="Pearson r between classes' soft outputs")
+    fig.colorbar(im_soft, ax=axes[0, :].tolist(), shrink=0.85, label="probability at tau (training inputs)")
+    fig.colorbar(im_corr, ax=axes[1, :].tolist(), shrink=0.85, label="Pearson r between classes' soft outputs")
     fig.suptitle(title)
-    return save(fig, path)
+    return fig
 
 
 def plot_analysis(run, analysis: dict, manifest) -> dict[str, str]:

@@ -90,7 +90,9 @@ def _selection(pair: PairReport, plot: str) -> list[str]:
     lines += table(selection_table(pair, pair.selection))
     return lines + ["", f"![Student accuracy against teacher epoch, {pair.name}](plots/{Path(plot).name})", "",
                     "Student accuracy against the epoch of the checkpoint that taught it (mean ± SE over seeds, one "
-                    "line per trajectory), with each selector's pick marked on its trajectory's line.", ""]
+                    "line per trajectory), with each selector's pick marked on its trajectory's line in its colour "
+                    "(picks that would hide one another set side by side); the dashed line is the no-KD "
+                    "students' mean, the dotted one T^full, the last checkpoint.", ""]
 
 
 def _health(report: Report) -> list[str]:
@@ -184,12 +186,19 @@ def render(report: Report, figures: Figures) -> str:
         for t in pair.trajectories:
             lines += [trajectory_heading(pair, t), ""] + _trajectory(pair, t) + [""]
 
-    lines += ["## Plots", ""]
+    lines += ["## Plots", "", "Each figure is in plots/ as a PNG (shown here) and as a PDF of the same name, for "
+              "papers.", ""]
     if figures.accuracy is not None:
         lines += [f"![Student accuracy by variant](plots/{ACCURACY})", "",
                   "Student test accuracy by variant: mean ± std (error bars), one dot per student; the dashed line "
-                  "and band are the no-KD baseline's mean ± std.", ""]
+                  "and band are the no-KD students' mean ± std, the dash-dotted line T^full's students' mean.", ""]
     for pair in report.pairs:
+        if pair.name in figures.plane:
+            lines += [f"![information plane, {pair.name}](plots/{Path(figures.plane[pair.name]).name})", "",
+                      f"The teacher trajectories of {pair.name} in the information plane: I(Y;F) against I(X;F) at "
+                      "each saved checkpoint (probe / decoder estimates, mean ± SE over split seeds), one colour per "
+                      "trajectory, joined in epoch order; T* starred. Checkpoints too close to label apart share "
+                      "one label naming their epochs.", ""]
         for figure, path in figures.teacher.get(pair.name, []):
             lines += [f"![{figure.replace('_', ' ')}, {pair.name}](plots/{Path(path).name})", ""]
 
