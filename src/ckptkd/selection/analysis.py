@@ -351,7 +351,8 @@ def analyze(run: str | Path, *, temperature: float | None = None, seed: int = 0,
                      "reference": f"{run}@epoch={best}", "criterion": key, "ties": chosen["ties"],
                      "argmax": chosen.get("best"),
                      "description": (selection.CRITERIA[key.split("@")[0]].doc + f", on the {key.split('@')[1]} "
-                                     "split; ties: not significantly worse than its argmax, broken by validation accuracy")
+                                     "split; ties: not significantly worse than its argmax, broken by validation "
+                                     "accuracy")
                      if key in criteria and "@" in key else "the validation accuracy recorded at each checkpoint"},
         "ranking": [{"epoch": e} for e in selection.ranking(chosen)],
         "agreement": _agreement(records, criteria, split),
@@ -436,7 +437,8 @@ def select(run: str | Path, *, k: int = 1, by: str = "info", split: str | None =
         raise UserError(f"select: {folder.path}/analysis.json names epoch {unknown[0]}, which the run has no "
                         f"checkpoint of; rerun `ckptkd analyze {folder.path}`")
     return {"run": str(folder.path), "criterion": result["criterion"], "t_star": result["t_star"],
-            "t_star_info": result.get("best"), "ties": result["ties"], "references": [by_epoch[e].reference for e in epochs[:k]],
+            "t_star_info": result.get("best"), "ties": result["ties"],
+            "references": [by_epoch[e].reference for e in epochs[:k]],
             "checkpoints": [{k_: row.get(k_) for k_ in ("epoch", "score", "se", "tied")} for row in result["scores"]],
             "flat": result["flat"], "skipped": result["skipped"],
             **({"cost_s": result["cost_s"], "proxy_epochs": result["epochs"]} if by == "proxy" else {})}
