@@ -249,7 +249,8 @@ class RunWriter:
                                     lr=record["lr"], path=checkpoint_path(epoch), sha256=sha,
                                     metrics={k: record[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc",
                                                                     "test_acc")})
-            progress.checkpoints = [c for c in progress.checkpoints if c["epoch"] != epoch] + [dataclasses.asdict(entry)]
+            progress.checkpoints = [c for c in progress.checkpoints if c["epoch"] != epoch] + [
+                dataclasses.asdict(entry)]
         progress.history = [h for h in progress.history if h["epoch"] < record["epoch"]] + [record]
         progress.epoch = record["epoch"]
         save_state(self.path / STATE, model, optimizer, progress)

@@ -156,8 +156,8 @@ def analysis_temperature(study: dict, pair: dict) -> float:
 
 def fuse_groups(tasks: list[Task], size: int) -> dict[str, list[str]]:
     """run_id -> the run_ids trained together with it: training and distillation tasks of one kind whose configs
-    differ only in what `training.loop.MEMBER_KEYS` allows (seed, name, teachers, KD settings), in plan order, at most `size`
-    to a group. Fixed by the plan alone, so every rerun and every worker forms the same groups."""
+    differ only in what `training.loop.MEMBER_KEYS` allows (seed, name, teachers, KD settings), in plan order, at
+    most `size` to a group. Fixed by the plan alone, so every rerun and every worker forms the same groups."""
     from ..training.loop import group_key
 
     by_key: dict[tuple, list[str]] = {}

@@ -105,10 +105,10 @@ def fit(members: list[Member], *, resume: bool = False, quiet: bool = False, eng
     """Train `members` together; returns each member's Run, or the error that stopped it alone (`health.Diverged`:
     that member is marked failed and the others go on). An interrupt or any other error stops the whole group, every
     unfinished member's folder marked interrupted or failed. Each member's folder is locked while this runs (one
-    writer per run folder: another live process's folder is refused, naming it). `on_epoch({"epoch": N})` is called after each epoch's files are written
-    (a study uses it as a heartbeat). A group of more than one says which engine it runs and why, in one line (to
-    `announce` when given, else to the terminal unless `quiet`); a group of one with `engine="auto"` is an ordinary
-    run, with no `fused` entry in its manifest."""
+    writer per run folder: another live process's folder is refused, naming it). `on_epoch({"epoch": N})` is called
+    after each epoch's files are written (a study uses it as a heartbeat). A group of more than one says which
+    engine it runs and why, in one line (to `announce` when given, else to the terminal unless `quiet`); a group of
+    one with `engine="auto"` is an ordinary run, with no `fused` entry in its manifest."""
     check_group(members)
     cfg = members[0].cfg
     alone = len(members) == 1 and engine == "auto"

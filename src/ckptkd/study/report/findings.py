@@ -83,6 +83,7 @@ def _gate(state: str, gate: Comparison | None) -> str:
     if state == "unresolved":
         return f"Whether KD helps cannot be judged across teachers here: {sentence(gate)}. {unranked}"
     if state == "below":
-        return f"KD helped by {points(gate.mean)} points, below the gate of +{GATE_POINTS:g}: {sentence(gate)}. {unranked}"
+        return (f"KD helped by {points(gate.mean)} points, below the gate of +{GATE_POINTS:g}: {sentence(gate)}. "
+                f"{unranked}")
     return (f"KD did not clearly help here: {sentence(gate)}; the gate needs at least +{GATE_POINTS:g} points with "
             f"the interval above 0. {unranked}")

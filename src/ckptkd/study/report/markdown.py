@@ -131,7 +131,8 @@ def _trajectory(pair: PairReport, t: Trajectory) -> list[str]:
     s = t.summary
     rho = lambda key: "undefined" if s.agreement.get(key) is None else f"{s.agreement[key]:.3f}"  # noqa: E731
     argmax = "" if s.argmax is None else (
-        f"; T*_info, the criterion's pure argmax, = epoch {s.argmax}" + (" too" if s.argmax == s.selected_epoch else ""))
+        f"; T*_info, the criterion's pure argmax, = epoch {s.argmax}"
+        + (" too" if s.argmax == s.selected_epoch else ""))
     lines = [f"Trajectory {t.number} (`{t.path}`): T* (the tie-aware pick) = epoch {s.selected_epoch} by "
              f"{s.criterion}, tied with {', '.join(str(e) for e in s.ties if e != s.selected_epoch) or 'none'}"
              f"{argmax}. Train %: the un-augmented "

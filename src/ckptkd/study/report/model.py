@@ -340,8 +340,9 @@ def build(config: dict, rows: list[dict], blocked: dict[str, list[str]], traject
         lead = next((r for r in g.teachers if r["status"] == "complete"), None)
         pairs.append(PairReport(
             g.name, g.teacher_model, g.student_model, g.variants, Cell(g.teacher_accuracy()), cells, comparisons,
-            finding(g.variants, comparisons, config.get("margin", DEFAULT_MARGIN)), _ensemble(g, cells), _cache(g, online, cells, durations),
-            selection_benchmark(g, durations.of), _trajectories(g, trajectories), lead["path"] if lead is not None else None))
+            finding(g.variants, comparisons, config.get("margin", DEFAULT_MARGIN)), _ensemble(g, cells),
+            _cache(g, online, cells, durations), selection_benchmark(g, durations.of), _trajectories(g, trajectories),
+            lead["path"] if lead is not None else None))
 
     columns = variants_mod.ordered({v for p in pairs for v in p.variants if variants_mod.parse(v).table == "table3"})
     # A column's average is only given when every pair has a number in it: a partial mean would mislead.

@@ -103,11 +103,12 @@ def gate_state(gate: Comparison | None) -> str:
 class Finding:
     """One pair's verdict and the facts its paragraph states.
 
-    gate: "missing", "unresolved", "failed", "below" or "passed" (`gate_state`); `intermediate`, the comparison
-    keys of the intermediate teachers the verdict weighs (those with students of both, in variant order); `best`,
-    the one with the largest mean difference; `claims`, the claim of every comparison but the gate; `also`, the T* and softness-control comparisons stated after the verdict,
-    in variant order, as (key, "T*" or "control"); `snapshot`, whether the snapshot vs full ensemble comparison is
-    stated. `verdict` is a Claim about the intermediate teachers as a whole.
+    gate: "missing", "unresolved", "failed", "below" or "passed" (`gate_state`); `intermediate`, the comparison keys
+    of the intermediate teachers the verdict weighs (those with students of both, in variant order); `best`, the one
+    with the largest mean difference; `claims`, the claim of every comparison but the gate; `also`, the T* and
+    softness-control comparisons stated after the verdict, in variant order, as (key, "T*" or "control");
+    `snapshot`, whether the snapshot vs full ensemble comparison is stated. `verdict` is a Claim about the
+    intermediate teachers as a whole.
     """
     verdict: Claim
     gate: str
