@@ -167,7 +167,10 @@ def test_cifar100_table3_grid_runs_one_epoch_on_fixture_cifar_data(tmp_path):
     rows = ResultsDB(study / "results.sqlite").rows()
     assert all(r["status"] == "complete" for r in rows), [(r["name"], r["error"]) for r in rows if r["error"]]
     assert sum(r["kind"] == "train" for r in rows) == 4  # WRN-40-2 and ResNet-110, each shared by two students
-    assert sum(r["kind"] == "distill" for r in rows) == 4 * 4
+    # 4 pairs x 4 variants, but the two MobileNetV2 pairs' no-KD student is one run serving both
+    assert sum(r["kind"] == "distill" for r in rows) == 4 * 4 - 1
+    shared = next(r for r in rows if r["kind"] == "distill" and len(r["group"]["pairs"]) == 2)
+    assert shared["group"]["variant"] == "none" and shared["name"] == "WRN-40-2-to-MobileNetV2-none-s0"
     report = (study / "report.md").read_text()
     for pair in ("WRN-40-2->WRN-40-1", "WRN-40-2->MobileNetV2", "ResNet-110->ResNet-32", "ResNet-110->MobileNetV2"):
         assert pair in report
@@ -348,3 +351,44 @@ def test_sigterm_three_times_during_the_teacher_spends_none_of_its_attempts(tmp_
     rows = ResultsDB(out / "results.sqlite", readonly=True).rows()
     assert all(r["status"] == "complete" for r in rows)
     assert next(r for r in rows if r["kind"] == "train")["attempts"] == 1
+
+
+def test_a_study_killed_mid_student_resumes_after_a_move_from_another_directory(tmp_path):
+    """Nothing a study stores depends on the working directory or on where the study folder lies: killed while a
+    student trains, moved, and started again from elsewhere, it completes with every task done once, its students'
+    weights those of an uninterrupted study, and the report unchanged by another move."""
+    study = tiny_study(variants=["none", "T0.5", "Tfull"], seeds=1)
+    study["pairs"][0]["student"]["schedule"] = {"epochs": 30}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "study.yaml").write_text(yaml.safe_dump(study))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = run_study(study, out=tmp_path / "reference", quiet=True)
+    proc = subprocess.Popen([sys.executable, "-m", "ckptkd", "study", "study.yaml", "--out", "s"],
+                            cwd=tmp_path / "a", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while not list((tmp_path / "a" / "s").glob("runs/*-T0.5-*/state/last.safetensors")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "a" / "s" / "report.md").exists()  # it was killed mid-study
+    os.rename(tmp_path / "a" / "s", tmp_path / "moved")
+    resumed = subprocess.run([sys.executable, "-m", "ckptkd", "study", "../a/study.yaml", "--out", "../moved"],
+                             cwd=tmp_path / "b", capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = ResultsDB(tmp_path / "moved" / "results.sqlite", readonly=True).rows()
+    assert all(r["status"] == "complete" for r in rows)
+    # the killed group of students (trained as one): one attempt more each; everything else once
+    assert {(r["kind"], r["attempts"]) for r in rows} == {("train", 1), ("analyze", 1), ("distill", 2)}
+    for run in (tmp_path / "moved" / "runs").iterdir():
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert all(not os.path.isabs(t) and t.startswith("../") for t in saved["kd"]["teachers"]), run.name
+        ours, theirs = (json.loads((folder / run.name / "manifest.json").read_text())["checkpoints"][-1]["sha256"]
+                        for folder in (tmp_path / "moved" / "runs", reference / "runs"))
+        assert ours == theirs, run.name
+    report = (tmp_path / "moved" / "report.md").read_bytes()
+    os.rename(tmp_path / "moved", tmp_path / "b" / "again")
+    again = subprocess.run([sys.executable, "-m", "ckptkd", "report", "again"], cwd=tmp_path / "b",
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "b" / "again" / "report.md").read_bytes() == report

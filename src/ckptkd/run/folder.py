@@ -37,6 +37,7 @@ from ..errors import UserError
 from .analysis_file import analysis_problem
 from .lock import LOCK, RunLock
 from .manifest import CheckpointEntry, Final, Manifest
+from .paths import same_checkpoints
 from .state import Progress, load_state, save_state
 from .storage import (atomic_write_text, read_sealed_json, remove_stale_temporaries, save_tensors, shared_permissions,
                       write_sealed_json)
@@ -155,9 +156,20 @@ def _same_config(path: Path, cfg: dict) -> None:
     saved = config_mod.flatten(config_mod.read_yaml(path / CONFIG))
     wanted = config_mod.flatten(cfg)
     changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    if "kd.teachers" in changed and _same_teachers(saved["kd.teachers"], wanted["kd.teachers"], path):
+        changed.remove("kd.teachers")
     if changed:
         raise UserError(f"--resume: the config differs from the one {path} was started with "
                         f"(changed: {', '.join(changed[:5])})")
+
+
+def _same_teachers(saved, wanted, path: Path) -> bool:
+    """Whether two teacher lists name the same checkpoints, however their paths are spelled: relative to the run
+    folder (0.4) or to the working directory (0.3, or a run started from the command line)."""
+    if not isinstance(saved, list) or not isinstance(wanted, list) or len(saved) != len(wanted):
+        return False
+    return all(isinstance(a, str) and isinstance(b, str) and same_checkpoints(a, b, (path, Path.cwd()))
+               for a, b in zip(saved, wanted))
 
 
 class RunWriter:

@@ -6,6 +6,7 @@ A run that has not completed is refused unless the caller allows it (`--allow-in
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..errors import UserError
 from ..config import epoch_at_fraction
 from .folder import Run
 from .manifest import Manifest
+from .paths import split_reference
 
 
 @dataclass(frozen=True)
@@ -56,15 +58,6 @@ class Checkpoint:
 SELECTORS = "use last, all, epoch=N, a fraction like 0.5, a list like 0.3,0.5,0.7, best-val, best-info or top-info:K"
 
 
-def split_reference(text: str) -> tuple[Path, str]:
-    # A path may itself contain '@'; the selector is whatever follows the last one, if it looks like a selector.
-    if "@" in text:
-        run, spec = text.rsplit("@", 1)
-        if run and re.fullmatch(r"[\w.,=:\-]+", spec):
-            return Path(run), spec
-    return Path(text), "last"
-
-
 def available(manifest: Manifest) -> str:
     epochs = [c.epoch for c in manifest.checkpoints]
     total = manifest.epochs
@@ -81,11 +74,15 @@ def check_usable(run: Run, manifest: Manifest, text: str, allow_incomplete: bool
                     f"{manifest.epochs}{why}); finish it with --resume, or pass --allow-incomplete to use it anyway")
 
 
-def resolve(text: str, *, allow_incomplete: bool = False) -> list[Checkpoint]:
-    """One reference -> the checkpoints it names (several for `@0.3,0.5,0.7` or `@top-info:K`)."""
+def resolve(text: str, *, allow_incomplete: bool = False, base: str | Path | None = None) -> list[Checkpoint]:
+    """One reference -> the checkpoints it names (several for `@0.3,0.5,0.7` or `@top-info:K`). A relative run path
+    is taken relative to `base` when given (a study's student names its teachers relative to its own folder), else
+    to the working directory."""
     path, spec = split_reference(text)
+    if base is not None and not path.is_absolute():
+        path = Path(os.path.normpath(Path(base) / path))  # lexically: `base` need not exist yet
     run = Run(path)
-    if not path.exists() and "@" in text and Path(text.rsplit("@", 1)[0]).is_dir():  # a run, then no usable selector
+    if not path.exists() and "@" in text and (Path(base or ".") / text.rsplit("@", 1)[0]).is_dir():  # bad selector
         raise UserError(f"{text}: unknown selector {text.rsplit('@', 1)[1]!r} ({SELECTORS})")
     manifest = run.manifest
     check_usable(run, manifest, text, allow_incomplete)
@@ -132,8 +129,9 @@ def resolve(text: str, *, allow_incomplete: bool = False) -> list[Checkpoint]:
     raise UserError(f"{text}: unknown selector {spec!r} ({SELECTORS})")
 
 
-def resolve_all(references: Iterable[str], *, allow_incomplete: bool = False) -> list[Checkpoint]:
+def resolve_all(references: Iterable[str], *, allow_incomplete: bool = False,
+                base: str | Path | None = None) -> list[Checkpoint]:
     picked: list[Checkpoint] = []
     for ref in references:
-        picked.extend(resolve(ref, allow_incomplete=allow_incomplete))
+        picked.extend(resolve(ref, allow_incomplete=allow_incomplete, base=base))
     return picked

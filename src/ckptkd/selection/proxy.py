@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import config as config_mod
 from ..errors import UserError
-from ..run import Run, resolve
+from ..run import Run, relative_to, resolve
 from ..run.storage import read_sealed_json, write_sealed_json
 
 PROXY_SHARE = 0.1  # a proxy trains this share of the student's epochs unless told otherwise
@@ -76,9 +76,11 @@ def proxy_select(run: str | Path, student: str | Path | dict, *, overrides: dict
     for c in checkpoints:
         member_cfg = copy.deepcopy(proxy)
         member_cfg["name"] = f"proxy-epoch-{c.epoch}"
-        member_cfg["kd"]["teachers"] = [c.reference]
-        members.append(Member(member_cfg, root / f"epoch-{c.epoch:04d}",
-                              make_teacher(member_cfg, quiet=True, allow_incomplete=allow_incomplete), "distill"))
+        member_out = root / f"epoch-{c.epoch:04d}"
+        # named relative to the proxy's own folder (inside the teacher's run): true wherever the run is moved
+        member_cfg["kd"]["teachers"] = [relative_to(f"{folder.path}@epoch={c.epoch}", member_out)]
+        members.append(Member(member_cfg, member_out, make_teacher(member_cfg, quiet=True, base=member_out,
+                                                                   allow_incomplete=allow_incomplete), "distill"))
     outcomes = []
     count = -(-len(members) // GROUP_SIZE)
     for k in range(count):  # as few groups as GROUP_SIZE allows, as even as possible

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import config as config_mod
 from ..errors import UserError, interrupting_signals
+from ..run import relative_to
 from ..run.storage import atomic_write_text, remove_stale_temporaries
 from .config import HOW_KEYS, resolve_study
 from .plan import fuse_groups, group_size, plan
@@ -25,8 +26,12 @@ from .summaries import analysis_metrics, run_metrics
 
 
 def _student_config(task: dict, study_dir: Path) -> dict:
+    """A student task's config as its run folder keeps it: its teachers named relative to that folder (the task names
+    them relative to the study), so that nothing it stores depends on the working directory or on where the study
+    folder lies: a study resumes from anywhere, and after a move."""
     cfg = copy.deepcopy(task["config"])
-    cfg["kd"]["teachers"] = [str(study_dir / reference) for reference in cfg["kd"]["teachers"]]
+    out = study_dir / task["path"]
+    cfg["kd"]["teachers"] = [relative_to(str(study_dir / reference), out) for reference in cfg["kd"]["teachers"]]
     return cfg
 
 
@@ -34,7 +39,7 @@ def _execute(task: dict, study_dir: Path, db: ResultsDB) -> tuple[dict, dict]:
     """Run one task (resuming its folder if an earlier attempt left one); returns (metrics, timings)."""
     from ..run import Run
     from ..selection.analysis import analyze
-    from ..training.api import distill
+    from ..training.api import make_teacher
     from ..training.loop import Member, fit_one
 
     out = study_dir / task["path"]
@@ -54,7 +59,9 @@ def _execute(task: dict, study_dir: Path, db: ResultsDB) -> tuple[dict, dict]:
     if task["kind"] == "train":
         run = fit_one(Member(cfg, out), resume=True, quiet=True, on_epoch=heartbeat)
     else:
-        run = distill(_student_config(task, study_dir), out=out, resume=True, quiet=True, on_epoch=heartbeat)
+        cfg = _student_config(task, study_dir)
+        member = Member(cfg, out, make_teacher(cfg, quiet=True, base=out), "distill")
+        run = fit_one(member, resume=True, quiet=True, on_epoch=heartbeat)
     return run_metrics(task["kind"], run)
 
 
@@ -73,8 +80,8 @@ def _execute_group(rows: list[dict], study_dir: Path, db: ResultsDB,
             # Members that name the same teachers, computed and cached the same way, share one (prepared once). The
             # cache settings are part of it: an @online student must not get a teacher answering from a cache.
             key = teacher_key(cfg)
-            if key not in teachers:
-                teachers[key] = make_teacher(cfg, quiet=True)
+            if key not in teachers:  # the students' folders are siblings: their references read alike
+                teachers[key] = make_teacher(cfg, quiet=True, base=study_dir / row["path"])
             teacher = teachers[key]
         members.append(Member(cfg, study_dir / row["path"], teacher, row["kind"]))
 

@@ -69,9 +69,11 @@ class Teacher:
 
     @classmethod
     def from_references(cls, references: list[str], *, quiet: bool = False, channels_last: bool | str = "auto",
-                        autocast: str = "none", allow_incomplete: bool = False, mode: str = "eval") -> "Teacher":
-        """`allow_incomplete`: accept runs that did not complete (interrupted, failed), which are refused otherwise."""
-        return cls(resolve_all(references, allow_incomplete=allow_incomplete), quiet=quiet,
+                        autocast: str = "none", allow_incomplete: bool = False, mode: str = "eval",
+                        base: str | Path | None = None) -> "Teacher":
+        """`allow_incomplete`: accept runs that did not complete (interrupted, failed), which are refused otherwise;
+        `base`: the folder relative references are taken from (default: the working directory)."""
+        return cls(resolve_all(references, allow_incomplete=allow_incomplete, base=base), quiet=quiet,
                    channels_last=channels_last, autocast=autocast, allow_incomplete=allow_incomplete, mode=mode)
 
     def _ensemble_of(self, models: list[torch.nn.Module]) -> EnsembleForward:

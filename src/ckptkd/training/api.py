@@ -29,8 +29,9 @@ def train(config: str | Path | dict, overrides: dict | list | None = None, out: 
                    on_epoch=on_epoch)
 
 
-def make_teacher(cfg: dict, *, quiet: bool = False, allow_incomplete: bool = False):
-    """The frozen teacher a resolved config names in kd.teachers (None when it names none)."""
+def make_teacher(cfg: dict, *, quiet: bool = False, allow_incomplete: bool = False, base: str | Path | None = None):
+    """The frozen teacher a resolved config names in kd.teachers (None when it names none); relative references are
+    taken from `base` (default: the working directory)."""
     from ..teachers import Teacher
 
     kd = cfg["kd"]
@@ -39,7 +40,7 @@ def make_teacher(cfg: dict, *, quiet: bool = False, allow_incomplete: bool = Fal
     # Teachers compute at the run's precision unless kd.autocast says otherwise.
     autocast = kd["autocast"] if kd["autocast"] != "auto" else {"fp32": "none", "bf16": "bf16"}[cfg["precision"]]
     return Teacher.from_references(kd["teachers"], quiet=quiet, channels_last=kd["channels_last"], autocast=autocast,
-                                   allow_incomplete=allow_incomplete, mode=kd["teacher_mode"])
+                                   allow_incomplete=allow_incomplete, mode=kd["teacher_mode"], base=base)
 
 
 def distill(config: str | Path | dict, teachers: list[str] | None = None, overrides: dict | list | None = None,
