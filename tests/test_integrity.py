@@ -139,6 +139,22 @@ def test_a_damaged_study_database_is_reported(tmp_path, capsys):
     assert "study database" in capsys.readouterr().out
 
 
+def test_with_its_database_damaged_a_study_s_run_folders_are_still_verified(tmp_path, sealed_run, capsys):
+    from ckptkd.study.queue import ResultsDB
+
+    study = tmp_path / "study"
+    shutil.copytree(sealed_run, study / "runs" / "teacher")
+    ResultsDB(study / "results.sqlite").close()
+    (study / "results.sqlite").write_bytes(b"not a database at all" * 100)
+    for extra in study.glob("results.sqlite-*"):
+        extra.unlink()
+    checkpoint = sorted((study / "runs" / "teacher" / "checkpoints").glob("*.safetensors"))[0]
+    _flip(checkpoint, 200)
+    assert main(["verify", str(study)]) == 2
+    out = capsys.readouterr().out
+    assert "study database" in out and str(checkpoint) in out, out
+
+
 def test_a_damaged_report_json_is_reported(tmp_path, capsys):
     from ckptkd.run.storage import write_sealed_json
     from ckptkd.study.queue import ResultsDB

@@ -12,6 +12,18 @@ class UserError(Exception):
     """
 
 
+class RunsFailed(Exception):
+    """A study finished with runs that failed for good (every attempt spent) and runs they block: its report is
+    written, but it is not complete. The command line lists them and exits 1."""
+
+    def __init__(self, study, failed: list[str], blocked: int):
+        self.study, self.failed, self.blocked = study, failed, blocked
+        shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+        super().__init__(f"study {study}: {len(failed)} runs failed for good ({shown})"
+                         + (f", blocking {blocked} more" if blocked else "")
+                         + "; `ckptkd report` lists each error. Raise max_attempts to try them again")
+
+
 class Interrupted(KeyboardInterrupt):
     """A signal that stops a process by asking (SIGTERM from `kill`, `docker stop`, systemd or Slurm's preemption;
     SIGUSR2, Slurm's warning before a time limit; SIGHUP): handled as Ctrl-C is — the run keeps its last saved state,

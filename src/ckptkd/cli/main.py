@@ -95,7 +95,7 @@ def cmd_study(args) -> None:
 def cmd_report(args) -> None:
     from ..study.report import write_report
 
-    paths = write_report(args.study)
+    paths = write_report(args.study, replace=args.replace)
     print(paths["report"])
 
 
@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write STUDY/report.md, results.csv and plots from a study's results")
     p.add_argument("study")
+    p.add_argument("--replace", action="store_true",
+                   help="write the report even if the database holds fewer completed runs than the last report did "
+                        "(a restored older copy, say)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="the study on the embedded digits data, in a few minutes on a CPU")
@@ -314,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import signal
 
-    from ..errors import INTERRUPTING_SIGNALS, Interrupted, UserError, raise_interrupted
+    from ..errors import INTERRUPTING_SIGNALS, Interrupted, RunsFailed, UserError, raise_interrupted
     from ..training import distributed
 
     for signum in INTERRUPTING_SIGNALS:  # preemption, a time limit, a hang-up: interruptions, not crashes
@@ -328,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split())
         print(f"ckptkd: error: {message}", file=sys.stderr)
         return 2
+    except RunsFailed as e:  # not the user's input at fault, and not a crash: runs of the study failed
+        print(f"ckptkd: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         by = f" by {e}" if isinstance(e, Interrupted) else ""
         print(f"ckptkd: interrupted{by}{_resume_hint(args, argv)}", file=sys.stderr)

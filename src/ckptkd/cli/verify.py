@@ -84,19 +84,25 @@ def _verify_run(path: Path, report: Report) -> None:
 
 def _verify_study(path: Path, report: Report) -> None:
     report.checked += 1
+    database = path / "results.sqlite"
+    rows = None
     try:
-        with sqlite3.connect(f"{(path / 'results.sqlite').resolve().as_uri()}?mode=ro", uri=True) as db:
+        with sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True) as db:
             problems = [row[0] for row in db.execute("PRAGMA integrity_check")]
+            if problems != ["ok"]:
+                report.damaged.append(f"study database {database} is damaged ({problems[0]})")
             rows = db.execute("SELECT name, status, path, kind FROM runs").fetchall()
     except sqlite3.DatabaseError as error:
-        report.damaged.append(f"study database {path / 'results.sqlite'} is damaged ({error})")
-        return
-    if problems != ["ok"]:
-        report.damaged.append(f"study database {path / 'results.sqlite'} is damaged ({problems[0]})")
+        report.damaged.append(f"study database {database} is damaged ({error})")
     if (path / "report.json").exists():
         from ..study.report.report_json import read_trajectories
 
         _check(report, lambda: read_trajectories(path / "report.json"))  # its seal, and what a report reads of it
+    if rows is None:
+        # Without the database the run folders are still worth checking: they are what a restored database
+        # would point at, and a damaged database is no reason to miss a damaged checkpoint.
+        rows = [(folder.name, None, str(folder.relative_to(path)), None)
+                for folder in sorted(path.glob("runs/*")) if (folder / MANIFEST).is_file()]
     seen = set()
     for _name, status, run_path, kind in rows:
         folder = path / run_path

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..processes import pid_alive
 
 _SCHEMA = """
@@ -58,6 +59,46 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
+COLUMNS = {"run_id", "kind", "name", "status", "config", "path", "depends_on", "group_json", "metrics", "timings",
+           "attempts", "claimer", "claimer_pid", "claimer_host", "heartbeat", "error"}
+BUSY_S = 30.0  # how long a process waits for another's lock on the file before it gives up, saying so
+
+
+def _explain(path: Path, error: sqlite3.Error) -> str:
+    """One line naming the database and what is wrong with it, for any error SQLite raises."""
+    text = str(error)
+    if "locked" in text or "busy" in text:
+        return (f"study database {path} is locked by another process (waited {BUSY_S:g} s); wait for it, or find the "
+                "process that holds it")
+    if "unable to open" in text:
+        return f"study database {path} cannot be opened ({text}): is it a folder, or in a folder you cannot write?"
+    return (f"study database {path} is damaged or not a database ({text}); restore it from a copy (`ckptkd verify` "
+            "still checks every run folder)")
+
+
+class _Connection:
+    """A SQLite connection whose every error is a one-line UserError naming the file (a damaged, foreign, locked
+    or missing database is the user's to mend, never a traceback). Queries return their rows fetched, so an error
+    in reading them is caught here too."""
+
+    def __init__(self, path: Path, uri: str, *, readonly: bool):
+        self.path = path
+        try:
+            self.raw = sqlite3.connect(uri, uri=True, timeout=BUSY_S, isolation_level=None)
+        except sqlite3.Error as error:
+            raise UserError(_explain(path, error)) from None
+        self.raw.row_factory = sqlite3.Row
+
+    def execute(self, query: str, parameters=()) -> list[sqlite3.Row]:
+        try:
+            return self.raw.execute(query, parameters).fetchall()
+        except sqlite3.Error as error:
+            raise UserError(_explain(self.path, error)) from None
+
+    def close(self) -> None:
+        self.raw.close()
+
+
 class ResultsDB:
     """One connection to a study's results.sqlite; a failed run is claimed again until it has made max_attempts."""
 
@@ -68,25 +109,38 @@ class ResultsDB:
         self.max_attempts = max_attempts
         self._pid = os.getpid()
         self._host = socket.gethostname()
+        if self.path.exists() and not self.path.is_file():
+            raise UserError(f"study database {self.path} is not a file (a folder stands in its place)")
         if readonly:
             # A reader (the report) never changes the file, so a committed study's database stays byte-identical.
             if not self.path.is_file():
-                raise FileNotFoundError(self.path)
-            self._conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0,
-                                         isolation_level=None)
-            self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA busy_timeout = 30000")
+                raise UserError(f"study database {self.path} is missing")
+            self._conn = _Connection(self.path, f"{self.path.resolve().as_uri()}?mode=ro", readonly=True)
+            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_S * 1000)}")
+            self._check_schema(empty_ok=False)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are only the ones opened explicitly below.
-        self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA busy_timeout = 30000")
+        self._conn = _Connection(self.path, self.path.resolve().as_uri(), readonly=False)
+        self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_S * 1000)}")
+        self._check_schema(empty_ok=True)
         self._conn.execute("PRAGMA journal_mode = WAL")
         # In WAL mode NORMAL cannot corrupt the file; a power cut may only roll back the last commits.
         self._conn.execute("PRAGMA synchronous = NORMAL")
         with self._write():
             self._conn.execute(_SCHEMA)
+
+    def _check_schema(self, *, empty_ok: bool) -> None:
+        """Refuse a database that is not a study's: tables, but no `runs` table of ours (another program's file),
+        or — for a reader — no tables at all (an empty file)."""
+        tables = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables and empty_ok:
+            return
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(runs)")}
+        if "runs" not in tables or not COLUMNS <= columns:
+            what = "it is empty" if not tables else f"its tables: {', '.join(sorted(tables))}"
+            raise UserError(f"study database {self.path} is not a ckptkd study database ({what}); it was not "
+                            "changed. Restore the study's own results.sqlite")
 
     @contextmanager
     def _write(self) -> Iterator[None]:
@@ -118,7 +172,7 @@ class ResultsDB:
         depends_on = list(depends_on)
         with self._write():
             missing = [dep for dep in depends_on
-                       if self._conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (dep,)).fetchone() is None]
+                       if not self._conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (dep,))]
             if missing:
                 raise ValueError(f"run {run_id} ({name}) depends on runs not in {self.path}: {', '.join(missing)}")
             self._conn.execute(
@@ -164,8 +218,8 @@ class ResultsDB:
         groups = groups or {}
         with self._write():
             now = time.time()
-            self._settle_dead_claims(self._conn.execute("SELECT * FROM runs").fetchall(), now)
-            rows = self._conn.execute("SELECT * FROM runs ORDER BY rowid").fetchall()
+            self._settle_dead_claims(self._conn.execute("SELECT * FROM runs"), now)
+            rows = self._conn.execute("SELECT * FROM runs ORDER BY rowid")
             by_id = {row["run_id"]: row for row in rows}
             status = {row["run_id"]: row["status"] for row in rows}
             failed, blocked_by = self._dead_ends([self._decode(row) for row in rows])
@@ -194,11 +248,14 @@ class ResultsDB:
                     "UPDATE runs SET status = 'running', claimer = ?, claimer_pid = ?, claimer_host = ?, "
                     "started_at = ?, heartbeat = ?, attempts = attempts + 1 WHERE run_id = ?",
                     (claimer, self._pid, self._host, now, now, row["run_id"]))
-            return [self._decode(self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (row["run_id"],))
-                                 .fetchone()) for row in chosen]
+            return [self._decode(self._row(row["run_id"])) for row in chosen]
+
+    def _row(self, run_id: str) -> sqlite3.Row | None:
+        rows = self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        return rows[0] if rows else None
 
     def _owned(self, run_id: str) -> sqlite3.Row:
-        row = self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        row = self._row(run_id)
         if row is None:
             raise KeyError(f"no run {run_id} in {self.path}")
         if (row["status"], row["claimer_pid"], row["claimer_host"]) != ("running", self._pid, self._host):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .. import config as config_mod
-from ..errors import UserError, interrupting_signals
+from ..errors import RunsFailed, UserError, interrupting_signals
 from ..run import relative_to
 from ..run.storage import atomic_write_text, remove_stale_temporaries
 from .config import HOW_KEYS, resolve_study
@@ -131,7 +131,8 @@ def run_study(source: str | Path | dict, out: str | Path | None = None, *, overr
     """Run (or continue) the study into `out`; returns the study folder. `max_tasks` stops after that many tasks.
 
     A task that fails, with any error, is recorded with the error and retried until it has made `max_attempts`
-    attempts (a worker killed mid-task counts as one); the tasks that depend on it are then blocked."""
+    attempts (a worker killed mid-task counts as one); the tasks that depend on it are then blocked. A study that
+    ends with such runs writes its report, then raises RunsFailed naming them."""
     study = resolve_study(source, overrides)
     study_dir = Path(out) if out is not None else Path("studies") / study["name"]
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -196,10 +197,15 @@ def run_study(source: str | Path | dict, out: str | Path | None = None, *, overr
                     _record(db, row, result, time.perf_counter() - started, say if len(rows) == 1 else
                             (lambda msg, name=row["name"]: say(f"{msg.rstrip()}  {name}")))
                 done += len(rows)
+        finished = max_tasks is None or done < max_tasks
+        failed = [r["name"] for r in db.rows(status="failed") if r["attempts"] >= db.max_attempts] if finished else []
+        blocked = len(db.blocked()) if failed else 0
     finally:
         db.close()
-    if report and (max_tasks is None or done < max_tasks):
+    if report and finished:
         from .report import write_report
 
         write_report(study_dir, quiet=quiet)
+    if failed:
+        raise RunsFailed(study_dir, failed, blocked)
     return study_dir

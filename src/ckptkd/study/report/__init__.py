@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ...errors import UserError
 from ...formatting import terminal_console
 from ...run.storage import atomic_write_text, remove_stale_temporaries, write_sealed_json
 from . import csv, markdown, plots, report_json, terminal
@@ -32,10 +33,13 @@ from .model import Report, build
 __all__ = ["CARRIED", "Report", "build", "write_report"]
 
 
-def write_report(study: str | Path, *, console: Console | None = None,
-                 quiet: bool = False) -> dict[str, str | list[str]]:
+def write_report(study: str | Path, *, console: Console | None = None, quiet: bool = False,
+                 replace: bool = False) -> dict[str, str | list[str]]:
     """Write STUDY/report.md, STUDY/results.csv, STUDY/report.json and STUDY/plots/*.png; print the findings and
     the main tables (unless `quiet`).
+
+    A report is never replaced by one written from fewer completed runs (a database restored from an older copy,
+    or emptied) unless `replace`: the report it would overwrite may be the only record of those runs.
 
     Returns {"report": path, "csv": path, "plots": [paths], "carried_over": [headings], "verdicts": {pair: ...}}.
     """
@@ -44,6 +48,11 @@ def write_report(study: str | Path, *, console: Console | None = None,
     for leftovers in (study, study / "plots"):  # of a killed report
         remove_stale_temporaries(leftovers, shared=True)
     report = build(inputs.config, inputs.rows, inputs.blocked, inputs.trajectories)
+    complete = report.header.status["complete"]
+    if inputs.previous_complete is not None and complete < inputs.previous_complete and not replace:
+        raise UserError(f"report: {study / 'results.sqlite'} holds {complete} completed runs, but the report in "
+                        f"{study} was written from {inputs.previous_complete}; the report was not changed (is the "
+                        "database an older copy?). Pass --replace to write it from this database anyway")
     report.carry_over(inputs.previous)
     headings = [markdown.trajectory_heading(pair, t) for pair in report.pairs for t in pair.trajectories
                 if t.carried]

@@ -11,7 +11,7 @@ from ...config import read_yaml
 from ...errors import UserError
 from ...run.storage import read_sealed_json
 from ..queue import ResultsDB
-from .report_json import read_trajectories
+from .report_json import completed_runs, read_trajectories
 from .trajectories import Trajectory, is_summary
 
 
@@ -22,12 +22,13 @@ class Inputs:
     blocked: dict[str, list[str]]                  # run_id -> the failed runs at the root of what blocks it
     trajectories: dict[str, dict]                  # analysis run_id -> its summary, read from its run folder
     previous: dict[tuple[str, int], Trajectory]    # (pair, trajectory) -> what the previous report.json held
+    previous_complete: int | None                  # how many completed runs the previous report was written from
 
 
 def load(study: Path) -> Inputs:
     if not study.is_dir():
         raise UserError(f"study folder not found: {study}")
-    if not (study / "results.sqlite").is_file() or not (study / "study.yaml").is_file():
+    if not (study / "results.sqlite").exists() or not (study / "study.yaml").is_file():
         raise UserError(f"{study} is not a ckptkd study (it needs results.sqlite and study.yaml)")
     config = {"name": study.name, **read_yaml(study / "study.yaml")}
     db = ResultsDB(study / "results.sqlite", readonly=True, max_attempts=config.get("max_attempts", 2))
@@ -43,7 +44,8 @@ def load(study: Path) -> Inputs:
             summary = _analysis_summary(study, row)
             if summary is not None:
                 trajectories[row["run_id"]] = summary
-    return Inputs(config, rows, blocked, trajectories, read_trajectories(study / "report.json"))
+    return Inputs(config, rows, blocked, trajectories, read_trajectories(study / "report.json"),
+                  completed_runs(study / "report.json"))
 
 
 def _analysis_summary(study: Path, row: dict) -> dict | None:

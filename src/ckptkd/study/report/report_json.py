@@ -39,6 +39,16 @@ def to_json(report: Report) -> dict:
     return {"format": FORMAT, **_plain(report)}
 
 
+def completed_runs(path: Path) -> int | None:
+    """How many completed runs the report in `path` was written from; None when there is no report.json (or
+    one that does not say)."""
+    if not path.exists():
+        return None
+    obj = read_sealed_json(path, WHAT, remedy=REMEDY, required=lambda _obj: True)
+    complete = ((obj.get("header") or {}).get("status") or {}).get("complete") if isinstance(obj, dict) else None
+    return complete if isinstance(complete, int) else None
+
+
 def read_trajectories(path: Path) -> dict[tuple[str, int], Trajectory]:
     """(pair, trajectory number) -> Trajectory from an earlier report.json; {} when there is none. A damaged or
     foreign file is refused (UserError naming it): what it carries may be the only copy left."""
