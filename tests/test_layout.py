@@ -138,5 +138,5 @@ def test_the_layout_check_sees_what_it_checks():
     graph = _graph()
     assert "ckptkd.teachers" in graph["ckptkd.training.api"] or any(
         t.startswith("ckptkd.teachers") for t in graph["ckptkd.training.api"])
-    assert any(t.startswith("ckptkd.training") for t in graph["ckptkd.study.runner"])
+    assert any(t.startswith("ckptkd.training") for t in graph["ckptkd.study.execution"])
     assert {_stage(m) for m in graph if _stage(m) is not None} == set(range(len(STAGES)))

@@ -445,7 +445,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_epoch(tmp_path, capsys
 # --- 10. study workers ----------------------------------------------------------------------------------------------
 
 def test_a_study_task_raising_a_plain_error_is_recorded_and_retried_up_to_max_attempts(tmp_path, monkeypatch):
-    import ckptkd.study.runner
+    import ckptkd.study.execution
+    from ckptkd.errors import RunsFailed
     from ckptkd.study.runner import run_study
 
     run = {"data": {"name": "digits", "batch_size": 64}, "device": "cpu",
@@ -453,7 +454,7 @@ def test_a_study_task_raising_a_plain_error_is_recorded_and_retried_up_to_max_at
     study = {"name": "oom", "seeds": 1, "variants": ["none"], "max_attempts": 3,
              "pairs": [{"teacher": {**run, "model": {"name": "resnet8"}, "schedule": {"epochs": 2}},
                         "student": {**run, **STUDENT}}]}
-    real, calls = ckptkd.study.runner._execute, []
+    real, calls = ckptkd.study.execution._execute, []
 
     def execute(task, study_dir, db):
         calls.append(task["kind"])
@@ -461,8 +462,10 @@ def test_a_study_task_raising_a_plain_error_is_recorded_and_retried_up_to_max_at
             raise RuntimeError("out of memory")
         return real(task, study_dir, db)
 
-    monkeypatch.setattr(ckptkd.study.runner, "_execute", execute)
-    out = run_study(study, out=tmp_path / "s", quiet=True, report=False)
+    monkeypatch.setattr(ckptkd.study.execution, "_execute", execute)
+    out = tmp_path / "s"
+    with pytest.raises(RunsFailed, match="1 runs failed for good"):  # after the student: the study went on
+        run_study(study, out=out, quiet=True, report=False)
     # three attempts (the study key, not the database default of 2), then the independent student
     assert calls == ["train", "train", "train", "distill"]
     rows = {r["kind"]: r for r in ResultsDB(out / "results.sqlite").rows()}

@@ -41,6 +41,11 @@ def test_exact_randomisation_tests_and_the_smallest_p_they_can_reach():
     assert two.ci == pytest.approx((low, high))
     single = stats.paired_units([0.4], "trajectory")
     assert single.ci is None and single.min_p == 1.0 and single.p == 1.0
+    # Unequal sizes: the observed split can be the only one as extreme, so the least p is 1 / C(n, n_a), and it is
+    # reached (2 trajectories against 1 shared run: 1/3, not 2/3).
+    lopsided = stats.two_sample_units([10.0, 11.0], [0.0], "trajectory | run")
+    assert lopsided.min_p == pytest.approx(1 / 3) and lopsided.p == pytest.approx(lopsided.min_p)
+    assert stats.two_sample_units([10.0, 11.0, 12.0], [0.0], "t | r").min_p == pytest.approx(1 / 4)
 
 
 def _simulated_studies(n: int = 1000, trajectories: int = 3, seeds: int = 3, seed: int = 7):
@@ -80,13 +85,13 @@ def test_unit_level_intervals_cover_zero_as_often_as_they_claim_and_pseudo_repli
 
 
 def test_the_pseudo_replicated_gate_of_the_committed_fashion_study_is_tested_at_its_units(tmp_path):
-    """results/fashion-kd: its no-KD runs (3, one per seed) each serve all 3 trajectories. 0.3 counted 9 pairs and
+    """results/fashion-kd-0.3 (the study 0.3 committed): its no-KD runs (3, one per seed) each serve all 3 trajectories. 0.3 counted 9 pairs and
     reported the KD gate at p = 0.004; at the units that are independent (3 trajectory means against 3 runs) the
     smallest p the design can reach is 0.1."""
     from ckptkd.study.report import write_report
 
     study = tmp_path / "fashion-kd"
-    shutil.copytree(REPO / "results" / "fashion-kd", study, ignore=shutil.ignore_patterns("plots"))
+    shutil.copytree(REPO / "results" / "fashion-kd-0.3", study, ignore=shutil.ignore_patterns("plots"))
     write_report(study, quiet=True)
     import json
 

@@ -1,7 +1,6 @@
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -58,6 +57,8 @@ def test_plan_covers_the_paper_grid():
     ({"variants": ["none@online"]}, "variants"), ({"variants": ["Tfull@tau=10@tau=4"]}, "variants"),
     ({"max_attempts": 0}, "max_attempts"), ({"pairs": []}, "pairs"),
     ({"ensemble_size": 1}, "ensemble_size"), ({"colour": "red"}, "colour"),
+    ({"launcher": "kubernetes"}, "launcher must be local or slurm"), ({"slurm": {"gpus": 1}}, "slurm.gpus"),
+    ({"slurm": {"time_min": 0}}, "slurm.time_min"), ({"slurm": {"extra": ["--exclusive"]}}, "slurm.extra"),
 ])
 def test_bad_study_configs_name_the_field(change, needle):
     with pytest.raises(UserError, match=needle):
@@ -103,7 +104,7 @@ def test_killed_half_way_then_rerun_finishes_without_redoing_finished_runs(tmp_p
         try:  # read-only: never waits for the study's write lock, never creates the file or its table
             with ResultsDB(out / "results.sqlite", readonly=True) as db:
                 return sum(r["status"] == "complete" for r in db.rows())
-        except (FileNotFoundError, sqlite3.OperationalError):  # not created yet, or its table not yet committed
+        except UserError:  # not created yet, or its table not yet committed
             return 0
 
     # However fast or slow the machine, wait (polling) until 4 tasks are done; no assertion here reads a clock.
@@ -267,7 +268,7 @@ def test_one_of_two_workers_killed_the_other_finishes_and_nothing_is_done_twice(
         try:
             with ResultsDB(out / "results.sqlite", readonly=True) as db:
                 return [r for r in db.rows() if r["status"] == "running" and r["claimer_pid"] == doomed.pid]
-        except (FileNotFoundError, sqlite3.OperationalError):
+        except UserError:
             return []
 
     while doomed.poll() is None and not running_claims():  # kill it while it holds a task

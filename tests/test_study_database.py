@@ -125,17 +125,17 @@ def test_a_report_from_fewer_completed_runs_is_refused_unless_replace(tmp_path, 
 
 
 def test_a_study_that_ends_with_runs_failed_for_good_lists_them_and_exits_1(tmp_path, monkeypatch, capsys):
-    from ckptkd.study import runner
+    from ckptkd.study import execution
     from test_study import tiny_study
 
-    real = runner._execute
+    real = execution._execute
 
     def analysis_fails(task, study_dir, db):
         if task["kind"] == "analyze":
             raise RuntimeError("the analysis broke")
         return real(task, study_dir, db)
 
-    monkeypatch.setattr(runner, "_execute", analysis_fails)
+    monkeypatch.setattr(execution, "_execute", analysis_fails)
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(tiny_study(seeds=1, variants=["none", "Tstar"], max_attempts=1)))
     assert main(["study", str(config), "--out", str(tmp_path / "s")]) == 1

@@ -15,3 +15,12 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, but belongs to another user
     return True
+
+
+def slurm_job() -> str | None:
+    """The Slurm job this process runs in, as squeue and scancel name it (`ARRAY_TASK` for an element of a job
+    array, whose SLURM_JOB_ID is another number); None outside Slurm. A requeued job keeps its id."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None

@@ -186,7 +186,9 @@ def two_sample_units(a: list[float], b: list[float], unit: str, *, level: float 
         else:
             df, half = float(len(a) + len(b) - 2), 0.0
         ci = (mean - half, mean + half)
-    min_p = min(1.0, 2.0 / math.comb(len(a) + len(b), len(a)))
+    # With equal sizes each split and its complement give the same |difference|, so at best 2 of them are as extreme
+    # as the observed one; with unequal sizes the observed split can be the only one.
+    min_p = min(1.0, (2.0 if len(a) == len(b) else 1.0) / math.comb(len(a) + len(b), len(a)))
     return UnitEstimate("two-sample", unit, (len(a), len(b)), mean, ci, df, permutation_p(a, b), min_p, level)
 
 

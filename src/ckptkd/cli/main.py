@@ -89,7 +89,8 @@ def cmd_select(args) -> None:
 def cmd_study(args) -> None:
     from ..study.runner import run_study
 
-    run_study(args.config, out=args.out, overrides=args.set, report=not args.no_report)
+    overrides = list(args.set) + ([f"launcher={args.launcher}"] if args.launcher else [])
+    run_study(args.config, out=args.out, overrides=overrides, report=not args.no_report)
 
 
 def cmd_report(args) -> None:
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="study folder (default: studies/NAME)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a study key")
     p.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+    p.add_argument("--launcher", choices=("local", "slurm"), default=None,
+                   help="where tasks run: local (this process; start more to share the work) or slurm (this process "
+                        "coordinates, each group of tasks is a Slurm job); default: the study's launcher key, local")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="write STUDY/report.md, results.csv and plots from a study's results")

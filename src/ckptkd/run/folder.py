@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .. import config as config_mod
 from ..errors import UserError
+from ..processes import slurm_job
 from .analysis_file import analysis_problem
 from .lock import LOCK, RunLock
 from .manifest import CheckpointEntry, Final, Manifest
@@ -240,6 +241,7 @@ class RunWriter:
         """Write the run's first views: its config (a fresh run) and `manifest`, with the checkpoints so far."""
         self.manifest = manifest
         manifest.checkpoints = [CheckpointEntry(**c) for c in progress.checkpoints]
+        manifest.slurm_jobs = self._slurm_jobs()
         if self.writes:
             # What writes killed half-way left here; only this run's writer writes these folders (not cache/).
             for folder in (self.path, self.path / "checkpoints", self.path / "state"):
@@ -248,6 +250,17 @@ class RunWriter:
                 self.path.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(self.path / CONFIG, config_mod.dump(self.cfg))
             self._write_views(progress)
+
+    def _slurm_jobs(self) -> list[str]:
+        """The Slurm jobs that wrote this run: those of the manifest it resumes, and this process's own."""
+        earlier = []
+        if self.resumable and (self.path / MANIFEST).is_file():
+            try:
+                earlier = self.run.manifest.slurm_jobs
+            except UserError:
+                earlier = []  # the state, not a damaged manifest, is what a resume trusts
+        job = slurm_job()
+        return earlier + [job] if job and job not in earlier else earlier
 
     def end_epoch(self, record: dict, model, optimizer, progress: Progress, *, checkpoint: bool,
                   health: dict) -> CheckpointEntry | None:

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..processes import pid_alive
+from ..processes import pid_alive, slurm_job
 
 LOCK = ".lock"
 
 
 def _me() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID"),
+    return {"host": socket.gethostname(), "pid": os.getpid(), "job": slurm_job(),
             "since": round(time.time(), 3)}
 
 
@@ -38,8 +38,9 @@ class RunLock:
     """The lock of the run folder `path`; `acquire` creates the folder if needed (and `release` removes it again if
     nothing else was written into it)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, what: str = "run folder"):
         self.folder, self.path = Path(path), Path(path) / LOCK
+        self.what = what
         self.created_folder = False
         self.held = False
 
@@ -56,7 +57,7 @@ class RunLock:
                     continue  # released just now, or half-written by a creator that is still writing
                 if not _holder_gone(holder):
                     job = f", Slurm job {holder['job']}" if holder.get("job") else ""
-                    raise UserError(f"run folder {self.folder} is being written by another process (host "
+                    raise UserError(f"{self.what} {self.folder} is being written by another process (host "
                                     f"{holder.get('host')}, pid {holder.get('pid')}{job}); wait for it to finish, "
                                     "or stop it first")
                 if self._take_over(mine):
@@ -66,7 +67,7 @@ class RunLock:
                 f.write(mine)
             self.held = True
             return
-        raise UserError(f"run folder {self.folder}: could not take its lock {self.path} (other processes keep "
+        raise UserError(f"{self.what} {self.folder}: could not take its lock {self.path} (other processes keep "
                         "changing it); try again")
 
     def _read(self) -> dict | None:

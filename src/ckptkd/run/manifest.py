@@ -73,6 +73,7 @@ class Manifest:
     threads: int | None = None
     distributed: dict | None = None
     fused: dict | None = None    # trained in a group (`training.loop.fit`): engine, members, index, the group's folders
+    slurm_jobs: list[str] = field(default_factory=list)  # the Slurm jobs that wrote the run, first to last
     ckptkd: dict = field(default_factory=lambda: provenance())
     format: int = FORMAT
     extra: dict = field(default_factory=dict)
@@ -94,8 +95,8 @@ class Manifest:
                 value = [_drop_none(dataclasses.asdict(c), "source") for c in value]
             elif f.name == "final" and value is not None:
                 value = dataclasses.asdict(value)
-            elif f.name == "fused" and value is None:
-                continue  # a run trained alone has the manifest it always had
+            elif (f.name == "fused" and value is None) or (f.name == "slurm_jobs" and not value):
+                continue  # a run trained alone, outside Slurm, has the manifest it always had
             out[f.name] = value
         return {**out, **self.extra}
 
@@ -166,6 +167,7 @@ _FIELD_TYPES = {
     "threads": (_optional(_is(int)), "an integer or null"),
     "distributed": (_optional(_is(dict)), "a mapping or null"),
     "fused": (_optional(_is(dict)), "a mapping or null"),
+    "slurm_jobs": (lambda v: isinstance(v, list) and all(isinstance(j, str) for j in v), "a list of job ids"),
     "ckptkd": (_is(dict), "a mapping"),
     "final": (_optional(_is(dict)), "a mapping or null"),
 }

@@ -33,14 +33,32 @@ STUDY_DEFAULTS: dict[str, Any] = {
     "fuse": "auto",
     "margin": 0.3,
     "run_names": "variant",
+    "launcher": "local",
+    "slurm": {},
     "pairs": [],
+}
+
+# What each Slurm job of a study asks for (`launcher: slurm`); `extra` is passed to sbatch as it is (`{"constraint":
+# "a100"}` -> --constraint=a100), `signal_delay_s` is how long before the time limit the job is warned (and requeues
+# itself).
+SLURM_DEFAULTS: dict[str, Any] = {
+    "partition": None, "account": None, "qos": None, "time_min": 60, "gpus_per_task": 0, "cpus_per_task": 1,
+    "mem_gb": None, "array_parallelism": 32, "signal_delay_s": 90, "extra": {},
+}
+SLURM_FIELDS = {
+    "partition": text(nullable=True), "account": text(nullable=True), "qos": text(nullable=True),
+    "time_min": integer(1, 525600), "gpus_per_task": integer(0, 64), "cpus_per_task": integer(1, 1024),
+    "mem_gb": number(0.0, 1e6, lo_open=True, nullable=True), "array_parallelism": integer(1, 100000),
+    "signal_delay_s": integer(0, 3600),
+    "extra": lambda v: None if isinstance(v, dict) and all(isinstance(k, str) for k in v) else "a mapping of sbatch "
+                                                                                                "options",
 }
 
 # Study keys that say how the grid is run, not what it computes: a study resumes under another setting of them.
 # (`margin`, the equivalence margin of the report's verdicts in points, only changes how results are read;
 # `max_attempts` how often a failing task is retried; `run_names` is always taken from the study folder's own
-# study.yaml.)
-HOW_KEYS = ("description", "fuse", "margin", "max_attempts", "run_names")
+# study.yaml; `launcher` and `slurm` say where the tasks run.)
+HOW_KEYS = ("description", "fuse", "margin", "max_attempts", "run_names", "launcher", "slurm")
 
 
 def _fuse(v):
@@ -76,6 +94,8 @@ STUDY_FIELDS = {
     "fuse": _fuse,
     "margin": number(0.0, 100.0, lo_open=True),
     "run_names": lambda v: None if v in ("variant", "hash") else "variant or hash",
+    "launcher": lambda v: None if v in ("local", "slurm") else "local or slurm",
+    "slurm": lambda v: None if isinstance(v, dict) else "a mapping of Slurm resources",
 }
 
 
@@ -119,6 +139,14 @@ def resolve_study(source: str | Path | dict, overrides: list[str] | dict | None 
             raise UserError(f"study: {key} must be {expected}, got {study[key]!r}")
     if isinstance(study["seeds"], int):
         study["seeds"] = list(range(study["seeds"]))
+    unknown = set(study["slurm"]) - set(SLURM_DEFAULTS)
+    if unknown:
+        raise UserError(f"study: unknown key 'slurm.{sorted(unknown)[0]}' (known: {', '.join(SLURM_DEFAULTS)})")
+    study["slurm"] = {**SLURM_DEFAULTS, **study["slurm"]}
+    for key, check in SLURM_FIELDS.items():
+        expected = check(study["slurm"][key])
+        if expected:
+            raise UserError(f"study: slurm.{key} must be {expected}, got {study['slurm'][key]!r}")
     if not isinstance(study["pairs"], list) or not study["pairs"]:
         raise UserError("study: pairs must be a non-empty list of {teacher: CONFIG, student: CONFIG}")
     for section in ("common", "kd", "analysis"):

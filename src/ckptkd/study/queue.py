@@ -41,9 +41,14 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at   REAL,
     heartbeat    REAL,
     error        TEXT,
-    created_at   REAL NOT NULL
+    created_at   REAL NOT NULL,
+    batch        TEXT,
+    job          TEXT
 )
 """
+# Added after 0.3 (`ALTER TABLE` on a study begun before): the Slurm launcher's submission of a claimed run and the
+# Slurm job that runs it.
+_LATER_COLUMNS = {"batch": "TEXT", "job": "TEXT"}
 
 # Columns stored as JSON text, with the key each one has in the dicts handed out.
 _JSON_COLUMNS = {"config": "config", "depends_on": "depends_on", "group_json": "group", "metrics": "metrics",
@@ -129,6 +134,10 @@ class ResultsDB:
         self._conn.execute("PRAGMA synchronous = NORMAL")
         with self._write():
             self._conn.execute(_SCHEMA)
+            have = {row[1] for row in self._conn.execute("PRAGMA table_info(runs)")}
+            for column, kind in _LATER_COLUMNS.items():
+                if column not in have:
+                    self._conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
 
     def _check_schema(self, *, empty_ok: bool) -> None:
         """Refuse a database that is not a study's: tables, but no `runs` table of ours (another program's file),
@@ -246,7 +255,8 @@ class ResultsDB:
             for row in chosen:
                 self._conn.execute(
                     "UPDATE runs SET status = 'running', claimer = ?, claimer_pid = ?, claimer_host = ?, "
-                    "started_at = ?, heartbeat = ?, attempts = attempts + 1 WHERE run_id = ?",
+                    "started_at = ?, heartbeat = ?, attempts = attempts + 1, batch = NULL, job = NULL "
+                    "WHERE run_id = ?",
                     (claimer, self._pid, self._host, now, now, row["run_id"]))
             return [self._decode(self._row(row["run_id"])) for row in chosen]
 
@@ -262,6 +272,28 @@ class ResultsDB:
             raise ClaimLost(f"run {run_id} ({row['name']}) is {row['status']}, claimed by {row['claimer']}, "
                             f"not by this process ({self._pid}@{self._host})")
         return row
+
+    def assign(self, run_id: str, *, batch: str | None = None, job: str | None = None) -> None:
+        """Record the Slurm submission (`batch`) a claimed run goes out in, before it is submitted, and then the
+        Slurm job that runs it: a coordinator started again finds every run it had sent out."""
+        with self._write():
+            self._owned(run_id)
+            if batch is not None:
+                self._conn.execute("UPDATE runs SET batch = ? WHERE run_id = ?", (batch, run_id))
+            if job is not None:
+                self._conn.execute("UPDATE runs SET job = ? WHERE run_id = ?", (job, run_id))
+
+    def adopt(self, run_id: str) -> dict:
+        """Make this process the claimer of a running run another (dead) coordinator of the study had claimed; the
+        caller holds the study's coordinator lock, so no live process can hold the claim."""
+        with self._write():
+            rows = self._conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,))
+            if not rows or rows[0]["status"] != "running":
+                raise ClaimLost(f"run {run_id} is not running, so it cannot be adopted")
+            self._conn.execute("UPDATE runs SET claimer = ?, claimer_pid = ?, claimer_host = ?, heartbeat = ? "
+                               "WHERE run_id = ?", (f"{self._pid}@{self._host}/slurm", self._pid, self._host,
+                                                    time.time(), run_id))
+            return self._decode(self._row(run_id))
 
     def heartbeat(self, run_id: str) -> None:
         """Show that this process is still working on run_id; raises ClaimLost if another process took it over."""
@@ -292,7 +324,7 @@ class ResultsDB:
         with self._write():
             self._owned(run_id)
             self._conn.execute("UPDATE runs SET status = 'pending', attempts = attempts - 1, claimer = NULL, "
-                               "claimer_pid = NULL, claimer_host = NULL WHERE run_id = ?", (run_id,))
+                               "claimer_pid = NULL, claimer_host = NULL, batch = NULL, job = NULL WHERE run_id = ?", (run_id,))
 
     def rows(self, **filters: Any) -> list[dict]:
         """All runs in the order they were added, optionally only those equal to the given run_id/kind/name/status."""

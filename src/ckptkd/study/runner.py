@@ -2,13 +2,12 @@
 
 Every task (a training run, an analysis, a student) is one row of STUDY/results.sqlite keyed by the hash of its
 resolved config. Processes claim rows one at a time, so a rerun skips finished work, resumes interrupted runs, and
-several `ckptkd study` processes on one folder share the grid without doing anything twice.
+several `ckptkd study` processes on one folder share the grid without doing anything twice. With `launcher: slurm`
+the process coordinates instead (`slurm`): every ready group of tasks goes out as a Slurm job.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import socket
 import sys
@@ -17,88 +16,12 @@ from pathlib import Path
 
 from .. import config as config_mod
 from ..errors import RunsFailed, UserError, interrupting_signals
-from ..run import relative_to
 from ..run.storage import atomic_write_text, remove_stale_temporaries
 from .config import HOW_KEYS, resolve_study
+from .execution import execute, record
 from .plan import fuse_groups, group_size, plan
 from .queue import ClaimLost, ResultsDB
-from .summaries import analysis_metrics, run_metrics
-
-
-def _student_config(task: dict, study_dir: Path) -> dict:
-    """A student task's config as its run folder keeps it: its teachers named relative to that folder (the task names
-    them relative to the study), so that nothing it stores depends on the working directory or on where the study
-    folder lies: a study resumes from anywhere, and after a move."""
-    cfg = copy.deepcopy(task["config"])
-    out = study_dir / task["path"]
-    cfg["kd"]["teachers"] = [relative_to(str(study_dir / reference), out) for reference in cfg["kd"]["teachers"]]
-    return cfg
-
-
-def _execute(task: dict, study_dir: Path, db: ResultsDB) -> tuple[dict, dict]:
-    """Run one task (resuming its folder if an earlier attempt left one); returns (metrics, timings)."""
-    from ..run import Run
-    from ..selection.analysis import analyze
-    from ..training.api import make_teacher
-    from ..training.loop import Member, fit_one
-
-    out = study_dir / task["path"]
-    heartbeat = lambda _record: db.heartbeat(task["run_id"])
-    cfg = copy.deepcopy(task["config"])
-    if task["kind"] == "proxy":
-        from ..selection.proxy import proxy_select
-
-        result = proxy_select(study_dir / cfg["run"], cfg["student"], epochs=cfg["epochs"], seed=cfg["seed"],
-                              quiet=True)
-        return {k: result[k] for k in ("t_star", "scores", "epochs", "seed", "cost_s", "skipped")}, {}
-    if task["kind"] == "analyze":
-        result = analyze(out, seed=cfg["seed"], temperature=cfg["temperature"], split=cfg["split"],
-                         seeds=cfg["seeds"], quiet=True)
-        recorded = {c.epoch: c.metrics for c in Run(out).manifest.checkpoints}
-        return analysis_metrics(result, Path(task["path"]), recorded), {}
-    if task["kind"] == "train":
-        run = fit_one(Member(cfg, out), resume=True, quiet=True, on_epoch=heartbeat)
-    else:
-        cfg = _student_config(task, study_dir)
-        member = Member(cfg, out, make_teacher(cfg, quiet=True, base=out), "distill")
-        run = fit_one(member, resume=True, quiet=True, on_epoch=heartbeat)
-    return run_metrics(task["kind"], run)
-
-
-def _execute_group(rows: list[dict], study_dir: Path, db: ResultsDB,
-                   say) -> list[tuple[dict, dict] | Exception]:
-    """Train the runs of `rows` as one group (`training.loop.fit`); per row its (metrics, timings) or the error that
-    stopped it alone."""
-    from ..training.api import make_teacher
-    from ..training.loop import Member, fit
-
-    members, teachers = [], {}
-    for row in rows:
-        cfg = _student_config(row, study_dir) if row["kind"] == "distill" else copy.deepcopy(row["config"])
-        teacher = None
-        if cfg["kd"]["teachers"]:
-            # Members that name the same teachers, computed and cached the same way, share one (prepared once). The
-            # cache settings are part of it: an @online student must not get a teacher answering from a cache.
-            key = teacher_key(cfg)
-            if key not in teachers:  # the students' folders are siblings: their references read alike
-                teachers[key] = make_teacher(cfg, quiet=True, base=study_dir / row["path"])
-            teacher = teachers[key]
-        members.append(Member(cfg, study_dir / row["path"], teacher, row["kind"]))
-
-    def heartbeat(_record):
-        for row in rows:
-            db.heartbeat(row["run_id"])
-
-    outcomes = fit(members, resume=True, quiet=True, on_epoch=heartbeat, announce=say)
-    return [outcome if isinstance(outcome, Exception) else run_metrics(row["kind"], outcome)
-            for row, outcome in zip(rows, outcomes)]
-
-
-def teacher_key(cfg: dict) -> str:
-    """What makes two students' teachers the same object: their references and how they compute and cache."""
-    kd = cfg["kd"]
-    return json.dumps([{k: kd[k] for k in ("teachers", "channels_last", "autocast", "teacher_mode", "cache", "views",
-                                           "cache_dir")}, cfg["precision"]], sort_keys=True)
+from .slurm import coordinate
 
 
 def _release(db: ResultsDB, rows: list[dict]) -> None:
@@ -109,21 +32,45 @@ def _release(db: ResultsDB, rows: list[dict]) -> None:
             pass  # taken over by another worker already
 
 
-def _record(db: ResultsDB, row: dict, result, seconds: float, say) -> None:
-    """Record one task's result (its (metrics, timings), or the error that stopped it) and say so."""
-    if isinstance(result, Exception):
-        message = str(result) if isinstance(result, UserError) else f"{type(result).__name__}: {result}"
-        db.fail(row["run_id"], error=message)
-        say(f"    failed: {message.splitlines()[0] if message else type(result).__name__}")
-        return
-    metrics, timings = result
-    db.complete(row["run_id"], metrics=metrics, timings=timings)
-    outcome = {"analyze": lambda: f"T* = epoch {metrics['selected_epoch']}",
-               "proxy": lambda: f"proxy pick = epoch {metrics['t_star']}"}.get(
-        row["kind"], lambda: f"test {100 * metrics['test_acc']:.2f}%")()
-    flags = [] if row["kind"] in ("analyze", "proxy") else metrics["health"]["flags"]
-    flagged = f"  warning: {', '.join(f['flag'] for f in flags)}" if flags else ""
-    say(f"    {outcome} ({seconds:.1f} s){flagged}")
+def _work_locally(study_dir: Path, db: ResultsDB, groups: dict, *, say, poll_s: float,
+                  max_tasks: int | None) -> bool:
+    """Claim and run tasks in this process until none is left (True), or `max_tasks` are done (False)."""
+    sent = [r for r in db.rows(status="running") if r.get("batch")]
+    if sent:
+        raise UserError(f"study: {len(sent)} tasks of {study_dir} are out as Slurm jobs (e.g. {sent[0]['name']}, "
+                        f"job {sent[0].get('job') or 'not yet known'}); continue it with --launcher slurm")
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    done, total = 0, len(db.rows())
+    while max_tasks is None or done < max_tasks:
+        rows = db.claim_group(worker, groups)
+        if not rows:
+            if db.pending_count() == 0:
+                return True
+            time.sleep(poll_s)  # another process holds the tasks ours depend on
+            continue
+        finished = total - db.pending_count()
+        started = time.perf_counter()
+        if len(rows) == 1:
+            say(f"[{finished + 1}/{total}] {rows[0]['kind']:<8} {rows[0]['name']} (attempt {rows[0]['attempts']}) ...")
+        else:
+            say(f"[{finished + 1}-{finished + len(rows)}/{total}] {rows[0]['kind']:<8} {len(rows)} runs as one "
+                f"group: {', '.join(r['name'] for r in rows)} (attempt {max(r['attempts'] for r in rows)}) ...")
+        try:
+            results = execute(rows, study_dir, lambda run_ids: [db.heartbeat(r) for r in run_ids], say)
+        except KeyboardInterrupt:
+            _release(db, rows)  # not the tasks' fault: they keep their attempts and are claimed again
+            raise
+        except ClaimLost as lost:  # judged stale and taken over by another worker, which now owns it
+            say(f"    given up: {lost}")
+            _release(db, rows)
+            continue
+        except Exception as error:  # noqa: BLE001 - any failure of one task is recorded, the study goes on
+            results = [error] * len(rows)
+        for row, result in zip(rows, results):
+            record(db, row, result, time.perf_counter() - started, say if len(rows) == 1 else
+                   (lambda msg, name=row["name"]: say(f"{msg.rstrip()}  {name}")))
+        done += len(rows)
+    return False
 
 
 def run_study(source: str | Path | dict, out: str | Path | None = None, *, overrides: list | dict | None = None,
@@ -157,47 +104,16 @@ def run_study(source: str | Path | dict, out: str | Path | None = None, *, overr
     for task in tasks:
         db.add(task.run_id, kind=task.kind, name=task.name, config=task.config, path=task.path,
                depends_on=task.depends_on, group=task.group)
-    worker = f"{socket.gethostname()}:{os.getpid()}"
     say = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     first_run = next((t.config for t in tasks if t.kind in ("train", "distill")), None)
     groups = fuse_groups(tasks, group_size(study["fuse"], first_run)) if first_run is not None else {}
-    done = 0
-    total = len(tasks)
     try:
         with interrupting_signals():  # preemption gives the tasks back: no attempt is spent on it
-            while max_tasks is None or done < max_tasks:
-                rows = db.claim_group(worker, groups)
-                if not rows:
-                    if db.pending_count() == 0:
-                        break
-                    time.sleep(poll_s)  # another process holds the tasks ours depend on
-                    continue
-                finished = total - db.pending_count()
-                started = time.perf_counter()
-                if len(rows) == 1:
-                    row = rows[0]
-                    say(f"[{finished + 1}/{total}] {row['kind']:<8} {row['name']} (attempt {row['attempts']}) ...")
-                    work = lambda: [_execute(row, study_dir, db)]  # noqa: E731
-                else:
-                    say(f"[{finished + 1}-{finished + len(rows)}/{total}] {rows[0]['kind']:<8} {len(rows)} runs as one "
-                        f"group: {', '.join(r['name'] for r in rows)} (attempt {max(r['attempts'] for r in rows)}) ...")
-                    work = lambda: _execute_group(rows, study_dir, db, say)  # noqa: E731
-                try:
-                    results = work()
-                except KeyboardInterrupt:
-                    _release(db, rows)  # not the tasks' fault: they keep their attempts and are claimed again
-                    raise
-                except ClaimLost as lost:  # judged stale and taken over by another worker, which now owns it
-                    say(f"    given up: {lost}")
-                    _release(db, rows)
-                    continue
-                except Exception as error:  # noqa: BLE001 - any failure of one task is recorded, the study goes on
-                    results = [error] * len(rows)
-                for row, result in zip(rows, results):
-                    _record(db, row, result, time.perf_counter() - started, say if len(rows) == 1 else
-                            (lambda msg, name=row["name"]: say(f"{msg.rstrip()}  {name}")))
-                done += len(rows)
-        finished = max_tasks is None or done < max_tasks
+            if study["launcher"] == "slurm":
+                coordinate(study, study_dir, db, groups, say=say, poll_s=poll_s)
+                finished = True
+            else:
+                finished = _work_locally(study_dir, db, groups, say=say, poll_s=poll_s, max_tasks=max_tasks)
         failed = [r["name"] for r in db.rows(status="failed") if r["attempts"] >= db.max_attempts] if finished else []
         blocked = len(db.blocked()) if failed else 0
     finally:
