@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 # Pinned here (not in pyproject, which keeps torch>=2.3) so these machines take the local CPU wheel
 # instead of resolving a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
+# The suite runs in this many pytest-xdist processes (its tests set torch to one thread each); 2 keeps it under
+# 12 minutes on a 2-core machine.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test clean
 
@@ -21,7 +24,7 @@ demo: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/ckptkd demo --out studies/demo
 
 test: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -p no:cacheprovider
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

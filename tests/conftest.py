@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import subprocess
@@ -8,6 +9,10 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Subprocesses (`python -m ckptkd ...`) import the same ckptkd as these tests: this checkout's src/, or under mutmut
+# the mutated copy in mutants/src/, not whatever the environment has installed.
+_TESTED_SRC = str(Path(importlib.util.find_spec("ckptkd").origin).parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTED_SRC, os.environ.get("PYTHONPATH")) if p)
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]

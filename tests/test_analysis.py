@@ -120,9 +120,11 @@ def test_select_by_val_puts_the_best_validation_checkpoint_first(teacher_run):
     assert epochs[0] == resolve(f"{teacher_run.path}@best-val")[0].epoch
 
 
-def test_select_before_analyze_says_what_to_do(teacher_run):
-    result = run_cli("select", str(teacher_run.path))
-    assert result.returncode == 2 and "ckptkd analyze" in result.stderr
+def test_select_before_analyze_says_what_to_do(teacher_run, capsys):
+    from ckptkd.cli import main
+
+    assert main(["select", str(teacher_run.path)]) == 2
+    assert "ckptkd analyze" in capsys.readouterr().err
 
 
 def _checkpoints(scores: dict[int, list[float]], val: dict[int, float] | None = None) -> list[dict]:
@@ -317,3 +319,126 @@ def test_select_by_proxy_picks_the_checkpoint_whose_short_student_validates_best
     with pytest.raises(UserError, match="--student"):
         select(run, by="proxy")
     assert proxy_mod.proxy_config(Run(folders[0]).config(), 1)["schedule"]["warmup_epochs"] == 0
+
+# --- the criteria's arithmetic on hand-made per-seed values (tests/test_stats.py does the same for the report) ---
+
+def _seeds(split: str, per_epoch: dict[int, list[dict]], val: dict | None = None) -> list[dict]:
+    """Checkpoints with the given per-seed values on `split`; val_acc 0.5 unless given (a missing key: left out)."""
+    out = []
+    for epoch, seeds in per_epoch.items():
+        c = {"epoch": epoch, split: {"seeds": seeds}}
+        if val is None or epoch in val:
+            c["val_acc"] = 0.5 if val is None else val[epoch]
+        out.append(c)
+    return out
+
+
+def test_criterion_key_takes_the_given_split_then_the_criterions_own_then_the_analysis_split():
+    from ckptkd.selection.criteria import criterion_key
+
+    assert criterion_key("info", None, "val") == "info@val"
+    assert criterion_key("info", "train", "val") == "info@train"
+    assert criterion_key("val", None, "train") == "val@val"
+    assert criterion_key("val", "train", "val") == "val@train"
+    with pytest.raises(UserError) as refused:
+        criterion_key("bogus", None, "train")
+    assert "bogus" in str(refused.value) and "knn-info" in str(refused.value)  # names what would have been known
+
+
+def test_each_rows_score_standard_error_and_paired_difference():
+    """A raw criterion's score is the mean over seeds; its SE is the corrected resampled SE of overlapping splits,
+    stdev * sqrt(1/n + h/(1-h)) with h the held-out fraction (none for one seed); each row's difference to the best
+    is paired on the seeds both have (a failed seed drops out of the pair)."""
+    from ckptkd.selection.info.estimators import HOLDOUT
+
+    def se(values):
+        return statistics.stdev(values) * math.sqrt(1 / len(values) + HOLDOUT / (1 - HOLDOUT))
+
+    acc = {1: [0.5, 0.6, 0.7, 0.6], 2: [0.8, 0.8, 0.9, 0.9], 3: [0.7, None, 0.8, 0.75], 4: [0.83]}
+    result = evaluate(_seeds("val", {e: [{"acc": a} for a in v] for e, v in acc.items()}), CRITERIA["val"], "val")
+    assert result["terms"] == {"acc": "raw"} and result["flat"] is False and result["best"] == 2
+    rows = {r["epoch"]: r for r in result["scores"]}
+    assert rows[1]["score"] == pytest.approx(0.6) and rows[1]["se"] == pytest.approx(se([0.5, 0.6, 0.7, 0.6]))
+    assert rows[4]["score"] == pytest.approx(0.83) and rows[4]["se"] is None
+    assert rows[3]["se"] == pytest.approx(se([0.7, 0.8, 0.75]))
+    # epoch 3 against 2 on seeds 0, 2, 3: -0.1, -0.1, -0.15
+    assert rows[3]["diff"] == pytest.approx(-0.35 / 3)
+    assert rows[3]["diff_se"] == pytest.approx(se([-0.1, -0.1, -0.15]))
+    assert rows[2] == {"epoch": 2, "score": pytest.approx(0.85), "diff": 0.0, "diff_se": 0.0, "tied": True,
+                       "se": pytest.approx(se([0.8, 0.8, 0.9, 0.9]))}
+    two = evaluate(_seeds("val", {1: [{"acc": 0.2}, {"acc": 0.4}], 2: [{"acc": 0.9}, {"acc": 0.8}]}),
+                   CRITERIA["val"], "val")
+    assert [r["se"] for r in two["scores"]] == pytest.approx([se([0.2, 0.4]), se([0.9, 0.8])])
+
+
+def test_checkpoints_without_a_common_seed_compare_their_means_and_single_seeds_tie_only_when_equal():
+    # epoch 1's valid seeds (0, 1) and the best's (2, 3) share none: the difference of means, no SE, not tied.
+    disjoint = {1: [{"acc": 0.6}, {"acc": 0.7}, {"acc": None}, {"acc": None}],
+                2: [{"acc": None}, {"acc": None}, {"acc": 0.9}, {"acc": 0.8}]}
+    rows = evaluate(_seeds("val", disjoint), CRITERIA["val"], "val")["scores"]
+    assert rows[0]["diff"] == pytest.approx(0.65 - 0.85) and rows[0]["diff_se"] is None and not rows[0]["tied"]
+    # One seed each: no SE, so tied only at the best's score; T* is then the better validation accuracy.
+    single = _seeds("val", {1: [{"acc": 0.5}], 2: [{"acc": 0.9}], 3: [{"acc": 0.9}]}, val={1: 0.9, 2: 0.8, 3: 0.7})
+    result = evaluate(single, CRITERIA["val"], "val")
+    assert result["best"] == 3 and result["ties"] == [2, 3] and result["t_star"] == 2
+
+
+def test_a_tie_without_a_validation_accuracy_loses_to_one_with_it():
+    """Checkpoints saved without validation (no val_acc, or null) are T* only when no tied checkpoint has one."""
+    tied = {e: [{"acc": 0.7}] for e in (1, 2, 3)}
+    checkpoints = _seeds("val", tied, val={1: 0.6, 3: None})  # 2 has no val_acc at all
+    assert evaluate(checkpoints, CRITERIA["val"], "val")["t_star"] == 1
+    assert evaluate(_seeds("val", tied, val={3: None}), CRITERIA["val"], "val")["t_star"] == 3  # the later one
+
+
+def test_normalised_terms_weigh_equally_whatever_their_scale():
+    """i_xf spans 10..110 and i_yf 2..3: normalised, each term contributes 0..1, so the checkpoint that is good on
+    both (0.6 + 0.6) beats the ones that are best on one; raw sums would pick the largest i_xf."""
+    values = {1: (110.0, 2.0), 2: (10.0, 3.0), 3: (70.0, 2.6)}
+    checkpoints = _seeds("train", {e: [{"i_xf": x + d, "i_yf": y + d / 100} for d in (-0.01, 0.0, 0.01)]
+                                   for e, (x, y) in values.items()})
+    result = evaluate(checkpoints, CRITERIA["info"], "train")
+    assert result["terms"] == {"i_xf": "normalised", "i_yf": "normalised"} and result["flat"] is False
+    assert [r["score"] for r in result["scores"]] == pytest.approx([1.0, 1.0, 1.2])
+    assert result["t_star"] == 3 and result["ties"] == [3]
+
+
+def test_a_flat_first_term_is_left_out_and_the_second_still_counts():
+    # i_xf wanders within its noise; i_yf separates the checkpoints (0, 0.5, 1 once normalised).
+    noise = {1: (0.3, -0.3, 0.1), 2: (-0.2, 0.25, 0.0), 3: (0.1, 0.2, -0.3)}
+    checkpoints = _seeds("train", {e: [{"i_xf": 1.0 + n, "i_yf": y + d} for n, d in zip(noise[e], (0, .01, -.01))]
+                                   for e, y in ((1, 0.0), (2, 2.0), (3, 1.0))})
+    result = evaluate(checkpoints, CRITERIA["info"], "train")
+    assert result["terms"] == {"i_xf": "flat", "i_yf": "normalised"}
+    assert [r["score"] for r in result["scores"]] == pytest.approx([0.0, 1.0, 0.5])
+    assert result["t_star"] == 2
+
+
+def test_one_seed_per_checkpoint_has_no_noise_to_flatten_a_term():
+    checkpoints = _seeds("train", {e: [{"i_xf": v, "i_yf": v}] for e, v in ((1, 0.0), (2, 0.5), (3, 1.0))})
+    result = evaluate(checkpoints, CRITERIA["info"], "train")
+    assert result["terms"] == {"i_xf": "normalised", "i_yf": "normalised"} and result["t_star"] == 3
+
+
+def test_a_criterion_whose_every_term_is_flat_says_so_and_scores_zero():
+    noise = (0.3, -0.3, 0.1)
+    checkpoints = _seeds("train", {e: [{"i_xf": 1.0 + n, "i_yf": 2.0 - n} for n in noise] for e in (1, 2, 3)},
+                         val={1: 0.5, 2: 0.9, 3: 0.7})
+    result = evaluate(checkpoints, CRITERIA["info"], "train")
+    assert result["flat"] is True and result["terms"] == {"i_xf": "flat", "i_yf": "flat"}
+    assert [r["score"] for r in result["scores"]] == [0.0, 0.0, 0.0]
+    assert result["ties"] == [1, 2, 3] and result["t_star"] == 2
+
+
+def test_a_criterion_no_checkpoint_could_be_scored_on():
+    """Every estimate failed, or the split was never measured: no T*, every checkpoint skipped with the reason, and
+    the ranking is the skipped checkpoints."""
+    checkpoints = _seeds("train", {1: [{"i_xf": None, "i_yf": 0.4}], 2: [{"i_xf": None, "i_yf": 0.5}]})
+    checkpoints.append({"epoch": 3, "val_acc": 0.9})  # not measured on train
+    result = evaluate(checkpoints, CRITERIA["info"], "train")
+    assert result == {"criterion": "info", "split": "train", "t_star": None, "ties": [], "best": None, "scores": [],
+                      "terms": {"i_xf": "flat", "i_yf": "normalised"}, "flat": True,
+                      "skipped": [{"epoch": 1, "why": "no split seed gave a valid estimate"},
+                                  {"epoch": 2, "why": "no split seed gave a valid estimate"},
+                                  {"epoch": 3, "why": "not measured on this split"}]}
+    assert ranking(result) == [1, 2, 3]

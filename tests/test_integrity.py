@@ -200,6 +200,30 @@ def test_a_manifest_from_before_seals_is_still_read(tmp_path, sealed_run):
     manifest["ckptkd"]["version"] = "0.2.0"
     (run / "manifest.json").write_text(json.dumps(manifest))
     assert Run(run).manifest.complete
+    # The same for its analysis.json.
+    analysis = json.loads((run / "analysis.json").read_text())
+    analysis.pop("checksum")
+    (run / "analysis.json").write_text(json.dumps(analysis))
+    with pytest.raises(UserError, match="no checksum"):
+        Run(run).analysis()
+    analysis["ckptkd"]["version"] = "0.2.0"
+    (run / "analysis.json").write_text(json.dumps(analysis))
+    assert Run(run).analysis()["ranking"] == analysis["ranking"]
+
+
+def test_an_analysis_without_a_ranking_is_refused_by_name(tmp_path, sealed_run):
+    from ckptkd.errors import UserError
+    from ckptkd.run import Run
+    from ckptkd.run.storage import write_sealed_json
+
+    run = tmp_path / "t"
+    shutil.copytree(sealed_run, run)
+    analysis = json.loads((run / "analysis.json").read_text())
+    analysis.pop("checksum")
+    write_sealed_json(run / "analysis.json", {**analysis, "ranking": []})
+    with pytest.raises(UserError, match="has no ranking") as refused:
+        Run(run).ranking("distill")
+    assert str(run / "analysis.json") in str(refused.value)
 
 
 @pytest.mark.parametrize("damage, needle", [

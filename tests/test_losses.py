@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy.special import log_softmax, rel_entr, softmax
 
-from ckptkd.losses import ENSEMBLE_MODES, kd_loss, kd_terms, teacher_probs
+from ckptkd.losses import ENSEMBLE_MODES, kd_loss, kd_loss_members, kd_terms, soft_targets, teacher_probs
 
 B, C, M = 5, 7, 3
 TAU_ALPHA = [(1.0, 0.5), (4.0, 0.1), (2.5, 0.0)]
@@ -134,6 +134,70 @@ def test_alpha_one_is_cross_entropy(logits):
     expected = F.cross_entropy(student, targets)
     assert torch.equal(kd_loss(student, None, targets, temperature=4.0, alpha=1.0), expected)
     assert torch.equal(kd_loss(student, teachers, targets, temperature=4.0, alpha=1.0), expected)
+
+
+def test_alpha_one_with_terms_is_the_cross_entropy_term_alone(logits):
+    """The loop logs the terms kd_loss returns: with alpha == 1 there is a CE term and no KD term."""
+    student, _, targets = logits
+    loss, terms = kd_loss(student, None, targets, temperature=4.0, alpha=1.0, return_terms=True)
+    assert torch.equal(loss, F.cross_entropy(student, targets)) and terms.keys() == {"ce"}
+    assert torch.equal(terms["ce"], loss)
+
+
+def test_the_default_ensemble_is_the_mean_of_probabilities(logits):
+    """"probs" (the paper's formula) is the default of every entry point."""
+    student, teachers, targets = logits
+    probs = {"temperature": 3.0, "ensemble": "probs"}
+    assert torch.equal(teacher_probs(teachers, temperature=3.0), teacher_probs(teachers, **probs))
+    assert kd_terms(student, teachers, targets, temperature=3.0) == kd_terms(student, teachers, targets, **probs)
+    default, paper = soft_targets(teachers, temperature=3.0), soft_targets(teachers, **probs)
+    assert all(torch.equal(a, b) for a, b in zip(default, paper))
+    assert not torch.equal(teacher_probs(teachers, temperature=3.0, ensemble="logits"), paper[0])
+
+
+def test_teacher_logits_are_moved_to_the_students_device():
+    """A teacher's logits on the CPU (a cache) with the student elsewhere: the meta device stands in for a GPU."""
+    student = torch.zeros(B, C, device="meta")
+    targets = torch.zeros(B, dtype=torch.long, device="meta")
+    for teachers in (torch.zeros(M, B, C), [torch.zeros(B, C, dtype=torch.float16)] * 2):
+        for mode in ENSEMBLE_MODES:
+            terms = kd_terms(student, teachers, targets, temperature=2.0, ensemble=mode)
+            assert terms["kd"].device.type == "meta" and terms["kd"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ENSEMBLE_MODES)
+def test_soft_targets_of_a_masked_teacher_class_give_kd_loss(mode):
+    """soft_targets' sum of P log P counts 0 log 0 as 0 (a -inf teacher logit), so kd_loss_members still equals
+    kd_loss for such a teacher."""
+    student = torch.tensor([[[0.3, -0.2, 0.5], [1.0, 0.0, -1.0]]], dtype=torch.float64)
+    teachers = torch.tensor(
+        [[[0.0, 1.0, -math.inf], [2.0, -math.inf, 0.5]], [[0.4, 0.2, -math.inf], [1.0, -math.inf, -0.5]]],
+        dtype=torch.float64,
+    )
+    targets = torch.tensor([[0, 2]])
+    soft, plogp = soft_targets(teachers, temperature=1.5, ensemble=mode)
+    assert torch.isfinite(plogp).all()
+    losses, terms = kd_loss_members(student, targets, soft=soft[None], plogp=plogp[None],
+                                    temperature=torch.tensor([1.5]), alpha=torch.tensor([0.25]))
+    loss, own = kd_loss(student[0], teachers, targets[0], temperature=1.5, alpha=0.25, ensemble=mode,
+                        return_terms=True)
+    assert terms["kd"][0].item() == pytest.approx(own["kd"].item(), rel=1e-6)
+    assert losses[0].item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_kd_loss_members_computes_in_the_students_dtype_and_device():
+    """Per-member temperatures and alphas arrive as CPU tensors of any float type; the losses are computed where
+    the students' logits are, in their dtype (the meta device stands in for a GPU)."""
+    n, b, c = 2, 3, 4
+    for device in ("cpu", "meta"):
+        logits = torch.zeros(n, b, c, device=device)
+        soft = torch.full((n, b, c), 1 / c, device=device)
+        losses, terms = kd_loss_members(logits, torch.zeros(n, b, dtype=torch.long, device=device), soft=soft,
+                                        plogp=torch.zeros(n, b, device=device),
+                                        temperature=torch.tensor([2.0, 4.0], dtype=torch.float64),
+                                        alpha=torch.tensor([0.5, 1.0], dtype=torch.float64))
+        for value in (losses, terms["ce"], terms["kd"]):
+            assert value.dtype == torch.float32 and value.device.type == device and value.shape == (n,)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

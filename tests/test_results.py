@@ -88,7 +88,9 @@ def test_three_workers_share_the_grid_without_duplicates_or_early_students(tmp_p
     events = [line.split() for line in log.read_text().splitlines()]
     claims = Counter(run_id for event, run_id, _, _ in events if event == "claim")
     assert claims == Counter({run_id: 1 for run_id in [*teachers, *teacher_of]})
-    assert {pid for _, _, pid, _ in events} == {str(w.pid) for w in workers}
+    # Which worker claims how much is up to the scheduler (on a loaded machine one may claim nothing): only that
+    # every claim came from one of them is asserted.
+    assert {pid for _, _, pid, _ in events} <= {str(w.pid) for w in workers}
 
     logged = {(event, run_id): float(t) for event, run_id, _, t in events}
     rows = {r["run_id"]: r for r in db.rows()}

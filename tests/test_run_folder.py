@@ -81,14 +81,16 @@ def test_a_kill_before_the_first_state_resumes_to_the_uninterrupted_weights(tmp_
     (out / "metrics.jsonl").write_text("")
     temporary = out / ".manifest.json.k3j9x1.tmp"
     temporary.write_text('{"format": 1, "kind": "tra')  # half a manifest
+    for half_written in ("checkpoints/.epoch-0001.safetensors.k3j9x1.tmp", "state/.last.safetensors.k3j9x1.tmp"):
+        (out / half_written).parent.mkdir()
+        (out / half_written).write_bytes(b"\0" * 10)  # killed writing the first checkpoint, the first state
 
     # Without --resume the folder is somebody's run: refused, and nothing in it changes.
     one_line_error(capsys, ["train", cfg_path, "--out", str(out)], "already exists", "--resume")
     assert temporary.exists() and sorted(p.name for p in out.iterdir()) == sorted(
-        [".manifest.json.k3j9x1.tmp", "config.yaml", "metrics.jsonl"])
+        [".manifest.json.k3j9x1.tmp", "checkpoints", "config.yaml", "metrics.jsonl", "state"])
 
-    resumed = run_cli("train", cfg_path, "--out", str(out), "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(["train", cfg_path, "--out", str(out), "--resume"]) == 0, capsys.readouterr().err
     manifest = manifest_json(out)
     assert manifest["status"] == "complete"
     assert [c["sha256"] for c in manifest["checkpoints"]] == [c.sha256 for c in reference]
@@ -96,18 +98,77 @@ def test_a_kill_before_the_first_state_resumes_to_the_uninterrupted_weights(tmp_
         assert sha256_file(out / c["path"]) == c["sha256"]
     assert not temporary.exists() and not list(out.rglob("*.tmp"))
     assert [h["epoch"] for h in history(out)] == [1, 2]
+    assert config_mod.read_yaml(out / "config.yaml") == config_mod.resolve(cfg)
 
 
-def test_resume_refuses_a_folder_holding_someone_elses_file(tmp_path, capsys):
-    """--resume on a folder with no run state and a file that is not a run's: refused, the file untouched."""
+def test_resume_of_a_folder_not_there_yet_starts_the_run(tmp_path):
+    """A script that always passes --resume: the first time there is nothing to continue, and the run is written
+    as a fresh one (its config included)."""
+    cfg = tiny_config(model={"name": "mlp", "widths": [8]}, schedule={"epochs": 1}, checkpoints={"fractions": [1.0]})
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        run = train(cfg, out=out, resume=True, quiet=True)
+        assert run.manifest.complete and [c.epoch for c in run.manifest.checkpoints] == [1]
+        assert config_mod.read_yaml(out / "config.yaml") == config_mod.resolve(cfg)
+
+
+def test_each_checkpoint_records_its_fraction_of_the_run_and_names_itself(tmp_path):
+    """The manifest's fraction (what `@0.5` selectors match) is epoch / epochs; each checkpoint file's own metadata
+    names its epoch and model. (This test trains its own run: mutmut maps a test only to the code it runs itself, and
+    the shared `teacher_run` is trained by whichever test asks for it first.)"""
+    cfg = tiny_config(model={"name": "mlp", "widths": [8]}, schedule={"epochs": 3},
+                      checkpoints={"fractions": [], "every": 1})
+    run = train(cfg, out=tmp_path / "r", quiet=True)
+    entries = manifest_json(run.path)["checkpoints"]
+    assert [(c["epoch"], c["fraction"]) for c in entries] == [(1, pytest.approx(1 / 3, abs=1e-6)),
+                                                             (2, pytest.approx(2 / 3, abs=1e-6)), (3, 1.0)]
+    for c in entries:
+        assert read_tensors(run.path / c["path"], what="checkpoint")[1] == {"epoch": c["epoch"], "model": "mlp"}
+
+
+def test_an_out_that_is_a_file_is_refused_by_name(tmp_path):
+    from ckptkd.run import RunWriter
+
+    a_file = tmp_path / "results.csv"
+    a_file.write_text("mine")
+    for resume in (False, True):
+        with pytest.raises(UserError, match=re.escape(str(a_file))):
+            RunWriter.open(a_file, config_mod.resolve(tiny_config()), resume=resume)
+    assert a_file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "draft.tmp", ".notes"])
+def test_resume_refuses_a_folder_holding_someone_elses_file(tmp_path, capsys, name):
+    """--resume on a folder with no run state and a file that is not a run's: refused, the file untouched. A run's
+    temporaries are hidden `.NAME....tmp` files: a visible .tmp file or a hidden non-.tmp one is somebody else's."""
     cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(schedule={"epochs": 1}))
     out = tmp_path / "mine"
     out.mkdir()
-    notes = out / "notes.txt"
+    notes = out / name
     notes.write_text("my thesis draft\n")
     one_line_error(capsys, ["train", cfg_path, "--out", str(out), "--resume"], str(out), "no ckptkd run state")
     assert notes.read_text() == "my thesis draft\n"
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert [p.name for p in out.iterdir()] == [name]
+
+
+def test_resume_refuses_a_config_that_adds_or_drops_a_setting(tmp_path):
+    """The resume state's config against the one given: a key on one side only is a change too (a model argument
+    given to one run and left to its default in the other)."""
+    from ckptkd.run import RunWriter
+
+    saved = config_mod.resolve(tiny_config(model={"name": "cnn", "dropout": 0.1}))
+    out = tmp_path / "r"
+    (out / "state").mkdir(parents=True)
+    (out / "state" / "last.safetensors").write_bytes(b"")  # there is a resume state (open does not read it)
+    (out / "config.yaml").write_text(config_mod.dump(saved))
+    writer = RunWriter.open(out, saved, resume=True)
+    assert writer.resumable
+    writer.close()  # the folder's one-writer lock
+    for cfg, changed in ((tiny_config(model={"name": "cnn"}), "model.dropout"),
+                         (tiny_config(model={"name": "cnn", "dropout": 0.1, "hidden": 32}), "model.hidden")):
+        with pytest.raises(UserError, match=re.escape(changed)):
+            RunWriter.open(out, config_mod.resolve(cfg), resume=True)
 
 
 # --- 2a. the loss the loop runs ------------------------------------------------------------------------------------
@@ -371,9 +432,12 @@ def test_artefacts_get_the_umasks_ordinary_permissions(tmp_path):
 def test_the_manifest_records_version_commit_and_a_healthy_verdict(teacher_run):
     manifest = manifest_json(teacher_run.path)
     assert manifest["ckptkd"]["version"] == ckptkd.__version__
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if git.returncode == 0 and (REPO / "src" / "ckptkd").is_dir():  # this checkout: its commit is recorded
-        assert manifest["ckptkd"]["commit"] == git.stdout.strip()
+    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                         text=True)
+    top, _, commit = git.stdout.strip().partition("\n")
+    # this checkout (not a copy inside another repository's tree, such as mutmut's mutants/): its commit is recorded
+    if git.returncode == 0 and Path(top).resolve() == REPO.resolve() and (REPO / "src" / "ckptkd").is_dir():
+        assert manifest["ckptkd"]["commit"] == commit
         assert re.fullmatch(r"[0-9a-f]{40}", manifest["ckptkd"]["commit"])
         assert isinstance(manifest["ckptkd"]["dirty"], bool)
     assert manifest["health"] == {"ok": True, "flags": []}
@@ -595,3 +659,117 @@ def test_a_lock_of_a_dead_process_or_of_an_earlier_run_of_the_same_slurm_job_is_
         RunWriter.open(folder, cfg, resume=True)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the same job, requeued onto this node
     RunWriter.open(folder, cfg, resume=True).close()
+
+# --- 12. a whole run written at once (imports, benchmarks), folders of runs, which files carry seals --------------
+
+def _whole_run(tmp_path, out, checkpoints=None, history=None):
+    from ckptkd.run import Manifest, write_run
+
+    cfg = config_mod.resolve(tiny_config(model={"name": "mlp", "widths": [4]}))
+    manifest = Manifest(kind="import", name="imported", model={"name": "mlp", "widths": [4]}, data={"name": "digits"},
+                        seed=None, epochs=4, status="complete")
+    if checkpoints is None:
+        checkpoints = [({"epoch": e, "step": 10 * e, "fraction": e / 4, "lr": 0.1, "metrics": {"val_acc": e / 10}},
+                        {"w": torch.full((2, 3), float(e)), "b": torch.arange(3.0) * e}) for e in (2, 4)]
+    return cfg, write_run(out, cfg, manifest, checkpoints, history=history)
+
+
+def test_write_run_writes_a_whole_run_that_reads_back(tmp_path):
+    out = tmp_path / "deep" / "er" / "imported"  # its parents are made too
+    history = [{"epoch": 1, "train_loss": 2.0}, {"epoch": 2, "train_loss": 1.5}]
+    cfg, run = _whole_run(tmp_path, out, history=history)
+    assert run.path == out and sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml",
+                                                                        "manifest.json", "metrics.jsonl"]
+    assert [p.name for p in out.parent.iterdir()] == ["imported"]  # no temporary folder left beside it
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()  # not mkdtemp's private 0700
+    manifest = run.manifest
+    assert manifest.name == "imported" and manifest.complete
+    assert [(c.epoch, c.step, c.fraction, c.lr, c.metrics, c.path) for c in manifest.checkpoints] == [
+        (2, 20, 0.5, 0.1, {"val_acc": 0.2}, "checkpoints/epoch-0002.safetensors"),
+        (4, 40, 1.0, 0.1, {"val_acc": 0.4}, "checkpoints/epoch-0004.safetensors")]
+    for c in manifest.checkpoints:
+        assert sha256_file(out / c.path) == c.sha256
+        tensors, metadata = read_tensors(out / c.path, what="checkpoint")
+        assert torch.equal(tensors["w"], torch.full((2, 3), float(c.epoch))) and metadata == {"epoch": c.epoch,
+                                                                                            "model": "mlp"}
+    assert config_mod.read_yaml(out / "config.yaml") == cfg and run.config() == cfg
+    assert history_of(out) == history
+    _, bare = _whole_run(tmp_path, tmp_path / "bare")
+    assert (bare.path / "metrics.jsonl").read_text() == ""
+
+
+def history_of(run) -> list[dict]:
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_write_run_refuses_an_existing_run_and_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
+    from ckptkd.run import folder as folder_mod
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep")
+    for out in (taken, a_file):
+        with pytest.raises(UserError, match="already exists"):
+            _whole_run(tmp_path, out)
+    assert (taken / "mine.txt").read_text() == "keep" and a_file.read_text() == "keep"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _whole_run(tmp_path, empty)[1].manifest.complete  # an empty folder is no run: it is filled
+    before = sorted(p.name for p in tmp_path.iterdir())
+    broken = [({"epoch": 1, "step": 1, "fraction": 0.5, "lr": 0.1, "metrics": {}}, {"w": torch.zeros(2)}),
+              ({"epoch": 2, "step": 2, "fraction": 1.0, "lr": 0.1, "metrics": {}}, {"w": "not a tensor"})]
+    building, real_save = [], folder_mod.save_tensors
+
+    def save_tensors(path, *args, **kwargs):
+        building.append(Path(path))
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(folder_mod, "save_tensors", save_tensors)
+    with pytest.raises(AttributeError):
+        _whole_run(tmp_path, tmp_path / "half", checkpoints=broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # neither the run nor its temporary folder
+    # It was built beside --out under a hidden .tmp name: what a kill leaves is no run to `runs_under`, and is
+    # recognisably ckptkd's temporary.
+    folder = building[0].parent.parent
+    assert folder.parent == tmp_path and folder.name.startswith(".half.") and folder.name.endswith(".tmp")
+
+
+def test_runs_under_finds_the_outermost_runs_and_skips_hidden_folders(tmp_path):
+    from ckptkd.run import runs_under
+
+    root = tmp_path / ".cache" / "students"  # a hidden folder above the one searched does not hide its runs
+    for run in ("s0", "grid/s1", "s0/inner", ".trash/s2", "grid/.old/s3"):
+        (root / run).mkdir(parents=True)
+        (root / run / "manifest.json").write_text("{}")
+    assert runs_under(root) == [root / "grid" / "s1", root / "s0"]
+    assert runs_under(root / "s0") == [root / "s0"]
+
+
+def test_a_run_reads_as_its_path(tmp_path):
+    from ckptkd.run import Run
+
+    run = Run(tmp_path / "r")
+    assert str(run) == os.fspath(run) == str(tmp_path / "r") and repr(run) == f"Run({str(tmp_path / 'r')!r})"
+    assert run.ref() == f"{tmp_path / 'r'}@last" and run.ref("0.5") == f"{tmp_path / 'r'}@0.5"
+
+
+@pytest.mark.parametrize("written, sealed", [
+    ({"ckptkd": {"version": "0.2.9"}}, False), ({"ckptkd": {"version": "0.3"}}, True),
+    ({"ckptkd": {"version": "0.3.0"}}, True), ({"ckptkd": {"version": "0.10.1"}}, True),
+    ({"ckptkd": {"version": "1.0"}}, True), ({"ckptkd": {}}, False), ({}, False), ({"ckptkd": "0.4"}, False),
+    ({"ckptkd": {"version": "0.4.dev1+g1234"}}, True), ({"ckptkd": {"version": "garbage"}}, True),
+])
+def test_manifests_and_analyses_carry_a_seal_from_ckptkd_0_3_on(written, sealed):
+    """A file without a checksum is damaged if its version says ckptkd 0.3 or later wrote it (or is no version
+    ckptkd wrote); a 0.2 file, or one that names no version, never had one."""
+    from ckptkd.run.folder import sealed_since_0_3
+
+    assert sealed_since_0_3(written) is sealed

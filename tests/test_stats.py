@@ -103,3 +103,58 @@ def test_the_pseudo_replicated_gate_of_the_committed_fashion_study_is_tested_at_
     assert (e["design"], e["unit"], e["n"]) == ("two-sample", "trajectory | run", [3, 3])
     assert e["min_p"] == pytest.approx(0.1) and e["p"] >= 0.1
     assert statistics.mean(d for *_k, d in gate["diffs"]) == pytest.approx(e["mean"])
+
+
+# -- the small helpers, against values worked out by hand or by enumeration (never with the module's own helpers) --
+
+def _exact_sign_flip_p(diffs) -> float:
+    observed = abs(statistics.mean(diffs))
+    flips = [abs(statistics.mean(sign * d for sign, d in zip(signs, diffs)))
+             for signs in itertools.product((1, -1), repeat=len(diffs))]
+    return sum(f >= observed - 1e-12 for f in flips) / len(flips)
+
+
+def test_sign_flip_p_is_exact_while_the_flips_are_few_enough_to_enumerate():
+    diffs = [0.3, -0.1, 0.25, 0.05, -0.2, 0.4, 0.15, -0.05, 0.1, 0.35, -0.3, 0.2, 0.12, -0.08]
+    assert 2 ** len(diffs) <= stats.EXACT_LIMIT
+    assert stats.sign_flip_p(diffs) == pytest.approx(_exact_sign_flip_p(diffs), abs=1e-12)
+    assert stats.sign_flip_p(diffs[:5]) == pytest.approx(_exact_sign_flip_p(diffs[:5]), abs=1e-12)
+    assert stats.sign_flip_p([]) == 1.0 and stats.sign_flip_p([0.0, 0.0, 0.0]) == 1.0
+
+
+def test_sign_flip_p_beyond_enumeration_is_a_deterministic_monte_carlo_estimate():
+    """20 differences of size 1, 13 positive: observed |mean| 0.3, and the signed sum of 20 fair coins reaches
+    |6| with probability 2 P(Bin(20, 1/2) >= 13) = 0.263."""
+    diffs = [1.0] * 13 + [-1.0] * 7
+    exact = 2 * sum(math.comb(20, k) for k in range(13, 21)) / 2 ** 20
+    p = stats.sign_flip_p(diffs)
+    assert p == pytest.approx(exact, abs=0.015)
+    assert stats.sign_flip_p(diffs) == p  # fixed seed: a rebuilt report is the same file
+    assert stats.sign_flip_p([1.0] * 20) < 0.001
+
+
+def test_holm_adjusts_in_p_value_order_and_caps_at_one():
+    # Sorted by p: c (0.01) x3, a (0.02) x2, b (0.04) x1; running maximum; capped at 1.
+    assert stats.holm({"a": 0.02, "b": 0.04, "c": 0.01}) == pytest.approx({"c": 0.03, "a": 0.04, "b": 0.04})
+    assert stats.holm({"x": 0.6, "y": 0.7}) == pytest.approx({"x": 1.0, "y": 1.0})
+    assert stats.holm({}) == {}
+
+
+def test_sign_counts_keep_ties_apart_and_the_sign_test_is_the_binomial():
+    assert stats.sign_counts([0.2, 0.0, -0.1, 0.0, 0.3, 1.0]) == (3, 2, 1)
+    assert stats.sign_test(0, 0) == 1.0
+    assert stats.sign_test(3, 1) == pytest.approx(2 * (1 + 4) / 16)        # n = 4, P(X <= 1) = 5/16
+    assert stats.sign_test(1, 3) == pytest.approx(2 * (1 + 4) / 16)
+    assert stats.sign_test(9, 0) == pytest.approx(2 / 2 ** 9)
+    assert stats.sign_test(2, 2) == 1.0                                    # 2 * 11/16 capped at 1
+
+
+def test_mean_se_mean_std_and_paired_differences():
+    assert stats.mean_se([0.5]) == (0.5, None) and stats.mean_std([0.5]) == (0.5, None)
+    mean, se = stats.mean_se([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3) and se == pytest.approx(statistics.stdev([1.0, 2.0, 4.0]) / math.sqrt(3))
+    mean, std = stats.mean_std([1.0, 2.0, 4.0])
+    assert std == pytest.approx(math.sqrt(((4 / 3) ** 2 + (1 / 3) ** 2 + (5 / 3) ** 2) / 2))
+    a = {(0, 0): 0.7, (0, 1): 0.8, (1, 0): 0.6}
+    b = {(0, 1): 0.5, (1, 0): 0.65, (2, 0): 0.9}
+    assert stats.paired_differences(a, b) == pytest.approx({(0, 1): 0.3, (1, 0): -0.05})

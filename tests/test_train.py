@@ -37,6 +37,7 @@ def test_teacher_run_keeps_its_trajectory(teacher_run):
     assert 1 <= final["best_val_epoch"] <= 6
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["val_fraction"] == 0.1 and saved["schedule"]["epochs"] == 6  # every default filled in
+    assert teacher_run.config() == saved
     weights = load_tensors(run / manifest["checkpoints"][-1]["path"])
     assert any(k.endswith("running_mean") for k in weights)  # BatchNorm buffers are part of a checkpoint
 

@@ -145,7 +145,8 @@ class Run:
 
 def runs_under(path: Path) -> list[Path]:
     """The run folders below `path` (e.g. the students `distill --fuse` wrote), sorted; none nested in another."""
-    found = sorted(p.parent for p in path.rglob(MANIFEST) if not any(q.name.startswith(".") for q in p.parents))
+    found = sorted(p.parent for p in path.rglob(MANIFEST)
+                   if not any(q.name.startswith(".") for q in p.relative_to(path).parents))  # hidden below `path`
     return [run for run in found if not any(other in run.parents for other in found)]
 
 
