@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Pinned here (not in pyproject, which keeps torch>=2.3) so these machines take the local CPU wheel
+# Pinned exactly here (pyproject asks only for torch>=2.13,<3) so these machines take the local CPU wheel
 # instead of resolving a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 # The suite runs in this many pytest-xdist processes (its tests set torch to one thread each); 2 keeps it under

@@ -177,3 +177,41 @@ def test_a_mutated_manifest_or_analysis_is_read_or_refused_in_one_line(fuzz_root
                  ["verify", str(run)]):
         code, err = _call(argv)
         _answered_well(argv, code, err)
+
+
+@st.composite
+def yaml_structures(draw) -> str:
+    """The base config's text with one structural twist YAML allows: a key repeated in a mapping, aliases nested
+    n^k times under some key, a value nested d levels deep, an integer of many digits, a float beyond 1e308, an
+    alias to the mapping that holds it. Small draws stay within the loader's bounds and must still be answered
+    (trained, or refused for what the key or value is)."""
+    base = yaml.safe_dump(BASE, default_flow_style=False)
+    key = draw(st.sampled_from(["model", "description", "seed", "log", "optim", "data"]))
+    twist = draw(st.sampled_from(["duplicate", "aliases", "deep", "digits", "float", "self"]))
+    if twist == "duplicate":
+        line = draw(st.sampled_from([line for line in base.splitlines() if line and not line.startswith(" ")]))
+        return base + line + "\n"
+    if twist == "aliases":
+        fan, depth = draw(st.integers(1, 12)), draw(st.integers(1, 10))
+        levels = [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * fan if i else ["x"] * fan) + "]" for i in range(depth)]
+        return base + f"{key}: [" + ", ".join(levels) + "]\n"
+    if twist == "deep":
+        depth = draw(st.integers(1, 3000))
+        return base + f"{key}: " + "[" * depth + "1" + "]" * depth + "\n"
+    if twist == "digits":
+        digits = draw(st.integers(1, 6000))
+        return base.replace("seed: 0", f"seed: {draw(st.sampled_from(['', '-']))}{'7' * digits}")
+    if twist == "float":
+        return base.replace("lr: 0.05", f"lr: {draw(st.sampled_from(['1e308', '1e309', '-1e400', '.inf', '.nan']))}")
+    return base + f"{key}: &self {{a: *self}}\n"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(text=yaml_structures())
+def test_yaml_structure_and_numeric_extremes_are_answered_in_one_line(fuzz_root, text):
+    config = fuzz_root / f"structure{next(_counter)}.yaml"
+    config.write_text(text)
+    argv = ["train", str(config), "--out", str(fuzz_root / f"out{next(_counter)}")]
+    code, err = _call(argv)
+    _answered_well(argv, code, err)

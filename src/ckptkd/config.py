@@ -53,15 +53,102 @@ DEFAULTS: dict[str, Any] = {
 MODEL_FIXED_KEYS = {"name", "num_classes", "in_channels"}
 
 
+# Bounds a YAML text must stay within before anything reads what it says: a config is a few hundred values, so
+# these refuse only what would otherwise exhaust the machine ("billion laughs" aliases, thousands of nested levels)
+# or overflow later (a seed or size beyond 64 bits, a number that is not finite).
+MAX_VALUES = 100_000   # values once every alias is expanded
+MAX_DEPTH = 64         # nested mappings and lists
+INT_LIMIT = 2 ** 63    # |int| below this: torch's seeds and sizes are 64-bit signed
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _refuse(problem: str, node_or_mark) -> yaml.constructor.ConstructorError:
+    mark = getattr(node_or_mark, "start_mark", node_or_mark)
+    return yaml.constructor.ConstructorError(None, None, problem, mark)
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML's safe loader (no tag builds an object), reading `1e-3` as the number it is. YAML 1.1, which PyYAML
-    implements, makes a float need a dot (`1.0e-3`), so a learning rate written the usual way came back a string."""
+    """YAML's safe loader (no tag builds an object), reading `1e-3` as the number it is — YAML 1.1, which PyYAML
+    implements, makes a float need a dot (`1.0e-3`), so a learning rate written the usual way came back a string —
+    and refusing, before anything is built, what YAML allows but a config never needs: a key given twice in one
+    mapping (YAML keeps the last silently), nesting deeper than MAX_DEPTH, aliases that expand past MAX_VALUES
+    values or into themselves, integers of 64 bits or more, and numbers that are not finite."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        # The composer recurses once per level: counting here refuses deep nesting before Python's stack runs out.
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _refuse(f"nested deeper than {MAX_DEPTH} levels", self.peek_event())
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node):
+        _expanded_size(node)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:  # this mapping's own keys: a merged (`<<: *base`) key may be overridden
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE:
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        raise _refuse(f"duplicate key {key!r} (first at line {seen[key] + 1}): YAML would keep "
+                                      "only the last", key_node)
+                    seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node):
+        digits = node.value.lstrip("+-").replace("_", "")
+        if len(digits) > 30:  # before int() converts it: thousands of digits take time and raise ValueError
+            raise _refuse(f"integer of {len(digits)} digits (at most 2**63 - 1)", node)
+        value = super().construct_yaml_int(node)
+        if abs(value) >= INT_LIMIT:
+            raise _refuse(f"integer {value} does not fit in 64 bits (at most 2**63 - 1)", node)
+        return value
+
+    def construct_yaml_float(self, node):
+        value = super().construct_yaml_float(node)
+        if not math.isfinite(value):
+            raise _refuse(f"{node.value!r} is not a finite number", node)
+        return value
+
+
+def _expanded_size(root) -> int:
+    """How many values `root` is once its aliases are expanded (an alias is the same node object again), counted
+    once per distinct node, so a text of kilobytes that expands to gigabytes is refused in microseconds."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise _refuse("an alias refers to the node that contains it", node)
+        open_nodes.add(key)
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        total = 1 + sum(size(child) for child in children)
+        open_nodes.discard(key)
+        if total > MAX_VALUES:
+            raise _refuse(f"expands to more than {MAX_VALUES:,} values (aliases repeated inside aliases?)", root)
+        sizes[key] = total
+        return total
+
+    return size(root)
 
 
 class _Dumper(yaml.SafeDumper):
     """Quotes a string that `_Loader` would read as a number (a run named `1e3`), so a saved config reads back."""
 
 
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
 for _cls in (_Loader, _Dumper):
     _cls.add_implicit_resolver("tag:yaml.org,2002:float",
                                re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -95,10 +182,15 @@ def integer(lo: int | None = None, hi: int | None = None, nullable: bool = False
     return check
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # weights and losses are float32: a larger setting overflows in the first step
+
+
 def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, nullable: bool = False) -> Check:
     def check(v):
         if v is None and nullable:
             return None
+        if _is_num(v) and v == v and FLOAT32_MAX < abs(v) and hi is None:
+            return f"a number within float32's range (|x| <= {FLOAT32_MAX:.3g})"
         ok = _is_num(v) and v == v and abs(v) != float("inf")
         if ok and lo is not None:
             ok = v > lo if lo_open else v >= lo
@@ -269,6 +361,32 @@ def _merge(base: dict, update: dict, prefix: str = "") -> None:
             base[key] = value
 
 
+def _override(cfg: dict, key: str, value: Any, defaults: dict) -> None:
+    """One `--set key=value` (or API override). `null` removes the key: a setting returns to its default, a model
+    argument goes (so `--set model.widths=null` lets another model be named). A mapping given for a whole section
+    replaces it, refilled from the defaults (`--set 'model={name: resnet8}'` drops the previous model's arguments),
+    where a config file's section is merged into the defaults. Anything else is merged as a file's value would be."""
+    *parents, last = key.split(".")
+    node, default = cfg, defaults
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            break
+        node, default = node[part], default.get(part, {}) if isinstance(default, dict) else {}
+    else:
+        if value is None and last in node:
+            if isinstance(default, dict) and last in default:
+                node[last] = copy.deepcopy(default[last])
+            else:
+                del node[last]
+            return
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            fresh = copy.deepcopy(default.get(last, {})) if isinstance(default, dict) else {}
+            _merge(fresh, value, key + ".")
+            node[last] = fresh
+            return
+    _merge(cfg, _nest(key, value))
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """`schedule.epochs=5` -> ("schedule.epochs", 5); the value is read as a YAML scalar or flow list."""
     if "=" not in item:
@@ -329,7 +447,7 @@ def resolve(source: str | Path | dict | None = None, overrides: dict[str, Any] |
         _merge(cfg, copy.deepcopy(source))
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
     for key, value in items:
-        _merge(cfg, _nest(key, value))
+        _override(cfg, key, value, defaults if defaults is not None else DEFAULTS)
     if isinstance(cfg["kd"]["cache"], bool):  # YAML 1.1 reads a bare on/off as a boolean
         cfg["kd"]["cache"] = "on" if cfg["kd"]["cache"] else "off"
     validate(cfg)

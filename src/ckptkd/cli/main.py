@@ -20,9 +20,17 @@ def _print_trajectory(run_path: Path) -> None:
         trajectory_table(run_path)
 
 
+def _note_resume_of_nothing(args) -> None:
+    """`--resume` into a folder that does not exist starts a new run (a job script may pass --resume from its
+    first launch on, so a requeue continues), but a mistyped path should not train from scratch unnoticed."""
+    if args.resume and args.out and not Path(args.out).exists():
+        print(f"ckptkd: note: --resume: {args.out} does not exist; starting a new run there", file=sys.stderr)
+
+
 def cmd_train(args) -> None:
     from ..training.api import train
 
+    _note_resume_of_nothing(args)
     run = train(args.config, overrides=args.set, out=args.out, resume=args.resume)
     _print_trajectory(run.path)
 
@@ -32,6 +40,7 @@ def cmd_distill(args) -> None:
     from ..training.api import distill, distill_fused
     from .tables import runs_table
 
+    _note_resume_of_nothing(args)
     if args.fuse or args.seeds:
         if not args.teacher:
             raise UserError("distill --fuse: name each student's teachers with --teacher (none for no teacher)")

@@ -59,7 +59,8 @@ def create(name: str, *, num_classes: int, in_channels: int = 3, image_size=None
         for key in kw:
             if key not in accepted:
                 takes = ", ".join(sorted(accepted)) or "no extra arguments"
-                raise UserError(f"model '{name}' does not take '{key}' (it takes: {takes})")
+                raise UserError(f"model '{name}' does not take '{key}' (it takes: {takes}; --set model.{key}=null "
+                                f"removes it, --set 'model={{name: {name}}}' replaces the section)")
     if image_size is not None and "image_size" in inspect.signature(factory).parameters:
         kw["image_size"] = _as_hw(image_size)
     extra = {k: v for k, v in kw.items() if k != "image_size"}

@@ -131,7 +131,17 @@ def resolve(text: str, *, allow_incomplete: bool = False, base: str | Path | Non
 
 def resolve_all(references: Iterable[str], *, allow_incomplete: bool = False,
                 base: str | Path | None = None) -> list[Checkpoint]:
+    """Every checkpoint the references name, in order. A checkpoint named twice (`RUN@0.5,0.5`, or `RUN@0.5` beside
+    `RUN@epoch=30`) is refused: it would silently count twice in the ensemble's average."""
     picked: list[Checkpoint] = []
+    named_by: dict[tuple[Path, int], str] = {}
     for ref in references:
-        picked.extend(resolve(ref, allow_incomplete=allow_incomplete, base=base))
+        for checkpoint in resolve(ref, allow_incomplete=allow_incomplete, base=base):
+            key = (checkpoint.run.resolve(), checkpoint.epoch)
+            if key in named_by:
+                also = "" if named_by[key] == ref else f" (also named by {named_by[key]})"
+                raise UserError(f"{ref}: names checkpoint {checkpoint.reference} twice{also}; an ensemble takes "
+                                "each checkpoint once")
+            named_by[key] = ref
+            picked.append(checkpoint)
     return picked
