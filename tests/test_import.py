@@ -304,3 +304,70 @@ def test_epochs_are_given_or_refused_when_they_cannot_be_told(tmp_path, trajecto
     with pytest.raises(UserError, match="less than the last checkpoint"):
         import_trajectory(f"{source}/resnet8_epoch*.pt", model="resnet8", out=tmp_path / "run", quiet=True,
                           overrides=tiny_config_items(), epochs=4)
+
+
+def _import(source, tmp_path, **kw):
+    return import_trajectory(source, model="resnet8", out=tmp_path / "run", quiet=True,
+                             overrides=tiny_config_items(), **kw)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: {**s, "epoch": float("nan")}, "'epoch' is nan"),
+    (lambda s: {**s, "epoch": float("inf")}, "'epoch' is inf"),
+    (lambda s: {**s, "epoch": 1e12}, "'epoch' is 1000000000000.0"),
+    (lambda s: {**s, "log_history": {"eval_accuracy": 0.5}}, "'log_history' is a dict, not a list"),
+    (lambda s: {**s, "log_history": 7}, "'log_history' is a int, not a list"),
+    (lambda s: {**s, "num_train_epochs": 10 ** 9}, "at most 100,000 (schedule.epochs)"),
+])
+def test_trainer_state_metadata_beyond_reason_is_one_line_naming_the_file(tmp_path, trajectory, edit, needle):
+    source = tmp_path / "hf"
+    source.mkdir()
+    write_hf(source, trajectory[:2])
+    state_file = next(source.glob("checkpoint-*/trainer_state.json"))
+    state_file.write_text(json.dumps(edit(json.loads(state_file.read_text()))))  # NaN/Infinity: as Python writes
+    with pytest.raises(UserError) as refused:
+        _import(source, tmp_path)
+    message = str(refused.value)
+    assert needle in message and ("trainer_state.json" in message or str(source) in message), message
+    assert not (tmp_path / "run").exists()
+
+
+def test_trainer_state_numbers_beyond_a_float_are_left_out_with_a_note(tmp_path, trajectory, capsys):
+    source = tmp_path / "hf"
+    source.mkdir()
+    write_hf(source, trajectory[:1])
+    state_file = next(source.glob("checkpoint-*/trainer_state.json"))
+    state_file.write_text(state_file.read_text().replace('"eval_loss": 0.3', '"eval_loss": ' + "9" * 400))
+    run = _import(source, tmp_path)
+    assert run.manifest.complete and "'eval_loss' is too large; left out" in capsys.readouterr().err
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    epoch, state, _ = trajectory[0]
+    torch.save({"epoch": epoch, "model": state, "best_acc": 10 ** 400}, huge / "ckpt_epoch_2.pth")
+    assert _import(huge, tmp_path / "again").manifest.complete
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda v: torch.full_like(v, float("nan")), "holds NaN or infinite values"),
+    (lambda v: v.to(torch.complex64), "(complex)"),
+    (lambda v: v.to(torch.int64), "is int64 where model 'resnet8' has float32"),
+    (lambda v: v.to_sparse(), "is a sparse_coo tensor"),
+    (lambda v: torch.empty(v.shape, device="meta"), "on the meta device"),
+])
+def test_weights_that_are_not_real_finite_tensors_are_refused_by_name(tmp_path, trajectory, damage, needle):
+    epoch, state, _ = trajectory[0]
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 2)  # a linear layer
+    torch.save({"epoch": epoch, "model": {**state, name: damage(state[name])}}, tmp_path / "ckpt_epoch_2.pth")
+    with pytest.raises(UserError) as refused:
+        _import(tmp_path / "ckpt_epoch_2.pth", tmp_path)
+    assert needle in str(refused.value) and name in str(refused.value), str(refused.value)
+
+
+def test_a_text_file_named_like_a_checkpoint_and_an_epoch_train_would_refuse(tmp_path, trajectory):
+    (tmp_path / "ckpt_epoch_1.pth").write_text("hello, this is text\n")
+    with pytest.raises(UserError, match="ckpt_epoch_1.pth is not a readable checkpoint \\(not a file torch.save"):
+        _import(tmp_path / "ckpt_epoch_1.pth", tmp_path)
+    _, state, _ = trajectory[0]
+    torch.save({"epoch": 10 ** 7, "model": state}, tmp_path / "late.pth")
+    with pytest.raises(UserError, match=r"late.pth says 10000000 epochs; at most 100,000"):
+        _import(tmp_path / "late.pth", tmp_path)

@@ -320,3 +320,41 @@ def test_folder_errors(tmp_path):
 
     with pytest.raises(UserError, match=f"{tmp_path / 'nothing' / 'train'}"):
         load_raw("folder", str(tmp_path / "nothing"))
+
+
+def test_npz_contents_that_would_exhaust_memory_or_divide_by_zero_are_named(tmp_path, capsys):
+    x = np.zeros((2, 3, 3), dtype=np.uint8)
+
+    def save(name, **arrays):
+        np.savez(tmp_path / name, **{"x_train": x, "y_train": np.array([0, 1]), "x_test": x,
+                                     "y_test": np.array([0, 1]), **arrays})
+        return str(tmp_path / name)
+
+    # One label of 2**40 used to make 2**40 class names (memory ran out); 3,000,000 trained a 3M-class model.
+    with pytest.raises(UserError, match=r"'y_train' holds label 1,099,511,627,776.*at most 100,000"):
+        load_raw("npz", save("huge.npz", y_train=np.array([0, 2 ** 40])))
+    with pytest.raises(UserError, match=r"'y_test' holds label 3,000,000"):
+        load_raw("npz", save("big.npz", y_test=np.array([0, 3_000_000])))
+    with pytest.raises(UserError, match="empty.npz: the test split holds no images"):
+        load_raw("npz", save("empty.npz", x_test=np.zeros((0, 3, 3), np.uint8), y_test=np.zeros(0, np.int64)))
+    nan = np.full((2, 3, 3), 0.5, dtype=np.float32)
+    nan[1, 2, 2] = np.nan
+    with pytest.raises(UserError, match="'x_test' holds 1 NaN or infinite pixel values"):
+        load_raw("npz", save("nan.npz", x_test=nan))
+    # A test class the training images never show: loaded, with a note naming it.
+    raw = load_raw("npz", save("unseen.npz", y_train=np.array([0, 1]), y_test=np.array([2, 1]),
+                               class_names=np.array(["a", "b", "c"])))
+    assert raw.num_classes == 3
+    assert "test class c never appears in the training images" in capsys.readouterr().err
+
+
+def test_a_16_bit_image_is_refused_and_an_alpha_channel_is_dropped_with_a_note(tmp_path, capsys):
+    _write_tree(tmp_path, "RGB", np.random.default_rng(12))
+    rgba = np.random.default_rng(13).integers(0, 256, (4, 6, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "train" / "cat" / "alpha.png")
+    raw = load_raw("folder", str(tmp_path))
+    assert np.array_equal(_as_pil_layout(raw.train_x[2]), rgba[..., :3])  # sorted: 0.png, 1.png, alpha.png
+    assert "images with an alpha channel (first: " in capsys.readouterr().err
+    Image.fromarray(np.full((4, 6), 40_000, dtype=np.uint16)).save(tmp_path / "test" / "dog" / "wide.png")
+    with pytest.raises(UserError, match=r"wide.png: a I;16\S* image \(16-bit or float\)"):
+        load_raw("folder", str(tmp_path))

@@ -182,6 +182,7 @@ def integer(lo: int | None = None, hi: int | None = None, nullable: bool = False
     return check
 
 
+MAX_EPOCHS = 100_000  # schedule.epochs; an imported trajectory is held to it too
 FLOAT32_MAX = 3.4028234663852886e38  # weights and losses are float32: a larger setting overflows in the first step
 
 
@@ -297,7 +298,7 @@ FIELDS: dict[str, Check] = {
     "optim.weight_decay": number(0.0),
     "optim.betas": list_of(number(0.0, 0.9999), min_len=2),
     "schedule.name": one_of("constant", "step", "multistep", "cosine", "snapshot"),
-    "schedule.epochs": integer(1, 100000),
+    "schedule.epochs": integer(1, MAX_EPOCHS),
     "schedule.milestones": list_of(milestone),
     "schedule.step_size": integer(1),
     "schedule.gamma": number(0.0, 1.0, lo_open=True),

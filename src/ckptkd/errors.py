@@ -2,6 +2,7 @@
 
 import contextlib
 import signal
+import sys
 import threading
 
 
@@ -10,6 +11,17 @@ class UserError(Exception):
 
     The message is shown as one line, so it must name the field, file or reference at fault.
     """
+
+
+_noted: set[str] = set()
+
+
+def note(message: str) -> None:
+    """A one-line warning on stderr, for input that is accepted but probably not what was meant (an image's alpha
+    channel dropped, a class with no training images); said once per process, however often the input is read."""
+    if message not in _noted:
+        _noted.add(message)
+        print(f"ckptkd: note: {message}", file=sys.stderr)
 
 
 class RunsFailed(Exception):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import UserError, note
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -49,9 +49,17 @@ class RawData:
         return (c, h, w)
 
 
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841: a larger label is a corrupt file, not a data set to train on
+
+
 def _raw(name, train_x, train_y, test_x, test_y, class_names, hflip, where) -> RawData:
     """Check labels and image shapes, then wrap numpy arrays as RawData; `where` names the source in errors."""
     k = len(class_names)
+    if k > MAX_CLASSES:
+        raise UserError(f"{where}: {k:,} classes; at most {MAX_CLASSES:,} are supported")
+    for split, y in (("training", train_y), ("test", test_y)):
+        if len(y) == 0:
+            raise UserError(f"{where}: the {split} split holds no images")
     present = np.unique(train_y)
     if k < 2 or len(present) < 2:
         raise UserError(f"{where}: the training images hold {len(present)} class"
@@ -60,6 +68,12 @@ def _raw(name, train_x, train_y, test_x, test_y, class_names, hflip, where) -> R
         bad = y[(y < 0) | (y >= k)]
         if bad.size:
             raise UserError(f"{where}: {split} label {bad[0]} is outside 0..{k - 1} ({k} classes)")
+    unseen = sorted(set(np.unique(test_y).tolist()) - set(present.tolist()))
+    if unseen:
+        shown = ", ".join(class_names[c] for c in unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5
+                                                                 else "")
+        note(f"{where}: test class{'es' if len(unseen) > 1 else ''} {shown} never appear{'s' if len(unseen) == 1 else ''}"
+             " in the training images (the model cannot learn them)")
     if train_x.shape[1:] != test_x.shape[1:]:
         raise UserError(
             f"{where}: train images are {tuple(train_x.shape[1:])} (C, H, W) "
@@ -301,8 +315,12 @@ def _npz_images(x: np.ndarray, key: str, path: Path) -> np.ndarray:
         raise UserError(f"{path}: {key!r} has shape {x.shape}; expected N×H×W or N×H×W×C")
     if x.dtype == np.uint8:
         return x
-    if x.dtype.kind == "f" and np.all((x >= 0) & (x <= 1)):
-        return np.rint(x * 255).astype(np.uint8)
+    if x.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        if bad:
+            raise UserError(f"{path}: {key!r} holds {bad:,} NaN or infinite pixel values")
+        if np.all((x >= 0) & (x <= 1)):
+            return np.rint(x * 255).astype(np.uint8)
     raise UserError(f"{path}: {key!r} has dtype {x.dtype}; expected uint8, or floats in [0, 1]")
 
 
@@ -345,6 +363,10 @@ def load_npz(root: str | None) -> RawData:
         class_names = [n.decode("utf-8", errors="replace") if isinstance(n, bytes) else str(n) for n in names.tolist()]
     else:
         k = int(max(train_y.max(initial=-1), test_y.max(initial=-1))) + 1
+        if k > MAX_CLASSES:  # before a name is made for each class: one label of 2**40 would exhaust memory
+            key = "y_train" if train_y.max(initial=-1) + 1 == k else "y_test"
+            raise UserError(f"{path}: {key!r} holds label {k - 1:,}, which would make {k:,} classes (at most "
+                            f"{MAX_CLASSES:,}; labels are 0..K-1)")
         class_names = [str(c) for c in range(k)]
     return _raw("npz", train_x, train_y, test_x, test_y, class_names, False, str(path))
 
@@ -354,10 +376,20 @@ def load_npz(root: str | None) -> RawData:
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 
 
+_WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}  # converting these to 8 bits clips them silently
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
 def _read_image(path: Path) -> np.ndarray:
-    """[H, W] for a grayscale image, [H, W, 3] for anything else (converted to RGB)."""
+    """[H, W] for a grayscale image, [H, W, 3] for anything else (converted to RGB). A 16-bit or float image is
+    refused (8-bit conversion would clip it); an alpha channel is dropped with a note."""
     try:
         with Image.open(path) as im:
+            if im.mode in _WIDE_MODES:
+                raise UserError(f"{path}: a {im.mode} image (16-bit or float); ckptkd reads 8-bit images, convert "
+                                "it first")
+            if im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
+                note(f"folder: images with an alpha channel (first: {path}); it is dropped")
             return np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
         raise UserError(f"{path}: cannot read image ({e})") from e

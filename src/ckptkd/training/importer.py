@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import glob as glob_mod
 import json
+import math
 import pickle
 import re
 import sys
@@ -41,12 +42,14 @@ import torch
 
 from .. import config as config_mod
 from .. import data as data_mod
-from ..errors import UserError
+from ..errors import UserError, note
 from ..models import from_spec
 from ..run import Final, Manifest, Run, write_run
 from ..run.storage import sha256_file
 from .loop import evaluate
 from .recipe import model_spec, pick_device
+
+MAX_EPOCHS = config_mod.MAX_EPOCHS
 
 FORMATS = ("auto", "repdistiller", "mdistiller", "checkpointkd", "timm", "hf", "lightning", "state_dict")
 # Where training scripts keep the weights inside a saved dict: RepDistiller/mdistiller "model", timm/Lightning
@@ -96,8 +99,9 @@ def _torch_load(path: Path):
         raise UserError(f"import: {path} needs arbitrary unpickling, which ckptkd refuses ({what}); re-save it as a "
                         "plain state dict: torch.save(model.state_dict(), 'weights.pth')") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError) as e:
-        raise UserError(f"import: {path} is not a readable checkpoint "
-                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        said = str(e).splitlines()[0] if str(e) else ""
+        why = said if re.search(r"[A-Za-z]{3}", said) else "not a file torch.save writes"  # KeyError('101'): text
+        raise UserError(f"import: {path} is not a readable checkpoint ({why})") from None
 
 
 def _format_of(obj) -> str:
@@ -126,6 +130,12 @@ def _weights(obj, path: Path, strip_prefix: str | None) -> dict[str, torch.Tenso
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"import: {path} does not hold model weights (a mapping of names to tensors)")
+    for name, tensor in obj.items():
+        kind = ("on the meta device (it has no values)" if tensor.is_meta
+                else f"a {str(tensor.layout).removeprefix('torch.')} tensor" if tensor.layout != torch.strided
+                else f"{str(tensor.dtype).removeprefix('torch.')} (complex)" if tensor.is_complex() else None)
+        if kind:
+            raise UserError(f"import: {path}: weight {name!r} is {kind}; expected plain real-valued tensors")
     # DataParallel / DistributedDataParallel prefix every name with "module.".
     obj = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
     if strip_prefix is None and any(k.startswith("student.") for k in obj):
@@ -144,8 +154,19 @@ def _epoch_from_name(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _numbers(obj: dict, keys) -> dict:
-    return {k: float(obj[k]) for k in keys if isinstance(obj.get(k), (int, float)) and not isinstance(obj[k], bool)}
+def _numbers(obj: dict, keys, where: Path) -> dict:
+    """The finite numbers among `keys` (metrics a trainer recorded), as floats; one beyond a float's range, NaN or
+    infinite is left out with a note."""
+    numbers = {}
+    for k in keys:
+        value = obj.get(k)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            finite = math.isfinite(value) if isinstance(value, float) else abs(value) < 2 ** 1023
+            if finite:
+                numbers[k] = float(value)
+            else:
+                note(f"import: {where}: {k!r} is {'too large' if isinstance(value, int) else value}; left out")
+    return numbers
 
 
 def _load_file(path: Path, fmt: str, strip_prefix: str | None) -> Found:
@@ -166,7 +187,7 @@ def _load_file(path: Path, fmt: str, strip_prefix: str | None) -> Found:
         found.epoch = epoch + 1 if fmt in ("timm", "lightning") else epoch
     step = obj.get("global_step")
     found.step = step if isinstance(step, int) else None
-    found.metrics = _numbers(obj, _SOURCE_METRICS)
+    found.metrics = _numbers(obj, _SOURCE_METRICS, path)
     if isinstance(obj.get("args"), argparse.Namespace):
         total = getattr(obj["args"], "epochs", None)
         found.total_epochs = total if isinstance(total, int) else None
@@ -183,20 +204,26 @@ def _load_hf(folder: Path, strip_prefix: str | None) -> Found:
     if state_file.is_file():
         try:
             state = json.loads(state_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"import: {state_file} is not valid JSON ({e})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # ValueError: also an int of 5,000 digits
+            raise UserError(f"import: {state_file} is not valid JSON ({str(e)[:120] or type(e).__name__})") from None
         if not isinstance(state, dict):
             raise UserError(f"import: {state_file} is not a Trainer state (a JSON object)")
-        if isinstance(state.get("epoch"), (int, float)) and not isinstance(state["epoch"], bool):
-            found.epoch = round(state["epoch"])
+        epoch = state.get("epoch")
+        if isinstance(epoch, (int, float)) and not isinstance(epoch, bool):
+            if not (isinstance(epoch, int) or math.isfinite(epoch)) or not 0 <= epoch <= MAX_EPOCHS:
+                raise UserError(f"import: {state_file}: 'epoch' is {epoch!r}; expected a number of epochs from 0 to "
+                                f"{MAX_EPOCHS:,}")
+            found.epoch = round(epoch)
+        history = state.get("log_history", [])
+        if not isinstance(history, list):
+            raise UserError(f"import: {state_file}: 'log_history' is a {type(history).__name__}, not a list")
         found.step = state.get("global_step") if isinstance(state.get("global_step"), int) else None
         if isinstance(state.get("num_train_epochs"), int):
             found.total_epochs = state["num_train_epochs"]
         # The log history up to this checkpoint: its last evaluation is this checkpoint's.
-        evals = [h for h in state.get("log_history") or [] if isinstance(h, dict) and
-                 any(k.startswith("eval_") for k in h)]
+        evals = [h for h in history if isinstance(h, dict) and any(str(k).startswith("eval_") for k in h)]
         if evals:
-            found.metrics = _numbers(evals[-1], [k for k in evals[-1] if k.startswith("eval_")])
+            found.metrics = _numbers(evals[-1], [k for k in evals[-1] if str(k).startswith("eval_")], state_file)
     if found.step is None:
         m = re.fullmatch(r"checkpoint-(\d+)", folder.name)
         found.step = int(m.group(1)) if m else None
@@ -240,6 +267,12 @@ def _check_fits(found: Found, expected: dict[str, torch.Tensor], model: str, spe
             hint = f"; every name starts with {head!r} (a wrapper's attribute): pass --strip-prefix {head}"
         raise UserError(f"import: {found.path} does not fit model {model!r} ({len(missing)} missing, e.g. "
                         f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}){hint}")
+    for k, tensor in found.state.items():
+        if expected[k].is_floating_point() and not tensor.is_floating_point():
+            raise UserError(f"import: {found.path}: weight {k!r} is {str(tensor.dtype).removeprefix('torch.')} "
+                            f"where model {model!r} has {str(expected[k].dtype).removeprefix('torch.')}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"import: {found.path}: weight {k!r} holds NaN or infinite values (a diverged run?)")
     wrong = [k for k in expected if expected[k].shape != found.state[k].shape]
     if wrong:
         shown = "; ".join(f"{k} {tuple(found.state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:3])
@@ -291,6 +324,10 @@ def import_trajectory(source: str | Path, *, model: str, out: str | Path, fmt: s
         seen[f.epoch] = f.path
     found.sort(key=lambda f: f.epoch)
     total = epochs or max([f.total_epochs for f in found if f.total_epochs] + [found[-1].epoch])
+    if found[-1].epoch > MAX_EPOCHS or total > MAX_EPOCHS:  # what `train` accepts, so `analyze` can read it
+        big = found[-1] if found[-1].epoch > MAX_EPOCHS else None
+        raise UserError(f"import: {big.path if big else source} says {big.epoch if big else total} epochs; at most "
+                        f"{MAX_EPOCHS:,} (schedule.epochs)")
     if total < found[-1].epoch:
         raise UserError(f"import: --epochs {total} is less than the last checkpoint's epoch {found[-1].epoch}")
     cfg["schedule"]["epochs"] = total
