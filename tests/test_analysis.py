@@ -442,3 +442,17 @@ def test_a_criterion_no_checkpoint_could_be_scored_on():
                                   {"epoch": 2, "why": "no split seed gave a valid estimate"},
                                   {"epoch": 3, "why": "not measured on this split"}]}
     assert ranking(result) == [1, 2, 3]
+
+
+def test_a_note_on_failed_estimates_says_which_failed_how_far_and_on_how_many_images():
+    from types import SimpleNamespace
+
+    from ckptkd.selection.analysis import _why_failed
+
+    seeds = [{"status": {"i_yf": "failed", "i_xf": "ok"}, "raw": {"i_yf": -0.4, "i_xf": 1.0}},
+             {"status": {"i_yf": "failed", "i_xf": "failed"}, "raw": {"i_yf": -0.2, "i_xf": None}},
+             {"status": {"i_yf": "ok", "i_xf": "ok"}, "raw": {"i_yf": 0.3, "i_xf": 2.0}}]
+    plans = [SimpleNamespace(held=torch.arange(n)) for n in (30, 28, 31)]
+    assert _why_failed(seeds, plans) == ("I(Y;F) raw down to -0.4 nats, below -0.1 H(Y) in 2; I(X;F) not finite "
+                                         "in 1; 28 held-out images per seed, a larger split makes the estimators "
+                                         "steadier")

@@ -129,3 +129,39 @@ def test_resume_into_a_folder_that_does_not_exist_says_so_and_starts_a_new_run(t
                  "--set", "schedule.epochs=1", "--set", "schedule.warmup_epochs=0", "--set", "device=cpu",
                  "--set", "log.progress=false"]) == 0
     assert "does not exist" not in capsys.readouterr().err  # the folder is there now: an ordinary resume
+
+
+def test_the_resume_hint_repeats_the_program_as_it_was_started(tmp_path, monkeypatch):
+    import sys
+
+    import importlib
+
+    cli_main = importlib.import_module("ckptkd.cli.main")  # the module (the package exports its function `main`)
+
+    script = tmp_path / "bin" / "ckptkd"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(script), "train"])
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert cli_main.program() == [str(script)]                 # not on PATH: its path, as typed
+    monkeypatch.setenv("PATH", str(script.parent))
+    assert cli_main.program() == ["ckptkd"]                    # found by name
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "ckptkd" / "__main__.py"), "train"])
+    assert cli_main.program()[1:] == ["-m", "ckptkd"]          # python -m ckptkd
+
+
+def test_a_bad_item_of_a_list_is_named_by_its_position(tmp_path, capsys):
+    study = yaml.safe_load((REPO / "configs" / "fashion_kd_study.yaml").read_text())
+    study["variants"] = ["none", "T0.5", "T1.5", "Tfull"]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    assert main(["study", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "variants[2]: 'T1.5' is not a variant" in err and "'none'" not in err, err
+    study["variants"] = ["none"]
+    study["pairs"][0]["variants"] = ["T0.5", "bogus"]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    assert main(["study", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out")]) == 2
+    assert "pairs[0].variants[1]: 'bogus' is not a variant" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"item 1 \(1.5\) is not"):
+        config_mod.resolve(REPO / "configs" / "digits_student.yaml", ["checkpoints.fractions=[0.5, 1.5]"])

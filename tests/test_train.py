@@ -2,10 +2,13 @@ import json
 import math
 import os
 import random
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,7 +281,12 @@ def test_sigterm_is_an_interruption_the_run_resumes_from_bit_identical(tmp_path)
         assert manifest["status"] == "complete"
     else:
         assert proc.returncode == 143, err
-        assert "ckptkd: interrupted by SIGTERM; continue with: ckptkd train" in err and err.rstrip().endswith("--resume")
+        # the command as it was typed: here `python -m ckptkd` (the interpreter by name where the shell finds it)
+        on_path = shutil.which(Path(sys.executable).name)
+        same = on_path and Path(on_path).resolve() == Path(sys.executable).resolve()
+        python = shlex.quote(Path(sys.executable).name if same else sys.executable)
+        assert f"ckptkd: interrupted by SIGTERM; continue with: {python} -m ckptkd train" in err
+        assert err.rstrip().endswith("--resume")
         assert manifest["status"] == "interrupted" and manifest["error"] == "interrupted by SIGTERM"
         resumed = run_cli("train", str(cfg_path), "--out", str(out), "--resume")
         assert resumed.returncode == 0, resumed.stderr

@@ -232,7 +232,12 @@ def list_of(item: Check, nullable: bool = False, min_len: int = 0) -> Check:
             return None
         if not isinstance(v, list) or len(v) < min_len or any(item(x) is not None for x in v):
             example = item(object())  # what one item must be
-            return f"a list whose items are each {example}" + (f" (at least {min_len})" if min_len else "")
+            wanted = f"a list whose items are each {example}" + (f" (at least {min_len})" if min_len else "")
+            if isinstance(v, list):  # name the first item at fault, not only the whole list
+                bad = next((i for i, x in enumerate(v) if item(x) is not None), None)
+                if bad is not None:
+                    wanted += f"; item {bad} ({v[bad]!r}) is not"
+            return wanted
         return None
     return check
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -315,10 +316,23 @@ def _version() -> str:
     return __version__
 
 
-def _resume_hint(args, argv: list[str]) -> str:
+def _as_typed(path: str) -> str:
+    """A program's name alone where the shell would find this same file by it, else its path."""
+    found = shutil.which(Path(path).name)
+    return Path(path).name if found and Path(found).resolve() == Path(path).resolve() else path
+
+
+def program() -> list[str]:
+    """How this process was started, to repeat in a hint: `ckptkd`, `.venv/bin/ckptkd` or `python -m ckptkd`."""
+    if Path(sys.argv[0]).name == "__main__.py":
+        return [_as_typed(sys.executable), "-m", "ckptkd"]
+    return [_as_typed(sys.argv[0])]
+
+
+def _resume_hint(args, argv: list[str], prog: list[str]) -> str:
     """How to continue what was interrupted, for the commands that can be continued."""
     if args.command in ("train", "distill"):
-        return "; continue with: " + shlex.join(["ckptkd", *(a for a in argv if a != "--resume"), "--resume"])
+        return "; continue with: " + shlex.join([*prog, *(a for a in argv if a != "--resume"), "--resume"])
     if args.command in ("study", "demo"):
         return "; run the same command again to continue (finished runs are kept)"
     return ""
@@ -326,6 +340,7 @@ def _resume_hint(args, argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     # Parsing first, before anything imports torch, so --help and argument errors answer at once.
+    prog = program() if argv is None else ["ckptkd"]  # a call from Python names the command line's tool
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     import signal
@@ -349,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         by = f" by {e}" if isinstance(e, Interrupted) else ""
-        print(f"ckptkd: interrupted{by}{_resume_hint(args, argv)}", file=sys.stderr)
+        print(f"ckptkd: interrupted{by}{_resume_hint(args, argv, prog)}", file=sys.stderr)
         return e.exit_code if isinstance(e, Interrupted) else 130
     except OSError as e:
         if e.filename is None:

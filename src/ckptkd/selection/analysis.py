@@ -248,9 +248,26 @@ def measure_checkpoint(model, data: data_mod.Data, plans: dict, subsets: dict, *
                          f"measures were taken")
         failed = sum(any(v == "failed" for v in s.get("status", {}).values()) for s in seeds)
         if failed and not notes:
-            notes.append(f"{split}: {failed} of {len(seeds)} split seeds gave a failed estimate")
+            notes.append(f"{split}: {failed} of {len(seeds)} split seeds gave a failed estimate "
+                         f"({_why_failed(seeds, plans[split])})")
         record[split] = {**entry, "seeds": seeds, "estimates": summarise(seeds), "notes": notes}
     return _finite(record)
+
+
+def _why_failed(seeds: list[dict], plans: list) -> str:
+    """What made the estimates fail, for the note: which estimate, how far outside its valid range, on how many
+    held-out images (too few is the usual cause)."""
+    limits = {"i_yf": f"below -{info.estimators.FAIL_I_YF} H(Y)",
+              "i_xf": f"below -{info.estimators.FAIL_I_XF} nats per component"}
+    parts = []
+    for term, label in (("i_yf", "I(Y;F)"), ("i_xf", "I(X;F)")):
+        bad = [s.get("raw", {}).get(term) for s in seeds if s.get("status", {}).get(term) == "failed"]
+        if bad:
+            finite = [v for v in bad if v is not None]
+            value = f"raw down to {min(finite):.3g} nats, {limits[term]}" if finite else "not finite"
+            parts.append(f"{label} {value} in {len(bad)}")
+    held = min((len(plan.held) for plan in plans), default=0)
+    return "; ".join(parts) + f"; {held} held-out images per seed, a larger split makes the estimators steadier"
 
 
 def _plans(data: data_mod.Data, split: str, *, seed: int, seeds: int) -> tuple[torch.Tensor, list, str | None]:

@@ -110,6 +110,15 @@ def _load_run_config(source, where: str, base_dir: Path) -> dict:
     raise UserError(f"study: {where} must be a config path or a mapping, got {source!r}")
 
 
+def _name_bad_variant(variants, where: str) -> None:
+    """The first item of a variant list that is not a variant, with parse's reason (not the whole list)."""
+    for i, name in enumerate(variants if isinstance(variants, list) else []):
+        try:
+            variants_mod.parse(name)
+        except ValueError as e:
+            raise UserError(f"study: {where}[{i}]: {e}") from None
+
+
 def resolve_study(source: str | Path | dict, overrides: list[str] | dict | None = None) -> dict:
     """The study config with defaults filled in and every pair's teacher and student configs resolved."""
     if isinstance(source, (str, Path)):
@@ -133,6 +142,7 @@ def resolve_study(source: str | Path | dict, overrides: list[str] | dict | None 
         if key not in study:
             raise UserError(f"study: unknown key '{key}' (known: {', '.join(sorted(study))})")
         study[key] = value
+    _name_bad_variant(study["variants"], "variants")
     for key, check in STUDY_FIELDS.items():
         expected = check(study[key])
         if expected:
@@ -168,6 +178,7 @@ def resolve_study(source: str | Path | dict, overrides: list[str] | dict | None 
         if unknown:
             raise UserError(f"study: pairs[{i}] has unknown key(s) {sorted(unknown)}")
         variants = pair.get("variants", study["variants"])
+        _name_bad_variant(variants, f"pairs[{i}].variants")
         expected = STUDY_FIELDS["variants"](variants) or (None if isinstance(pair.get("curve", False), bool)
                                                           else "curve must be true or false")
         if expected:
