@@ -2,6 +2,7 @@ import json
 import math
 import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -456,3 +457,29 @@ def test_a_note_on_failed_estimates_says_which_failed_how_far_and_on_how_many_im
     assert _why_failed(seeds, plans) == ("I(Y;F) raw down to -0.4 nats, below -0.1 H(Y) in 2; I(X;F) not finite "
                                          "in 1; 28 held-out images per seed, a larger split makes the estimators "
                                          "steadier")
+
+
+def test_an_analysis_stopped_while_plotting_keeps_the_previous_analysis_and_its_own_plots(analysed, tmp_path,
+                                                                                          monkeypatch):
+    """Plots are drawn into a hidden folder and published with analysis.json: stopped after one new figure, the run
+    holds the previous analysis and the plots drawn from it, byte for byte, and no hidden folder."""
+    from ckptkd.selection import plots
+
+    run = tmp_path / "t"
+    shutil.copytree(analysed[0], run)
+    before = {p.relative_to(run): p.read_bytes() for p in [run / "analysis.json", *(run / "plots").iterdir()]}
+    real = plots.trajectory
+
+    def stopped(*args, **kwargs):  # information_plane is drawn (into the hidden folder) before this
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "trajectory", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        analyze(run, quiet=True, seeds=3, temperature=2.0)  # another temperature: other numbers and figures
+    assert {p.relative_to(run): p.read_bytes() for p in [run / "analysis.json", *(run / "plots").iterdir()]} == before
+    assert not [p for p in run.iterdir() if p.name.startswith(".plots")]
+    monkeypatch.setattr(plots, "trajectory", real)
+    analysis = analyze(run, quiet=True, seeds=3, temperature=2.0)
+    assert analysis["temperature"] == 2.0 and (run / "plots" / "trajectory.png").read_bytes() != before[
+        Path("plots/trajectory.png")]
+    assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(p.name for p in before if p.parent.name)

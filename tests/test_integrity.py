@@ -247,11 +247,15 @@ def test_a_well_sealed_but_malformed_analysis_is_refused_naming_the_field(tmp_pa
         assert len(err.strip().splitlines()) == 1 and "analysis.json" in out + err and needle in out + err, err
 
 
-def test_a_full_disk_during_a_save_keeps_the_last_state_and_says_so(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("fills", ["checkpoint", "state"])
+def test_a_full_disk_during_a_save_keeps_the_last_state_and_says_so(tmp_path, capsys, monkeypatch, fills):
+    """The disk fills while epoch 3's checkpoint is written, or just after, while its resume state is: either way
+    the message, the manifest and the files agree on epoch 2, and no unlisted epoch-3 checkpoint stays behind."""
     import errno
     import os
 
     from ckptkd.run import RunWriter
+    from ckptkd.run import folder as folder_mod
 
     cfg = tmp_path / "t.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(schedule={"epochs": 4}, checkpoints={"every": 1})))
@@ -260,10 +264,17 @@ def test_a_full_disk_during_a_save_keeps_the_last_state_and_says_so(tmp_path, ca
     full = {"on": False}
     real_fsync, real_end_epoch = os.fsync, RunWriter.end_epoch
 
+    real_save_state = folder_mod.save_state
+
     def fsync(fd):
-        if full["on"]:
-            raise OSError(errno.ENOSPC, "No space left on device")
+        if full["on"] and fills == "checkpoint":
+            raise OSError(errno.ENOSPC, "No space left on device", "epoch-0003.safetensors")
         return real_fsync(fd)
+
+    def save_state(path, *args):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save_state(path, *args)
 
     def end_epoch(self, record, *args, **kwargs):
         full["on"] = record["epoch"] == 3  # the disk fills up while epoch 3's checkpoint is written
@@ -271,9 +282,13 @@ def test_a_full_disk_during_a_save_keeps_the_last_state_and_says_so(tmp_path, ca
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(RunWriter, "end_epoch", end_epoch)
+    monkeypatch.setattr(folder_mod, "save_state", save_state)
     out = tmp_path / "full"
     err = _one_line_error(capsys, ["train", str(cfg), "--out", str(out)], "disk is full", "epoch 2", "--resume")
-    assert "epoch-0003.safetensors" in err
+    assert ("epoch-0003.safetensors" if fills == "checkpoint" else "last.safetensors") in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001.safetensors",
+                                                                      "epoch-0002.safetensors"]
+    monkeypatch.setattr(folder_mod, "save_state", real_save_state)
     monkeypatch.setattr(os, "fsync", real_fsync)
     monkeypatch.setattr(RunWriter, "end_epoch", real_end_epoch)
     manifest = manifest_json(out)  # still the sealed manifest of epoch 2

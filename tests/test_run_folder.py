@@ -674,6 +674,31 @@ def _whole_run(tmp_path, out, checkpoints=None, history=None):
     return cfg, write_run(out, cfg, manifest, checkpoints, history=history)
 
 
+def test_the_folder_a_killed_import_was_building_is_removed_by_the_next_write_beside_it(tmp_path):
+    """An import SIGKILLed while building its hidden folder leaves it behind; the next whole-run write into the same
+    parent removes it (its writer is gone), and leaves alone one whose writer is alive (this process's)."""
+    import subprocess
+    import sys
+
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    child = subprocess.run([sys.executable, "-c", (
+        "import os, sys, tempfile; from pathlib import Path\n"
+        "from ckptkd.run.storage import temporary_name\n"
+        "d = Path(tempfile.mkdtemp(prefix=temporary_name(Path(sys.argv[1])), suffix='.tmp', dir=sys.argv[2]))\n"
+        "(d / 'checkpoints').mkdir(); (d / 'checkpoints' / 'epoch-0001.safetensors').write_bytes(b'half')\n"
+        "print(d.name); os.kill(os.getpid(), 9)"), str(parent / "imported"), str(parent)],
+        capture_output=True, text=True)
+    left = parent / child.stdout.strip()
+    assert child.returncode == -9 and left.is_dir()
+    from ckptkd.run.storage import temporary_name
+
+    live = parent / (temporary_name(parent / "other") + "x.tmp")
+    live.mkdir()
+    _whole_run(tmp_path, parent / "second")
+    assert sorted(p.name for p in parent.iterdir()) == sorted(["second", live.name])
+
+
 def test_write_run_writes_a_whole_run_that_reads_back(tmp_path):
     out = tmp_path / "deep" / "er" / "imported"  # its parents are made too
     history = [{"epoch": 1, "train_loss": 2.0}, {"epoch": 2, "train_loss": 1.5}]

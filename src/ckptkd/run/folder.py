@@ -25,6 +25,7 @@ and the manifest; the state is the source of truth and the other two are rewritt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -41,7 +42,7 @@ from .manifest import CheckpointEntry, Final, Manifest
 from .paths import same_checkpoints
 from .state import Progress, load_state, save_state
 from .storage import (atomic_write_text, read_sealed_json, remove_stale_temporaries, save_tensors, shared_permissions,
-                      write_sealed_json)
+                      temporary_name, write_sealed_json)
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -131,9 +132,32 @@ class Run:
             raise UserError(f"{path} is not a ckptkd analysis ({problem}); rerun `ckptkd analyze {self.path}`")
         return analysis
 
-    def write_analysis(self, analysis: dict) -> Path:
+    def write_analysis(self, analysis: dict, plots: Path | None = None) -> Path:
+        """Write analysis.json; with `plots` (a folder from `new_plots` holding its figures), publish the figures in
+        the same step: the old RUN/plots/ moves aside, the new one into place, analysis.json is written, the old
+        figures are removed. Plotting takes seconds and happens before any of this, so a kill leaves the previous
+        analysis and its own plots (and a hidden folder the next analyze removes), not new plots beside it."""
+        if plots is None:
+            write_sealed_json(self.path / ANALYSIS, analysis)
+            return self.path / ANALYSIS
+        aside = self.path / (temporary_name(self.plots_dir) + "old.tmp")
+        if self.plots_dir.exists():
+            os.rename(self.plots_dir, aside)
+        os.rename(plots, self.plots_dir)
         write_sealed_json(self.path / ANALYSIS, analysis)
+        shutil.rmtree(aside, ignore_errors=True)
         return self.path / ANALYSIS
+
+    @contextlib.contextmanager
+    def new_plots(self):
+        """A hidden folder beside RUN/plots/ to draw a new analysis' figures into (see `write_analysis`); removed
+        if they are never published."""
+        building = Path(tempfile.mkdtemp(prefix=temporary_name(self.plots_dir), suffix=".tmp", dir=self.path))
+        try:
+            shared_permissions(building, directory=True)
+            yield building
+        finally:
+            shutil.rmtree(building, ignore_errors=True)  # gone already once published
 
     def ranking(self, what: str) -> list[int]:
         """Epochs best first by the information criterion, T* first (what `ckptkd analyze` selected)."""
@@ -265,21 +289,33 @@ class RunWriter:
 
     def end_epoch(self, record: dict, model, optimizer, progress: Progress, *, checkpoint: bool,
                   health: dict) -> CheckpointEntry | None:
-        """Record a finished epoch: its checkpoint if one is due, then the resume state, then the views."""
-        entry = None
-        if checkpoint:
-            epoch = record["epoch"]
-            sha = save_tensors(self.path / checkpoint_path(epoch), model.state_dict(),
-                               metadata={"epoch": epoch, "model": self.manifest.model["name"]})
-            entry = CheckpointEntry(epoch=epoch, step=progress.step, fraction=round(epoch / self.manifest.epochs, 6),
-                                    lr=record["lr"], path=checkpoint_path(epoch), sha256=sha,
-                                    metrics={k: record[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc",
-                                                                    "test_acc")})
-            progress.checkpoints = [c for c in progress.checkpoints if c["epoch"] != epoch] + [
-                dataclasses.asdict(entry)]
-        progress.history = [h for h in progress.history if h["epoch"] < record["epoch"]] + [record]
-        progress.epoch = record["epoch"]
-        save_state(self.path / STATE, model, optimizer, progress)
+        """Record a finished epoch: its checkpoint if one is due, then the resume state, then the views. `progress`
+        takes the epoch only once its state is on disk: a save that fails (a full disk, a signal) leaves `progress`,
+        the state, the manifest and the files in agreement on the epoch before, and removes the checkpoint it had
+        written (no state or manifest lists it)."""
+        entry, written = None, None
+        epoch = record["epoch"]
+        saved = dataclasses.replace(progress)  # what the state will say; fields are replaced below, never mutated
+        try:
+            if checkpoint:
+                written = self.path / checkpoint_path(epoch)
+                sha = save_tensors(written, model.state_dict(),
+                                   metadata={"epoch": epoch, "model": self.manifest.model["name"]})
+                entry = CheckpointEntry(epoch=epoch, step=progress.step, fraction=round(epoch / self.manifest.epochs, 6),
+                                        lr=record["lr"], path=checkpoint_path(epoch), sha256=sha,
+                                        metrics={k: record[k] for k in ("train_loss", "train_acc", "val_loss",
+                                                                        "val_acc", "test_acc")})
+                saved.checkpoints = [c for c in progress.checkpoints if c["epoch"] != epoch] + [
+                    dataclasses.asdict(entry)]
+            saved.history = [h for h in progress.history if h["epoch"] < epoch] + [record]
+            saved.epoch = epoch
+            save_state(self.path / STATE, model, optimizer, saved)
+        except BaseException:
+            if written is not None:
+                written.unlink(missing_ok=True)
+            raise
+        for f in dataclasses.fields(progress):
+            setattr(progress, f.name, getattr(saved, f.name))
         self.manifest.checkpoints = [CheckpointEntry(**c) for c in progress.checkpoints]
         self.manifest.health = health
         self._write_views(progress)
@@ -319,7 +355,8 @@ def write_run(out: str | Path, cfg: dict, manifest: Manifest, checkpoints: list[
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"run folder {out} already exists; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale_temporaries(out.parent, shared=True)  # a folder an earlier import was building when it was killed
+    building = Path(tempfile.mkdtemp(prefix=temporary_name(out), suffix=".tmp", dir=out.parent))
     try:
         shared_permissions(building, directory=True)
         atomic_write_text(building / CONFIG, config_mod.dump(cfg))

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -80,7 +81,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The writer's host and pid in the name tell a crashed write's leftover from a live one (remove_stale_temporaries).
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_name(path), suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
@@ -106,16 +107,26 @@ def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def temporary_name(path: Path) -> str:
+    """The prefix of a temporary written beside `path` (`.NAME.HOST-PID.`, then a random part and `.tmp`): the
+    writer's host and pid in the name tell a crashed write's leftover from a live one (remove_stale_temporaries)."""
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
 def remove_stale_temporaries(folder: str | Path, *, shared: bool = False) -> list[Path]:
     """Delete what writes killed half-way (power loss, SIGKILL) left in `folder`: `.NAME.*.tmp` files never renamed
-    into place; returns what was removed. `shared`: other processes may be writing there right now (a teacher cache,
-    an analysis cache), so only temporaries whose writer is gone are removed: a process of this host that no longer
-    runs, or a write older than an hour."""
+    into place, and run folders `import` was building (`.NAME.HOST-PID.*.tmp/`); returns what was removed.
+    `shared`: other processes may be writing there right now (a teacher cache, an analysis cache, another import),
+    so only temporaries whose writer is gone are removed: a process of this host that no longer runs, or a write
+    older than an hour. A folder is removed only when its writer is known to be gone."""
     folder = Path(folder)
-    stale = sorted(p for p in folder.glob(".*.tmp") if p.is_file() and (not shared or _abandoned(p))) \
-        if folder.is_dir() else []
+    stale = sorted(p for p in folder.glob(".*.tmp") if (p.is_file() and (not shared or _abandoned(p)))
+                   or (p.is_dir() and _abandoned(p))) if folder.is_dir() else []
     for path in stale:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return stale
 
 

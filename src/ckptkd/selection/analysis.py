@@ -377,13 +377,17 @@ def analyze(run: str | Path, *, temperature: float | None = None, seed: int = 0,
         "timing_s": {"measure": round(time.perf_counter() - started, 3), "computed": computed,
                      "cached": len(records) - computed},
     }
-    if plots:
-        from .plots import plot_analysis
+    if not plots:
+        folder.write_analysis(analysis)
+        return analysis
+    from .plots import plot_analysis
 
-        plot_started = time.perf_counter()
-        analysis["plots"] = plot_analysis(folder, analysis, manifest)
+    plot_started = time.perf_counter()
+    with folder.new_plots() as building:  # published with analysis.json, or removed
+        made = plot_analysis(folder, analysis, manifest, out=building)
+        analysis["plots"] = {k: str(folder.plots_dir / Path(v).name) for k, v in made.items()}
         analysis["timing_s"]["plots"] = round(time.perf_counter() - plot_started, 3)
-    folder.write_analysis(analysis)
+        folder.write_analysis(analysis, plots=building)
     return analysis
 
 

@@ -216,7 +216,9 @@ def class_correlation_figure(intermediate: dict, full: dict, class_names: list[s
     return fig
 
 
-def plot_analysis(run, analysis: dict, manifest) -> dict[str, str]:
+def plot_analysis(run, analysis: dict, manifest, out: Path | None = None) -> dict[str, str]:
+    """The analysis figures, written into `out` (default RUN/plots/; `analyze` builds them in a hidden folder and
+    publishes them with analysis.json)."""
     records = analysis["checkpoints"]
     selected = analysis["selected"]
     criterion = analysis["criteria"][selected["criterion"]]
@@ -225,7 +227,7 @@ def plot_analysis(run, analysis: dict, manifest) -> dict[str, str]:
     intermediate = next((r for r in records if r["epoch"] == selected["epoch"]), full)
     if intermediate is full and len(records) > 1:
         intermediate = min(records[:-1], key=lambda r: abs(r["fraction"] - 0.5))
-    out = run.plots_dir
+    out = run.plots_dir if out is None else Path(out)
     split = analysis["split"]
     return {
         "information_plane": information_plane(records, split, selected["epoch"], selected["ties"],
