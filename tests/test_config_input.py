@@ -165,3 +165,17 @@ def test_a_bad_item_of_a_list_is_named_by_its_position(tmp_path, capsys):
     assert "pairs[0].variants[1]: 'bogus' is not a variant" in capsys.readouterr().err
     with pytest.raises(UserError, match=r"item 1 \(1.5\) is not"):
         config_mod.resolve(REPO / "configs" / "digits_student.yaml", ["checkpoints.fractions=[0.5, 1.5]"])
+
+
+def test_a_snapshot_of_a_short_teacher_names_each_checkpoint_once_and_a_long_ones_references_are_unchanged():
+    """Fractions 0.3, 0.5, 0.7 of a 2-epoch teacher all round to epoch 1: the snapshot is epochs 1 and 2 (an ensemble
+    refuses a checkpoint named twice); of a 60-epoch teacher they are four checkpoints, named as before."""
+    from ckptkd.study import variants as variants_mod
+
+    def members(epochs):
+        ctx = variants_mod.Context(lead="runs/t", members=["runs/t"], lead_id="t", member_ids=["t"], analysis_id="a",
+                                   snapshot=[0.3, 0.5, 0.7, 1.0], ensemble_size=3, epochs=epochs)
+        return variants_mod.parse("snapshot").teachers(ctx)[0]
+
+    assert members(2) == ["runs/t@epoch=1", "runs/t@epoch=2"]
+    assert members(60) == ["runs/t@epoch=18", "runs/t@epoch=30", "runs/t@epoch=42", "runs/t@epoch=60"]

@@ -96,7 +96,10 @@ class Variant:
         if self.base == "snapshot":
             if ctx.snapshot == "top-info":
                 return [f"{ctx.lead}@top-info:{ctx.ensemble_size}"], [ctx.lead_id, ctx.analysis_id]
-            return [at(ctx.lead, epoch_at_fraction(f, ctx.epochs)) for f in ctx.snapshot], [ctx.lead_id]
+            # Fractions of a short run can round to one epoch: each checkpoint is a member once (an ensemble refuses
+            # a checkpoint named twice); for distinct epochs the references are what they always were.
+            epochs = dict.fromkeys(epoch_at_fraction(f, ctx.epochs) for f in ctx.snapshot)
+            return [at(ctx.lead, epoch) for epoch in epochs], [ctx.lead_id]
         return [at(path, ctx.epochs) for path in ctx.members], list(ctx.member_ids)  # full_ensemble
 
     def meaning(self, study: dict) -> str:
