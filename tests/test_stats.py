@@ -158,3 +158,60 @@ def test_mean_se_mean_std_and_paired_differences():
     a = {(0, 0): 0.7, (0, 1): 0.8, (1, 0): 0.6}
     b = {(0, 1): 0.5, (1, 0): 0.65, (2, 0): 0.9}
     assert stats.paired_differences(a, b) == pytest.approx({(0, 1): 0.3, (1, 0): -0.05})
+
+
+def _exact_permutation_p(a, b) -> float:
+    pooled, n_a = list(a) + list(b), len(a)
+    observed = abs(statistics.mean(a) - statistics.mean(b))
+    splits = list(itertools.combinations(range(len(pooled)), n_a))
+    extreme = 0
+    for group in splits:
+        inside = [pooled[i] for i in group]
+        outside = [pooled[i] for i in range(len(pooled)) if i not in group]
+        extreme += abs(statistics.mean(inside) - statistics.mean(outside)) >= observed - 1e-12
+    return extreme / len(splits)
+
+
+def test_permutation_p_is_exact_up_to_its_limit_and_an_add_one_monte_carlo_estimate_beyond():
+    a, b = [0.3, 1.2, -0.4, 0.9, 0.5], [0.1, -0.6, 0.2, -0.3]
+    assert stats.permutation_p(a, b) == pytest.approx(_exact_permutation_p(a, b), abs=1e-12)
+    three, other = [0.5, 0.9, 0.1], [0.0, -0.2, 0.4]  # C(6, 3) = 20 splits: with draws == 20, still enumerated
+    assert stats.permutation_p(three, other, draws=20) == pytest.approx(_exact_permutation_p(three, other))
+    assert stats.permutation_p([], [1.0]) == 1.0 and stats.permutation_p([1.0], []) == 1.0
+    # 10 + 10 units: C(20, 10) = 184,756 splits, beyond EXACT_LIMIT. Completely separated samples: only the observed
+    # split and its mirror are as extreme (exact p 2 / 184,756), so the estimate is (1 + k) / (draws + 1) with k the
+    # draws that hit one of them: with the fixed seed none of the first 60 draws does, so 60 draws give p = 1/61 —
+    # never 0, never a plain fraction of the draws.
+    high, low = [10.0 + i for i in range(10)], [float(i) for i in range(10)]
+    assert math.comb(20, 10) > stats.EXACT_LIMIT
+    assert stats.permutation_p(high, low, draws=60) == pytest.approx(1 / 61)
+    hits = stats.permutation_p(high, low) * (stats.EXACT_LIMIT + 1)  # the default: 20,000 draws
+    assert abs(hits - round(hits)) < 1e-6 and 1 <= round(hits) <= 6
+    # Overlapping samples: close to the exact p, and the same on every call (a rebuilt report is the same file).
+    rng = np.random.default_rng(5)
+    x, y = list(rng.normal(0.3, 1, 10)), list(rng.normal(0, 1, 10))
+    p = stats.permutation_p(x, y)
+    assert p == stats.permutation_p(x, y) and p == pytest.approx(_exact_permutation_p(x, y), abs=0.015)
+
+
+def test_two_sample_units_welch_interval_constant_samples_and_what_it_carries():
+    a, b = [1.0, 2.0, 4.0], [0.0, 1.0]
+    est = stats.two_sample_units(a, b, "run", level=0.9)
+    va, vb = statistics.variance(a) / 3, statistics.variance(b) / 2
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 1)
+    half = scipy_stats.t.ppf(0.95, df) * math.sqrt(va + vb)
+    assert est.mean == pytest.approx(7 / 3 - 0.5) and est.df == pytest.approx(df)
+    assert est.ci == pytest.approx((est.mean - half, est.mean + half)) and est.level == 0.9
+    assert (est.design, est.unit, est.n, est.units) == ("two-sample", "run", (3, 2), 5)
+    assert est.p == pytest.approx(_exact_permutation_p(a, b)) and est.min_p == pytest.approx(1 / math.comb(5, 3))
+    # Two units a side is enough for an interval; one is not.
+    assert stats.two_sample_units([1.0, 2.0], [0.0, 0.5], "run").ci is not None
+    assert stats.two_sample_units([1.0], [0.0, 0.5], "run").ci is None
+    # No spread on either side: a zero-width interval at the pooled degrees of freedom, not a division by zero.
+    flat = stats.two_sample_units([1.0, 1.0, 1.0], [0.5, 0.5], "run")
+    assert flat.ci == (0.5, 0.5) and flat.df == 3.0
+    assert stats.two_sample_units([1.0, 3.0], [0.0, 2.0], "run").min_p == pytest.approx(2 / 6)
+    with pytest.raises(ValueError, match="each side needs at least one unit"):
+        stats.two_sample_units([], [1.0], "run")
+    with pytest.raises(ValueError, match="each side needs at least one unit"):
+        stats.two_sample_units([1.0], [], "run")
