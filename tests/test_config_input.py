@@ -60,6 +60,8 @@ def test_a_billion_laughs_in_a_study_description_is_refused_before_anything_is_p
     ("optim.lr=.nan", "is not a finite number"),
     ("model={a: 1, a: 2}", "duplicate key 'a'"),
     ("model.widths=" + "[" * 200 + "]" * 200, "nested deeper than 64 levels"),
+    ("seed=77777777777777", "seed must be an integer >= 0 and <= 2147483647"),  # a derived seed overflowed torch's
+    ("data.split_seed=2147483648", "data.split_seed must be an integer"),          # 64 bits (found by the fuzz test)
     ("optim.lr=1e308", "within float32's range"),        # finite, but the first SGD step overflowed (RuntimeError)
     ("optim.weight_decay=-1e300", "optim.weight_decay"),
 ])

@@ -183,6 +183,9 @@ def integer(lo: int | None = None, hi: int | None = None, nullable: bool = False
 
 
 MAX_EPOCHS = 100_000  # schedule.epochs; an imported trajectory is held to it too
+# Seeds are mixed into derived seeds (seed * 1_000_003 + epoch * 7_919 for an epoch's order, 1000 * seed + k for the
+# estimators' splits) that torch takes as 64-bit integers: a 31-bit seed keeps every one of them in range.
+MAX_SEED = 2 ** 31 - 1
 FLOAT32_MAX = 3.4028234663852886e38  # weights and losses are float32: a larger setting overflows in the first step
 
 
@@ -277,13 +280,13 @@ def identity(obj: Any) -> Any:
 
 FIELDS: dict[str, Check] = {
     "name": text(pattern=r"[A-Za-z0-9_.\-]+"),
-    "seed": integer(0),
+    "seed": integer(0, MAX_SEED),
     "device": device_name,
     "precision": one_of("fp32", "bf16"),
     "data.name": text(),
     "data.root": text(nullable=True),
     "data.val_fraction": number(0.0, 0.9),
-    "data.split_seed": integer(0),
+    "data.split_seed": integer(0, MAX_SEED),
     "data.subset": integer(1, nullable=True),
     "data.label_noise": number(0.0, 0.9),
     "data.batch_size": integer(1),

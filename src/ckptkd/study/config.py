@@ -70,7 +70,7 @@ def _fuse(v):
 def _seeds(v):
     if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
         return None
-    return list_of(integer(0), min_len=1)(v)
+    return list_of(integer(0, config_mod.MAX_SEED), min_len=1)(v)
 
 
 def _snapshot(v):
