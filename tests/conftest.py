@@ -1,5 +1,7 @@
 import importlib.util
+import itertools
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -65,3 +67,16 @@ def teacher_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "t"
     return train(tiny_config(schedule={"epochs": 6}, checkpoints={"fractions": [0.3, 0.5, 0.7, 1.0], "every": 2}),
                  out=out, quiet=True)
+
+
+def exact_permutation_p(a, b) -> float:
+    """The reference for `stats.permutation_p`, by enumeration with the standard library: two-sided permutation p of mean(a) - mean(b) over every split of the pooled units."""
+    pooled, n_a = list(a) + list(b), len(a)
+    observed = abs(statistics.mean(a) - statistics.mean(b))
+    splits = list(itertools.combinations(range(len(pooled)), n_a))
+    extreme = 0
+    for first in splits:
+        x = [pooled[i] for i in first]
+        y = [pooled[i] for i in range(len(pooled)) if i not in first]
+        extreme += abs(statistics.mean(x) - statistics.mean(y)) >= observed - 1e-12
+    return extreme / len(splits)

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from ckptkd import stats
-from conftest import REPO
+from conftest import REPO, exact_permutation_p
 
 
 @pytest.mark.parametrize("df", [1, 2, 2.94, 4, 7.5, 30, 400])
@@ -160,23 +160,11 @@ def test_mean_se_mean_std_and_paired_differences():
     assert stats.paired_differences(a, b) == pytest.approx({(0, 1): 0.3, (1, 0): -0.05})
 
 
-def _exact_permutation_p(a, b) -> float:
-    pooled, n_a = list(a) + list(b), len(a)
-    observed = abs(statistics.mean(a) - statistics.mean(b))
-    splits = list(itertools.combinations(range(len(pooled)), n_a))
-    extreme = 0
-    for group in splits:
-        inside = [pooled[i] for i in group]
-        outside = [pooled[i] for i in range(len(pooled)) if i not in group]
-        extreme += abs(statistics.mean(inside) - statistics.mean(outside)) >= observed - 1e-12
-    return extreme / len(splits)
-
-
 def test_permutation_p_is_exact_up_to_its_limit_and_an_add_one_monte_carlo_estimate_beyond():
     a, b = [0.3, 1.2, -0.4, 0.9, 0.5], [0.1, -0.6, 0.2, -0.3]
-    assert stats.permutation_p(a, b) == pytest.approx(_exact_permutation_p(a, b), abs=1e-12)
+    assert stats.permutation_p(a, b) == pytest.approx(exact_permutation_p(a, b), abs=1e-12)
     three, other = [0.5, 0.9, 0.1], [0.0, -0.2, 0.4]  # C(6, 3) = 20 splits: with draws == 20, still enumerated
-    assert stats.permutation_p(three, other, draws=20) == pytest.approx(_exact_permutation_p(three, other))
+    assert stats.permutation_p(three, other, draws=20) == pytest.approx(exact_permutation_p(three, other))
     assert stats.permutation_p([], [1.0]) == 1.0 and stats.permutation_p([1.0], []) == 1.0
     # 10 + 10 units: C(20, 10) = 184,756 splits, beyond EXACT_LIMIT. Completely separated samples: only the observed
     # split and its mirror are as extreme (exact p 2 / 184,756), so the estimate is (1 + k) / (draws + 1) with k the
@@ -191,7 +179,7 @@ def test_permutation_p_is_exact_up_to_its_limit_and_an_add_one_monte_carlo_estim
     rng = np.random.default_rng(5)
     x, y = list(rng.normal(0.3, 1, 10)), list(rng.normal(0, 1, 10))
     p = stats.permutation_p(x, y)
-    assert p == stats.permutation_p(x, y) and p == pytest.approx(_exact_permutation_p(x, y), abs=0.015)
+    assert p == stats.permutation_p(x, y) and p == pytest.approx(exact_permutation_p(x, y), abs=0.015)
 
 
 def test_two_sample_units_welch_interval_constant_samples_and_what_it_carries():
@@ -203,7 +191,7 @@ def test_two_sample_units_welch_interval_constant_samples_and_what_it_carries():
     assert est.mean == pytest.approx(7 / 3 - 0.5) and est.df == pytest.approx(df)
     assert est.ci == pytest.approx((est.mean - half, est.mean + half)) and est.level == 0.9
     assert (est.design, est.unit, est.n, est.units) == ("two-sample", "run", (3, 2), 5)
-    assert est.p == pytest.approx(_exact_permutation_p(a, b)) and est.min_p == pytest.approx(1 / math.comb(5, 3))
+    assert est.p == pytest.approx(exact_permutation_p(a, b)) and est.min_p == pytest.approx(1 / math.comb(5, 3))
     # Two units a side is enough for an interval; one is not.
     assert stats.two_sample_units([1.0, 2.0], [0.0, 0.5], "run").ci is not None
     assert stats.two_sample_units([1.0], [0.0, 0.5], "run").ci is None

@@ -21,6 +21,7 @@ from ckptkd.errors import UserError
 from ckptkd.run.storage import write_sealed_json
 from ckptkd.study.queue import ResultsDB
 from ckptkd.study.report import CARRIED, write_report
+from conftest import exact_permutation_p
 
 EMPTY = "—"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -61,19 +62,6 @@ def holm(pvalues: dict) -> dict:
         running = max(running, min(1.0, (len(keys) - i) * pvalues[k]))
         out[k] = running
     return out
-
-
-def exact_permutation_p(a, b) -> float:
-    """Two-sided permutation p of mean(a) - mean(b) over every split of the pooled units."""
-    pooled, n_a = list(a) + list(b), len(a)
-    observed = abs(statistics.mean(a) - statistics.mean(b))
-    splits = list(itertools.combinations(range(len(pooled)), n_a))
-    extreme = 0
-    for first in splits:
-        x = [pooled[i] for i in first]
-        y = [pooled[i] for i in range(len(pooled)) if i not in first]
-        extreme += abs(statistics.mean(x) - statistics.mean(y)) >= observed - 1e-12
-    return extreme / len(splits)
 
 
 def unit_level(p, a, b):
