@@ -483,3 +483,87 @@ def test_an_analysis_stopped_while_plotting_keeps_the_previous_analysis_and_its_
     assert analysis["temperature"] == 2.0 and (run / "plots" / "trajectory.png").read_bytes() != before[
         Path("plots/trajectory.png")]
     assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(p.name for p in before if p.parent.name)
+
+
+# --- an analysis kept apart from its run (`analyze --out`, `select --analysis`): a teacher one cannot write to ---
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_analyze_out_writes_the_analysis_elsewhere_and_leaves_the_run_untouched(analysed, teacher_run, tmp_path):
+    """The run folder stays byte for byte as it was; select and references read the analysis from --out; proxies
+    are kept there too; the analysis of another run is refused by its checkpoints' sha256."""
+    run = tmp_path / "shared" / "t"
+    shutil.copytree(teacher_run.path, run)
+    before = _tree(run)
+    result = run_cli("analyze", str(run), "--seeds", "3", "--out", str(tmp_path / "mine"))
+    assert result.returncode == 0, result.stderr
+    assert _tree(run) == before and not (run / "analysis.json").exists()
+    home = tmp_path / "mine"
+    assert (home / "analysis.json").is_file() and (home / "analysis-cache").is_dir()
+    assert sorted(p.name for p in (home / "plots").iterdir())  # the figures, beside their analysis
+    saved = json.loads((home / "analysis.json").read_text())
+    assert all(Path(p).parent == home / "plots" for p in saved["plots"].values())
+    # the same measurements as an analysis inside the run (the settings are the same)
+    assert [c["sha256"] for c in saved["checkpoints"]] == [c["sha256"] for c in analysed[1]["checkpoints"]]
+    assert saved["selected"]["epoch"] == analysed[1]["selected"]["epoch"]
+    as_json = run_cli("select", str(run), "--json", "--analysis", str(home))
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["t_star"] == saved["selected"]["epoch"]
+    assert _tree(run) == before
+    unanalysed = run_cli("select", str(run))
+    assert unanalysed.returncode == 2 and "has not been analysed" in unanalysed.stderr
+    # another run's analysis (a copy whose checkpoint at one epoch differs) is not read as this run's
+    other = tmp_path / "other"
+    shutil.copytree(teacher_run.path, other)
+    tampered = json.loads((home / "analysis.json").read_text())
+    tampered["checkpoints"][1]["sha256"] = "0" * 64
+    tampered.pop("checksum", None)
+    from ckptkd.run.storage import write_sealed_json
+
+    write_sealed_json(tmp_path / "foreign" / "analysis.json", tampered)
+    refused = run_cli("select", str(other), "--analysis", str(tmp_path / "foreign"))
+    assert refused.returncode == 2, refused.stderr
+    assert "analysis of another run" in refused.stderr and "epoch 3" in refused.stderr
+
+
+def test_analyze_refuses_an_out_that_is_a_file_or_a_run_and_says_where_to_write_when_the_run_is_read_only(
+        teacher_run, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    result = run_cli("analyze", str(teacher_run.path), "--out", str(tmp_path / "file"))
+    assert result.returncode == 2 and "is a file" in result.stderr, result.stderr
+    other = tmp_path / "other"
+    shutil.copytree(teacher_run.path, other)
+    result = run_cli("analyze", str(teacher_run.path), "--out", str(other))
+    assert result.returncode == 2 and "is a run folder" in result.stderr
+    assert not (other / "analysis-cache").exists()
+
+    # root may write anywhere, so a read-only file system is what the test plays: the first write says no
+    import tempfile as tempfile_mod
+
+    run = tmp_path / "ro"
+    shutil.copytree(teacher_run.path, run)
+    real = tempfile_mod.NamedTemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if Path(dir).is_relative_to(run):
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile_mod, "NamedTemporaryFile", read_only)
+    with pytest.raises(UserError, match=r"cannot write to .*ro/analysis-cache \(Permission denied\); write the "
+                                        r"analysis elsewhere with --out DIR"):
+        analyze(run, quiet=True, seeds=1, plots=False)
+    assert analyze(run, quiet=True, seeds=1, plots=False, out=tmp_path / "elsewhere")["selected"]["epoch"] in (2, 3, 4, 6)
+
+
+def test_select_by_proxy_keeps_its_proxies_in_the_analysis_home(teacher_run, tmp_path):
+    run = tmp_path / "t"
+    shutil.copytree(teacher_run.path, run)
+    before = _tree(run)
+    student = tiny_config(model={"name": "mlp", "widths": [8]}, schedule={"epochs": 2})
+    result = select(run, by="proxy", student=student, proxy_epochs=1, analysis=tmp_path / "mine")
+    assert _tree(run) == before
+    assert len(list((tmp_path / "mine" / "proxy").glob("*/epoch-*"))) == 4
+    assert result["references"] == [f"{run}@epoch={result['t_star']}"]

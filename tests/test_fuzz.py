@@ -13,10 +13,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import rewrite_manifest, tiny_config
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from ckptkd import config as config_mod
@@ -59,6 +60,7 @@ def _call(argv: list[str]) -> tuple[int, str]:
 
 
 def _answered_well(argv, code, err) -> None:
+    event(f"{argv[0]}: exit {code}")  # `pytest --hypothesis-show-statistics` shows how many were valid
     assert code in (0, 2), f"exit {code} for {argv}:\n{err}"
     assert "Traceback" not in err, f"{argv}:\n{err}"
     if code == 2:
@@ -209,9 +211,180 @@ def yaml_structures(draw) -> str:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(text=yaml_structures())
+# Regression seeds: inputs that once found a bug stay in every run.
+@example(text=yaml.safe_dump(BASE).replace("seed: 0", "seed: 77777777777777"))  # overflowed torch's 64-bit seed
+@example(text=yaml.safe_dump(BASE).replace("seed: 0", "seed: " + "7" * 5000))  # ValueError: int digits limit
 def test_yaml_structure_and_numeric_extremes_are_answered_in_one_line(fuzz_root, text):
     config = fuzz_root / f"structure{next(_counter)}.yaml"
     config.write_text(text)
     argv = ["train", str(config), "--out", str(fuzz_root / f"out{next(_counter)}")]
     code, err = _call(argv)
     _answered_well(argv, code, err)
+
+
+# --- the contents of data files and of other trainers' checkpoints --------------------------------------------------
+
+def _train_on(fuzz_root, data_name: str, root) -> None:
+    argv = ["train", str(fuzz_root / "base.yaml"), "--set", f"data.name={data_name}", "--set", f"data.root={root}",
+            "--out", str(fuzz_root / f"out{next(_counter)}")]
+    code, err = _call(argv)
+    _answered_well(argv, code, err)
+
+
+_SMALL_DIMS = st.lists(st.integers(0, 5), min_size=0, max_size=5).map(tuple)
+
+
+@st.composite
+def npz_arrays(draw) -> dict:
+    """An archive as a careless export might write one: a valid one (20 training and 10 test images, two classes)
+    with up to three things changed: an array missing, any dtype or shape, labels out of range (2**40 included),
+    NaN or out-of-range pixels, class names of the wrong kind or count."""
+    rng = np.random.default_rng(draw(st.integers(0, 3)))
+    image = draw(st.sampled_from([(5, 5), (4, 4, 3), (3, 4, 1)]))
+    arrays = {"x_train": rng.integers(0, 256, (20, *image), dtype=np.uint8), "y_train": np.arange(20) % 2,
+              "x_test": rng.integers(0, 256, (10, *image), dtype=np.uint8), "y_test": np.arange(10) % 2}
+    for _ in range(draw(st.integers(0, 3))):
+        key = draw(st.sampled_from(["x_train", "y_train", "x_test", "y_test", "class_names"]))
+        change = draw(st.sampled_from(["drop", "dtype", "shape", "fill", "label", "length", "names"]))
+        value = arrays.get(key, np.array(["a", "b"]))
+        with np.errstate(all="ignore"):
+            if change == "drop":
+                arrays.pop(key, None)
+                continue
+            if change == "dtype":
+                dtype = draw(st.sampled_from(["float32", "float64", "int64", "bool", "uint16", "complex64", "<U2"]))
+                value = value.astype(dtype) if value.dtype.kind != "U" else np.zeros(value.shape, dtype)
+                if value.dtype.kind == "f" and draw(st.booleans()):
+                    value = value / 255
+            elif change == "shape":
+                value = np.zeros(draw(_SMALL_DIMS), value.dtype)
+            elif change == "fill":
+                value = np.full(value.shape, draw(st.sampled_from([0.5, -1, 1e30, float("nan"), float("inf")])))
+            elif change == "label":
+                value = value.astype(np.int64) if value.dtype.kind in "iu" else value.copy()
+                if value.size and value.dtype.kind in "iu":
+                    value.flat[0] = draw(st.sampled_from([-1, 2, 11, 3_000_000, 2**40, 2**62]))
+            elif change == "length":
+                value = value[:draw(st.integers(0, len(value)))] if value.ndim else value
+            else:
+                value = np.array(draw(st.sampled_from([["a"], ["a", "b", "c"], [1, 2], [["a"], ["b"]], []])))
+        arrays[key] = value
+    return arrays
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(arrays=npz_arrays())
+@example(arrays={"x_train": np.zeros((2, 3, 3), np.uint8), "y_train": np.array([0, 2**40]),  # 2**40 class names
+                 "x_test": np.zeros((2, 3, 3), np.uint8), "y_test": np.array([0, 1])})
+@example(arrays={"x_train": np.zeros((2, 3, 3), np.uint8), "y_train": np.array([0, 1]),  # divided by zero
+                 "x_test": np.zeros((0, 3, 3), np.uint8), "y_test": np.zeros(0, np.int64)})
+def test_npz_contents_are_trained_on_or_answered_in_one_line(fuzz_root, arrays):
+    path = fuzz_root / f"data{next(_counter)}.npz"
+    np.savez(path, **arrays)
+    _train_on(fuzz_root, "npz", path)
+
+
+_MODES = {"L": 1, "RGB": 3, "RGBA": 4, "LA": 2, "P": 1, "1": 1, "I;16": 1, "I": 1, "F": 1, "CMYK": 4}
+
+
+@st.composite
+def image_trees(draw) -> list[tuple[str, object]]:
+    """root/{train,test}/CLASS/ files: a valid tree (two classes, 12 RGB training and 4 test images of 6x4) with
+    up to three things changed: images in every mode PIL writes (16-bit, float, palette, alpha, bilevel), another
+    size, files that are not images (empty, text, truncated), a folder where a file was, a class only in test."""
+    entries = {f"{split}/{cls}/{i}.png": ("image", "RGB", (6, 4)) for split, n in (("train", 6), ("test", 2))
+               for cls in ("cat", "dog") for i in range(n)}
+    for _ in range(draw(st.integers(0, 3))):
+        split = draw(st.sampled_from(["train", "test"]))
+        cls = draw(st.sampled_from(["cat", "dog", ".hidden", "bird"]))
+        name = f"{split}/{cls}/{draw(st.integers(0, 6))}{draw(st.sampled_from(['.png', '.jpg', '.bmp', '.PNG', '.txt']))}"
+        kind = draw(st.sampled_from(["image"] * 3 + ["empty", "text", "truncated", "folder", "drop"]))
+        if kind == "drop":
+            entries = {k: v for k, v in entries.items() if not k.startswith(f"{split}/{cls}/")}
+            continue
+        entries[name] = (kind, draw(st.sampled_from(list(_MODES))), draw(st.sampled_from([(6, 4), (5, 4), (1, 1)])))
+    return sorted(entries.items())
+
+
+def _write_tree(root, entries) -> None:
+    import io as io_mod
+
+    from PIL import Image
+
+    for name, (kind, mode, size) in entries:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "folder":
+            path.mkdir(exist_ok=True)
+            continue
+        if kind in ("empty", "text"):
+            path.write_text("" if kind == "empty" else "not an image")
+            continue
+        fmt = {".jpg": "JPEG", ".bmp": "BMP"}.get(path.suffix.lower(), "PNG")
+        # a mode this format cannot hold becomes a PNG of it, and I or F (no PNG holds them) a 16-bit PNG
+        for mode, fmt in ((mode, fmt), (mode, "PNG"), ("I;16", "PNG")):
+            buffer = io_mod.BytesIO()
+            try:
+                Image.new(mode, size).save(buffer, format=fmt)
+                break
+            except (OSError, ValueError, KeyError):
+                continue
+        data = buffer.getvalue()
+        path.write_bytes(data[:len(data) // 2] if kind == "truncated" else data)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(entries=image_trees())
+@example(entries=[("test/cat/0.png", ("image", "I;16", (6, 4))), ("train/cat/0.png", ("image", "RGB", (6, 4)))])
+def test_image_folder_contents_are_trained_on_or_answered_in_one_line(fuzz_root, entries):
+    root = fuzz_root / f"tree{next(_counter)}"
+    root.mkdir()
+    _write_tree(root, entries)
+    _train_on(fuzz_root, "folder", root)
+
+
+NUMBERS = st.one_of(st.integers(-3, 10), st.sampled_from([10**400, -10**30, 2**63, 1e308]),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3), st.none(), st.booleans(),
+                    st.lists(st.integers(0, 3), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(data=st.data())
+def test_other_trainers_checkpoint_metadata_is_imported_or_answered_in_one_line(fuzz_root, teacher_run, data):
+    """A trainer's .pth with any epoch, accuracy and wrapper keys, or a Hugging Face checkpoint folder whose
+    trainer_state.json holds anything JSON can: imported (then analysable), or refused in one line."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ckptkd.run import resolve
+
+    state = resolve(f"{teacher_run.path}@last")[0].state_dict()
+    source = fuzz_root / f"import{next(_counter)}"
+    source.mkdir()
+    if data.draw(st.booleans()):
+        saved = {data.draw(st.sampled_from(["model", "state_dict", "model_state", "net"])): state}
+        for key in data.draw(st.lists(st.sampled_from(["epoch", "best_acc", "accuracy", "metric", "best_valid_acc",
+                                                       "args", "opt", "version"]), max_size=4, unique=True)):
+            saved[key] = data.draw(NUMBERS)
+        torch.save(saved, source / f"ckpt_epoch_{data.draw(st.integers(0, 3))}.pth")
+    else:
+        folder = source / f"checkpoint-{data.draw(st.integers(0, 50))}"
+        folder.mkdir()
+        save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
+        trainer_state = {key: data.draw(NUMBERS) for key in data.draw(st.lists(st.sampled_from(
+            ["epoch", "global_step", "num_train_epochs", "best_metric"]), max_size=4, unique=True))}
+        if data.draw(st.booleans()):
+            trainer_state["log_history"] = data.draw(st.one_of(NUMBERS, st.lists(st.dictionaries(
+                st.sampled_from(["epoch", "eval_accuracy", "eval_loss", "loss", "step"]), NUMBERS), max_size=3)))
+        text = json.dumps(trainer_state) if data.draw(st.integers(0, 5)) else json.dumps(trainer_state)[:-1]
+        (folder / "trainer_state.json").write_text(text)
+    out = fuzz_root / f"out{next(_counter)}"
+    argv = ["import", str(source), "--model", "resnet8", "--out", str(out), "--set", "data.name=digits"]
+    code, err = _call(argv)
+    _answered_well(argv, code, err)
+    if code == 0:
+        argv = ["analyze", str(out), "--no-plots", "--seeds", "1"]
+        _answered_well(argv, *_call(argv))

@@ -10,7 +10,7 @@ PACKAGE = REPO / "src" / "ckptkd"
 
 # Lower stages first; a module may import from its own stage and the ones before it, never from a later one.
 STAGES = [
-    {"errors", "config", "formatting", "stats", "losses", "processes"},   # shared leaves
+    {"errors", "config", "formatting", "stats", "losses", "processes", "memory"},   # shared leaves
     {"data", "models"},
     {"run"},                                                  # the run folder and its storage
     {"teachers"},

@@ -1,12 +1,14 @@
 """The README's tour, as a new user would follow it: every command parses, names configs that exist, and reads
 only runs that an earlier command of the tour wrote (a tour that distilled from `runs/t2` before any command made
-it is how this check began). Training is left out: the commands themselves are tested elsewhere."""
+it is how this check began); then the tour runs, command by command as written, in a fresh folder. Only the paper's
+study and its report are left out (hours on a CPU; tests/test_study.py runs small studies end to end)."""
 
+import json
 import re
 import shlex
 
 from ckptkd.cli.main import build_parser
-from conftest import REPO
+from conftest import REPO, run_cli
 
 TOOL = ".venv/bin/ckptkd"
 
@@ -48,3 +50,24 @@ def test_every_tour_command_parses_and_reads_only_what_an_earlier_one_wrote():
             assert run in written, f"`ckptkd {shlex.join(argv)}` reads {run}, which no earlier tour command writes"
         if getattr(args, "out", None):
             written.add(args.out)
+
+
+LONG = {"study", "report"}
+
+
+def test_the_tour_runs_as_written(tmp_path):
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    ran = []
+    for argv in tour_commands():
+        if argv[0] in LONG:
+            continue
+        result = run_cli(*argv, cwd=tmp_path, timeout=600)
+        assert result.returncode == 0, f"`ckptkd {shlex.join(argv)}` exited {result.returncode}:\n{result.stderr[-3000:]}"
+        ran.append((argv, result))
+    assert len(ran) >= 12
+    picked = next(json.loads(r.stdout) for argv, r in ran if argv[:3] == ["select", "runs/t", "--json"])
+    assert picked["t_star"] in picked["ties"] and picked["criterion"] == "info@train"
+    elsewhere = next(r.stdout.split() for argv, r in ran if "--analysis" in argv)
+    assert len(elsewhere) == 3 and all(ref.startswith("runs/t2@epoch=") for ref in elsewhere)
+    assert not (tmp_path / "runs" / "t2" / "analysis.json").exists()
+    assert (tmp_path / "runs" / "t2-analysis" / "analysis.json").is_file()

@@ -59,6 +59,11 @@ def test_plan_covers_the_paper_grid():
     ({"ensemble_size": 1}, "ensemble_size"), ({"colour": "red"}, "colour"),
     ({"launcher": "kubernetes"}, "launcher must be local or slurm"), ({"slurm": {"gpus": 1}}, "slurm.gpus"),
     ({"slurm": {"time_min": 0}}, "slurm.time_min"), ({"slurm": {"extra": ["--exclusive"]}}, "slurm.extra"),
+    ({"seeds": 10**9}, "seeds must be a count from 1 to 1,000"), ({"seeds": list(range(1001))}, "at most 1,000 seeds"),
+    ({"seeds": [0, 2**31]}, "seeds must be"), ({"analysis": {"seeds": 10**9}}, "analysis.seeds must be"),
+    ({"analysis": {"seeds": 0}}, "analysis.seeds"), ({"analysis": {"seed": 2**40}}, "analysis.seed must be"),
+    ({"analysis": {"split": "test"}}, "analysis.split must be train or val"),
+    ({"analysis": {"temperature": -1}}, "analysis.temperature must be"), ({"analysis": {"k": 1}}, "'analysis.k'"),
 ])
 def test_bad_study_configs_name_the_field(change, needle):
     with pytest.raises(UserError, match=needle):
@@ -75,10 +80,36 @@ def test_a_study_runs_the_grid_and_a_rerun_redoes_nothing(tmp_path):
         assert label in report
     assert (study / "results.csv").read_text().count("\n") == len(rows) + 1
     assert (study / "plots" / "accuracy_by_variant.png").is_file()
+    _shows_each_task_by_variant(study, rows)
     mtimes = {p: p.stat().st_mtime_ns for p in (study / "runs").rglob("*.safetensors")}
     run_study(tiny_study(), out=tmp_path / "s", quiet=True)
     assert {p: p.stat().st_mtime_ns for p in (study / "runs").rglob("*.safetensors")} == mtimes
     assert all(r["attempts"] == 1 for r in ResultsDB(study / "results.sqlite").rows())
+
+
+def _shows_each_task_by_variant(study, rows):
+    """`ckptkd show STUDY`: one row per task with its pair, variant, trajectory, seed, the teacher epochs its run
+    distilled from, and its status in the database."""
+    import io
+
+    from rich.console import Console
+
+    from ckptkd.cli.tables import study_table
+    from ckptkd.run import Run
+
+    table = study_table(study, console=Console(file=io.StringIO(), width=300))
+    cells = {column.header: list(column._cells) for column in table.columns}
+    assert cells["run"] == [r["name"] for r in rows]
+    assert f"({len(rows)} tasks: {len(rows)} complete)" in table.title
+    for i, row in enumerate(rows):
+        group = row["group"]
+        assert cells["variant"][i] == group.get("variant", "") and cells["seed"][i] == str(group["seed"])
+        assert cells["status"][i] == "complete"
+        if group["role"] == "student":
+            teachers = Run(study / row["path"]).manifest.teachers
+            assert cells["teacher epochs"][i] == "+".join(str(t["epoch"]) for t in teachers)
+    assert set(cells["variant"]) == set(VARIANTS) | {""}
+    assert {cells["kind"][i] for i in range(len(rows))} == {"teacher", "ensemble_member", "analysis", "student"}
 
 
 def test_another_study_in_the_same_folder_is_refused(tmp_path):

@@ -56,9 +56,12 @@ def cmd_distill(args) -> None:
 
 def cmd_show(args) -> None:
     from ..run import MANIFEST, runs_under
-    from .tables import runs_table
+    from .tables import runs_table, study_table
 
     path = Path(args.run)
+    if (path / "results.sqlite").is_file() and not (path / MANIFEST).is_file():  # a study: its tasks, by variant
+        study_table(path)
+        return
     runs = runs_under(path) if path.is_dir() and not (path / MANIFEST).is_file() else []
     if runs:  # a folder of runs, e.g. what distill --fuse wrote
         runs_table(path, runs)
@@ -79,7 +82,7 @@ def cmd_analyze(args) -> None:
     from .tables import analysis_table
 
     result = analyze(args.run, temperature=args.temperature, seed=args.seed, seeds=args.seeds, split=args.split,
-                     plots=not args.no_plots, allow_incomplete=args.allow_incomplete)
+                     plots=not args.no_plots, allow_incomplete=args.allow_incomplete, out=args.out)
     analysis_table(result)
 
 
@@ -89,7 +92,8 @@ def cmd_select(args) -> None:
     from ..selection.analysis import select
 
     result = select(args.run, k=args.k, by=args.by, split=args.split, allow_incomplete=args.allow_incomplete,
-                    student=args.student, overrides=args.set, proxy_epochs=args.proxy_epochs)
+                    student=args.student, overrides=args.set, proxy_epochs=args.proxy_epochs,
+                    analysis=args.analysis)
     if args.json:
         print(json.dumps(result))
     else:
@@ -227,7 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=5, help="split seeds per estimate (mean and standard error)")
     p.add_argument("--split", choices=["train", "val"], default="train",
                    help="where T* is selected: the training inputs the student sees (default) or validation")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--no-plots", action="store_true", help="skip the figures")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write the analysis (analysis.json, plots/, analysis-cache/) here, not into the run folder: "
+                        "for a run you cannot or will not write to; read it back with `select --analysis DIR`")
     add_allow_incomplete(p)
     p.set_defaults(func=cmd_analyze)
 
@@ -245,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the split the criterion is read on (default: the criterion's own)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: t_star, ties, criterion, per-checkpoint score and se")
+    p.add_argument("--analysis", default=None, metavar="DIR",
+                   help="the run's analysis was written to DIR (`analyze --out DIR`); --by proxy keeps its proxies there")
     add_allow_incomplete(p)
     p.set_defaults(func=cmd_select)
 

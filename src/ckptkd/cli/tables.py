@@ -36,6 +36,45 @@ def runs_table(folder: str | Path, runs: list[Path], console: Console | None = N
     return table
 
 
+def _trajectories(row: dict) -> str:
+    """The teacher trajectory a study task belongs to: one index, or how many cells a shared run serves."""
+    group = row["group"] or {}
+    if group.get("role") in ("teacher", "analysis", "proxy"):
+        return str(group.get("teacher_seed", ""))
+    shared = {cell[2] for cell in group.get("serves", []) if len(cell) == 4}
+    return str(shared.pop()) if len(shared) == 1 else f"all {len(shared)}" if shared else ""
+
+
+def study_table(study: str | Path, console: Console | None = None) -> Table:
+    """Print (and return) one row per task of a study, from its database (read-only, while workers run): which pair,
+    variant, teacher trajectory and seed it is, its status there, its teachers' epochs and its accuracies."""
+    from ..study.queue import ResultsDB
+
+    study = Path(study)
+    with ResultsDB(study / "results.sqlite", readonly=True) as db:
+        rows = db.rows()
+    counts = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    table = Table(title=f"{study}  ({len(rows)} tasks: "
+                        + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ")")
+    for column in ("run", "kind", "pair", "variant", "trajectory", "seed", "teacher epochs", "status", "test %",
+                   "best val %"):
+        numeric = column in ("trajectory", "seed", "test %", "best val %")
+        table.add_column(column, justify="right" if numeric else "left")
+    for row in rows:
+        group, metrics = row["group"] or {}, row["metrics"] or {}
+        status = row["status"] + (f" ({row['attempts']} attempts)" if row["status"] == "failed" else "")
+        epochs = "+".join(str(e) for e in metrics.get("teacher_epochs") or [])
+        others = len(group.get("pairs", [])) - 1  # a task several pairs share (a teacher, a no-KD student)
+        pair = group.get("pair", "") + (f" (+{others})" if others > 0 else "")
+        table.add_row(row["name"], group.get("role", row["kind"]), pair, group.get("variant", ""),
+                      _trajectories(row), str(group.get("seed", "")), epochs, status,
+                      _percent(metrics.get("test_acc")), _percent(metrics.get("best_val_acc")))
+    (console or terminal_console()).print(table)
+    return table
+
+
 def trajectory_table(run: str | Path, console: Console | None = None) -> Table:
     """Print (and return) one row per saved checkpoint, then the run's final numbers."""
     run = Path(run)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .. import memory
 from ..errors import UserError, note
 
 try:
@@ -332,6 +333,29 @@ def _npz_labels(y: np.ndarray, key: str, path: Path, n: int) -> np.ndarray:
     return y.reshape(n).astype(np.int64)
 
 
+def _check_npz_headers(path: Path) -> None:
+    """Read only the archive's directory and each array's .npy header (dtype, shape): refuse Python objects, and
+    arrays that would not fit in memory, before any array is decompressed (a few MB of zeros compress from GBs)."""
+    if not zipfile.is_zipfile(path):
+        return  # np.load says what it is (a single .npy array, or nothing readable)
+    needed = 0
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise ValueError(f"{info.filename}: .npy format version {version} is not supported")
+                shape, _, dtype = read_header(f)
+            key = info.filename.removesuffix(".npy")
+            if dtype.hasobject:
+                raise UserError(f"{path}: {key!r} holds Python objects (a pickle), which ckptkd does not read; save "
+                                "numeric arrays (and class_names as strings)")
+            needed += math.prod(shape) * dtype.itemsize
+    memory.check_fits(str(path), needed, "its arrays")
+
+
 def load_npz(root: str | None) -> RawData:
     """A Keras-style .npz archive; `root` is the file itself."""
     if root is None:
@@ -340,6 +364,7 @@ def load_npz(root: str | None) -> RawData:
     if not path.is_file():
         raise UserError(f"npz: file {path} does not exist ({_NPZ_HINT})")
     try:
+        _check_npz_headers(path)
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise UserError(f"{path}: holds a single array, not an .npz archive ({_NPZ_HINT})")
@@ -380,11 +405,15 @@ _WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}  # converting these 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
-def _read_image(path: Path) -> np.ndarray:
+def _read_image(path: Path, size: tuple[int, int] | None = None, first: Path | None = None) -> np.ndarray:
     """[H, W] for a grayscale image, [H, W, 3] for anything else (converted to RGB). A 16-bit or float image is
-    refused (8-bit conversion would clip it); an alpha channel is dropped with a note."""
+    refused (8-bit conversion would clip it); an alpha channel is dropped with a note. With `size` (width, height:
+    that of `first`), an image of another size is refused from its header, before it is decoded."""
     try:
         with Image.open(path) as im:
+            if size is not None and im.size != size:
+                raise UserError(f"folder: {path} is {im.size[0]}x{im.size[1]} but {first} is {size[0]}x{size[1]}; "
+                                "all images must share one size")
             if im.mode in _WIDE_MODES:
                 raise UserError(f"{path}: a {im.mode} image (16-bit or float); ckptkd reads 8-bit images, convert "
                                 "it first")
@@ -392,6 +421,15 @@ def _read_image(path: Path) -> np.ndarray:
                 note(f"folder: images with an alpha channel (first: {path}); it is dropped")
             return np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise UserError(f"{path}: cannot read image ({e})") from e
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header, nothing decoded."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: cannot read image ({e})") from e
 
 
@@ -417,6 +455,9 @@ def load_folder(root: str | None) -> RawData:
     class_names = _class_dirs(base / "train")
     if not class_names:
         raise UserError(f"folder: no class folders in {base / 'train'}")
+    if len(class_names) > MAX_CLASSES:  # before a single image is read
+        raise UserError(f"folder: {len(class_names):,} class folders in {base / 'train'}; at most {MAX_CLASSES:,} "
+                        "are supported")
     for name in _class_dirs(base / "test"):
         if name not in class_names:
             raise UserError(f"folder: test class folder {base / 'test' / name} has no match in {base / 'train'}")
@@ -432,17 +473,15 @@ def load_folder(root: str | None) -> RawData:
     if not files["test"]:
         raise UserError(f"folder: no .png/.jpg/.jpeg/.bmp images under {base / 'test'}")
 
+    # Every image is held in memory as RGB (at most): what that needs is known from one header, before decoding.
+    first = files["train"][0][0]
+    width, height = _image_size(first)
+    count = len(files["train"]) + len(files["test"])
+    memory.check_fits(f"folder: {base}", count * width * height * 3, f"{count:,} images of {width}x{height}")
     arrays: dict[str, list[np.ndarray]] = {"train": [], "test": []}
-    first = None
     for split, entries in files.items():
         for path, _ in entries:
-            image = _read_image(path)
-            if first is None:
-                first = (path, image.shape[:2])
-            elif image.shape[:2] != first[1]:
-                (h, w), (fh, fw) = image.shape[:2], first[1]
-                raise UserError(f"folder: {path} is {w}x{h} but {first[0]} is {fw}x{fh}; all images must share one size")
-            arrays[split].append(image)
+            arrays[split].append(_read_image(path, (width, height), first))
 
     # Grayscale converts to RGB without loss, so a tree mixing both is read as RGB throughout.
     rgb = any(a.ndim == 3 for split in arrays.values() for a in split)

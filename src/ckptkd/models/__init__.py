@@ -12,8 +12,10 @@ where their final layer is `fc` or `linear`, `classifier` is a property returnin
 import inspect
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
+from .. import memory
 from ..errors import UserError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -64,6 +66,7 @@ def create(name: str, *, num_classes: int, in_channels: int = 3, image_size=None
     if image_size is not None and "image_size" in inspect.signature(factory).parameters:
         kw["image_size"] = _as_hw(image_size)
     extra = {k: v for k, v in kw.items() if k != "image_size"}
+    _check_size(name, factory, extra, num_classes=num_classes, in_channels=in_channels, **kw)
     try:
         model = factory(num_classes=num_classes, in_channels=in_channels, **kw)
     except (TypeError, ValueError, RuntimeError) as e:
@@ -76,6 +79,25 @@ def create(name: str, *, num_classes: int, in_channels: int = 3, image_size=None
     if not isinstance(model, nn.Module):
         raise UserError(f"model '{name}' did not build a torch.nn.Module (got {type(model).__name__})")
     return model
+
+
+# Training holds each parameter about four times (weights, gradients, optimizer state, a checkpoint being written).
+TRAINING_COPIES = 4
+
+
+def _check_size(name: str, factory, extra: dict, **kw) -> None:
+    """Build the model on the meta device first (shapes, no memory) and refuse one that could never be trained
+    here, e.g. model.widths=[10**9], before its weights are allocated. A constructor that cannot build on meta is
+    left to the real build."""
+    try:
+        with torch.device("meta"):
+            shapes = factory(**kw)
+        size = sum(t.numel() * t.element_size() for t in (*shapes.parameters(), *shapes.buffers()))
+    except Exception:  # noqa: BLE001 - any failure here is met again, and named, by the real build
+        return
+    args = "".join(f" model.{k}={v!r}" for k, v in extra.items())
+    memory.check_fits(f"model '{name}'{args and ' with' + args}", TRAINING_COPIES * size,
+                      f"its {size / 2**30:,.1f} GiB of weights, held {TRAINING_COPIES} times in training,")
 
 
 def from_spec(spec: dict) -> nn.Module:

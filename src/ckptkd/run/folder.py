@@ -8,8 +8,9 @@ RUN/
   state/last.safetensors               what --resume needs (`state.Progress` + tensors); no pickle
   metrics.jsonl                        one JSON object per epoch
   .lock                                the process writing the run, while it does (`lock`)
-  analysis.json, analysis-cache/, plots/   written by `ckptkd analyze`
-  proxy/                               the proxy students of `ckptkd select --by proxy`
+  analysis.json, analysis-cache/, plots/   written by `ckptkd analyze` (or into its --out folder: the
+                                       analysis home of a run the user cannot or will not write to)
+  proxy/                               the proxy students of `ckptkd select --by proxy` (also in the analysis home)
   cache/                               teacher-output caches of this run's checkpoints
 ```
 
@@ -70,10 +71,15 @@ def checkpoint_path(epoch: int) -> str:
 
 
 class Run:
-    """A run folder, read side: its manifest, config, analysis and checkpoint references."""
+    """A run folder, read side: its manifest, config, analysis and checkpoint references.
 
-    def __init__(self, path: str | Path):
+    `analysis_dir` is where its analysis lives (analysis.json, analysis-cache/, plots/, proxy/): the run folder
+    itself unless the analysis was written elsewhere (`ckptkd analyze RUN --out DIR`), e.g. for a teacher in a
+    shared, read-only folder."""
+
+    def __init__(self, path: str | Path, analysis_dir: str | Path | None = None):
         self.path = Path(path)
+        self.analysis_home = Path(analysis_dir) if analysis_dir is not None else self.path
 
     def __str__(self) -> str:
         return str(self.path)
@@ -111,25 +117,46 @@ class Run:
 
     @property
     def plots_dir(self) -> Path:
-        return self.path / "plots"
+        return self.analysis_home / "plots"
 
     @property
     def analysis_cache_dir(self) -> Path:
-        return self.path / "analysis-cache"
+        return self.analysis_home / "analysis-cache"
+
+    @property
+    def proxy_dir(self) -> Path:
+        return self.analysis_home / "proxy"
+
+    @property
+    def analysis_path(self) -> Path:
+        return self.analysis_home / ANALYSIS
+
+    def analyze_command(self) -> str:
+        elsewhere = f" --out {self.analysis_home}" if self.analysis_home != self.path else ""
+        return f"ckptkd analyze {self.path}{elsewhere}"
 
     def has_analysis(self) -> bool:
-        return (self.path / ANALYSIS).is_file()
+        return self.analysis_path.is_file()
 
     def analysis(self, what: str | None = None) -> dict:
-        path = self.path / ANALYSIS
+        path = self.analysis_path
         if not path.is_file():
-            raise UserError(f"{what or self.path}: {self.path} has not been analysed; run `ckptkd analyze "
-                            f"{self.path}` first")
-        analysis = read_sealed_json(path, "analysis", remedy=f"rerun `ckptkd analyze {self.path}`",
+            elsewhere = f" in {self.analysis_home}" if self.analysis_home != self.path else ""
+            raise UserError(f"{what or self.path}: {self.path} has not been analysed{elsewhere}; run "
+                            f"`{self.analyze_command()}` first")
+        analysis = read_sealed_json(path, "analysis", remedy=f"rerun `{self.analyze_command()}`",
                                     required=sealed_since_0_3)
         problem = analysis_problem(analysis)
         if problem:
-            raise UserError(f"{path} is not a ckptkd analysis ({problem}); rerun `ckptkd analyze {self.path}`")
+            raise UserError(f"{path} is not a ckptkd analysis ({problem}); rerun `{self.analyze_command()}`")
+        if self.analysis_home != self.path:
+            # An analysis kept apart from its run could be of another run (or of this one before it was retrained).
+            saved = {c.epoch: c.sha256 for c in self.manifest.checkpoints}
+            other = next((c["epoch"] for c in analysis["checkpoints"]
+                          if c.get("sha256") is not None and saved.get(c["epoch"]) not in (None, c["sha256"])), None)
+            if other is not None:
+                raise UserError(f"{path} is the analysis of another run: its epoch {other} is not the checkpoint "
+                                f"{self.path} holds; rerun `{self.analyze_command()}`")
         return analysis
 
     def write_analysis(self, analysis: dict, plots: Path | None = None) -> Path:
@@ -138,21 +165,21 @@ class Run:
         figures are removed. Plotting takes seconds and happens before any of this, so a kill leaves the previous
         analysis and its own plots (and a hidden folder the next analyze removes), not new plots beside it."""
         if plots is None:
-            write_sealed_json(self.path / ANALYSIS, analysis)
-            return self.path / ANALYSIS
-        aside = self.path / (temporary_name(self.plots_dir) + "old.tmp")
+            write_sealed_json(self.analysis_path, analysis)
+            return self.analysis_path
+        aside = self.analysis_home / (temporary_name(self.plots_dir) + "old.tmp")
         if self.plots_dir.exists():
             os.rename(self.plots_dir, aside)
         os.rename(plots, self.plots_dir)
-        write_sealed_json(self.path / ANALYSIS, analysis)
+        write_sealed_json(self.analysis_path, analysis)
         shutil.rmtree(aside, ignore_errors=True)
-        return self.path / ANALYSIS
+        return self.analysis_path
 
     @contextlib.contextmanager
     def new_plots(self):
         """A hidden folder beside RUN/plots/ to draw a new analysis' figures into (see `write_analysis`); removed
         if they are never published."""
-        building = Path(tempfile.mkdtemp(prefix=temporary_name(self.plots_dir), suffix=".tmp", dir=self.path))
+        building = Path(tempfile.mkdtemp(prefix=temporary_name(self.plots_dir), suffix=".tmp", dir=self.analysis_home))
         try:
             shared_permissions(building, directory=True)
             yield building
@@ -163,7 +190,7 @@ class Run:
         """Epochs best first by the information criterion, T* first (what `ckptkd analyze` selected)."""
         ranking = self.analysis(what)["ranking"]  # its entries checked by `analysis_problem`
         if not ranking:
-            raise UserError(f"{what}: {self.path / ANALYSIS} has no ranking; rerun `ckptkd analyze {self.path}`")
+            raise UserError(f"{what}: {self.analysis_path} has no ranking; rerun `{self.analyze_command()}`")
         return [r["epoch"] for r in ranking]
 
 

@@ -73,7 +73,7 @@ class RunLock:
     def _read(self) -> dict | None:
         try:
             holder = json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        except (FileNotFoundError, ValueError, UnicodeDecodeError, RecursionError):  # damaged: as if absent
             return None
         return holder if isinstance(holder, dict) else None
 

@@ -155,16 +155,27 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+# The largest JSON file ckptkd reads (a manifest, an analysis, an importer's trainer_state.json): its own are at most
+# a few MB, and parsing takes about ten times a file's size in memory, so a larger one is refused unread.
+MAX_JSON_BYTES = 256 * 2**20
+
+
 def read_json(path: str | Path, what: str = "file", remedy: str = "") -> Any:
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise UserError(f"{what} {path} is {size / 2**20:,.0f} MiB; a JSON file ckptkd reads is at most "
+                            f"{MAX_JSON_BYTES // 2**20} MiB{_then(remedy)}")
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{what} not found: {path}") from None
     except IsADirectoryError:
         raise UserError(f"{what} {path} is a folder, not a file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{what} {path} is not valid JSON ({e}){_then(remedy)}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        # ValueError: a JSONDecodeError, or an integer of more than 4,300 digits; RecursionError: nesting too deep
+        said = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"{what} {path} is not valid JSON ({said}){_then(remedy)}") from None
 
 
 CHECKSUM = "checksum"
@@ -283,7 +294,7 @@ def _read_tensors(path: str | Path, expected_sha256: str | None, what: str, reme
         elif sealed and (metadata is None or len(header) > 1):
             raise ValueError("it carries no ckptkd seal")
         # Otherwise written before seals (as good as its manifest's sha256), or another program's file (an import).
-    except (SafetensorError, OSError, ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError, RecursionError) as e:  # JSONDecodeError too
         raise UserError(f"{what} {path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
                         f"{_then(remedy)}") from None
     return tensors, metadata if isinstance(metadata, dict) else {}

@@ -19,16 +19,18 @@ import hashlib
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .. import config as config_mod
 from .. import data as data_mod
 from ..errors import UserError
 from ..run import Run, provenance, resolve
-from ..run.storage import read_sealed_json, remove_stale_temporaries, write_sealed_json
+from ..run.storage import read_sealed_json, remove_stale_temporaries, temporary_name, write_sealed_json
 from . import criteria as selection
 from . import info
 
@@ -285,19 +287,44 @@ def _plans(data: data_mod.Data, split: str, *, seed: int, seeds: int) -> tuple[t
     return sub, plans, None
 
 
+def _check_writable(folder: Run) -> None:
+    """Refuse before any work when the analysis cannot be saved (a teacher in someone else's read-only folder)."""
+    home = folder.analysis_home
+    elsewhere = home.resolve() != folder.path.resolve()
+    if elsewhere and home.exists() and not home.is_dir():
+        raise UserError(f"analyze: --out {home} is a file, not a folder")
+    if elsewhere and (home / "manifest.json").is_file():
+        raise UserError(f"analyze: --out {home} is a run folder; name a folder of its own for the analysis")
+    try:
+        folder.analysis_cache_dir.mkdir(parents=True, exist_ok=True)
+        probe = temporary_name(folder.analysis_cache_dir / "writable")  # removed by the next analyze if killed here
+        with tempfile.NamedTemporaryFile(dir=folder.analysis_cache_dir, prefix=probe, suffix=".tmp"):
+            pass
+    except OSError as e:
+        hint = "" if elsewhere else "; write the analysis elsewhere with --out DIR"
+        raise UserError(f"analyze: cannot write to {folder.analysis_cache_dir} ({e.strerror or e}){hint}") from e
+
+
 def analyze(run: str | Path, *, temperature: float | None = None, seed: int = 0, seeds: int = SEEDS,
-            split: str = "train", plots: bool = True, quiet: bool = False, allow_incomplete: bool = False) -> dict:
-    """Analyse every checkpoint of `run`; writes RUN/analysis.json (and RUN/plots/) and returns the analysis."""
+            split: str = "train", plots: bool = True, quiet: bool = False, allow_incomplete: bool = False,
+            out: str | Path | None = None) -> dict:
+    """Analyse every checkpoint of `run`; writes RUN/analysis.json (and RUN/plots/, RUN/analysis-cache/), or the same
+    into `out` for a run that should stay untouched, and returns the analysis."""
     if split not in SPLITS:
         raise UserError(f"analyze: --split must be train or val, got {split!r}")
     if not 1 <= seeds <= 100:
         raise UserError(f"analyze: --seeds must be between 1 and 100, got {seeds}")
-    folder = Run(run)
+    if not 0 <= seed <= config_mod.MAX_SEED:
+        raise UserError(f"analyze: --seed must be between 0 and {config_mod.MAX_SEED:,}, got {seed}")
+    if temperature is not None and not (0 < temperature <= config_mod.FLOAT32_MAX):
+        raise UserError(f"analyze: --temperature must be a positive number, got {temperature}")
+    folder = Run(run, analysis_dir=out)
     run = folder.path
     checkpoints = resolve(f"{run}@all", allow_incomplete=allow_incomplete)
     manifest = folder.manifest
     cfg = folder.config()
-    for leftovers in (folder.path, folder.analysis_cache_dir, folder.plots_dir):  # of a killed analysis
+    _check_writable(folder)
+    for leftovers in (folder.analysis_home, folder.analysis_cache_dir, folder.plots_dir):  # of a killed analysis
         remove_stale_temporaries(leftovers, shared=True)
     tau = temperature if temperature is not None else cfg["kd"]["temperature"]
     say = (lambda _m: None) if quiet else (lambda m: print(f"analyze: {m}", file=sys.stderr))
@@ -413,14 +440,16 @@ def _agreement(records: list[dict], criteria: dict, split: str) -> dict:
 
 def select(run: str | Path, *, k: int = 1, by: str = "info", split: str | None = None,
            allow_incomplete: bool = False, student: str | Path | dict | None = None,
-           overrides: dict | list | None = None, proxy_epochs: int | None = None) -> dict:
+           overrides: dict | list | None = None, proxy_epochs: int | None = None,
+           analysis: str | Path | None = None) -> dict:
     """The best K checkpoints (K > 1: a snapshot ensemble) by a criterion of `selection.CRITERIA` on a split.
 
     Returns {"run", "criterion", "t_star" (the tie-aware pick), "t_star_info" (the criterion's pure argmax), "ties",
     "references", "checkpoints": [{"epoch", "score", "se", "tied"}],
     "flat", "skipped"}. `by="val"` without an analysis reads the validation accuracy recorded in the manifest;
-    `by="proxy"` distills short proxies of `student` (with `overrides`) from every checkpoint (`selection.proxy`)."""
-    folder = Run(run)
+    `by="proxy"` distills short proxies of `student` (with `overrides`) from every checkpoint (`selection.proxy`).
+    `analysis`: the folder `analyze --out` wrote the run's analysis to (the proxies are kept there too)."""
+    folder = Run(run, analysis_dir=analysis)
     checkpoints = resolve(f"{folder.path}@all", allow_incomplete=allow_incomplete)
     by_epoch = {c.epoch: c for c in checkpoints}
     if by == "proxy":
@@ -429,7 +458,7 @@ def select(run: str | Path, *, k: int = 1, by: str = "info", split: str | None =
         from .proxy import proxy_select
 
         result = proxy_select(folder.path, student, overrides=overrides, epochs=proxy_epochs,
-                              allow_incomplete=allow_incomplete)
+                              allow_incomplete=allow_incomplete, analysis=analysis)
         epochs = [result["t_star"]] + sorted((r["epoch"] for r in result["scores"] if r["epoch"] != result["t_star"]),
                                              key=lambda e: -next(r["score"] for r in result["scores"]
                                                                  if r["epoch"] == e))
@@ -443,8 +472,8 @@ def select(run: str | Path, *, k: int = 1, by: str = "info", split: str | None =
     else:
         analysis = folder.analysis(f"select --by {by}")
         if analysis.get("format") != FORMAT:
-            raise UserError(f"select: {folder.path}/analysis.json was written by an older ckptkd; rerun "
-                            f"`ckptkd analyze {folder.path}`")
+            raise UserError(f"select: {folder.analysis_path} was written by an older ckptkd; rerun "
+                            f"`{folder.analyze_command()}`")
         key = selection.criterion_key(by, split, analysis["split"])
         result = {**analysis["criteria"][key], "criterion": key}
         if result["t_star"] is None:
@@ -455,8 +484,8 @@ def select(run: str | Path, *, k: int = 1, by: str = "info", split: str | None =
         raise UserError(f"select: --k must be between 1 and {len(epochs)} (the run's checkpoints)")
     unknown = [e for e in epochs[:k] if e not in by_epoch]
     if unknown:
-        raise UserError(f"select: {folder.path}/analysis.json names epoch {unknown[0]}, which the run has no "
-                        f"checkpoint of; rerun `ckptkd analyze {folder.path}`")
+        raise UserError(f"select: {folder.analysis_path} names epoch {unknown[0]}, which the run has no "
+                        f"checkpoint of; rerun `{folder.analyze_command()}`")
     return {"run": str(folder.path), "criterion": result["criterion"], "t_star": result["t_star"],
             "t_star_info": result.get("best"), "ties": result["ties"],
             "references": [by_epoch[e].reference for e in epochs[:k]],

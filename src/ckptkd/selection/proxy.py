@@ -45,15 +45,15 @@ def proxy_config(student: dict, epochs: int) -> dict:
 
 def proxy_select(run: str | Path, student: str | Path | dict, *, overrides: dict | list | None = None,
                  epochs: int | None = None, seed: int | None = None, quiet: bool = False,
-                 allow_incomplete: bool = False) -> dict:
+                 allow_incomplete: bool = False, analysis: str | Path | None = None) -> dict:
     """The proxy selection of `run`'s checkpoints for the student `student` (a config path or dict, with
     `overrides`). Returns a criterion result as `select` reads it ({"criterion": "proxy", "t_star", "best", "ties",
     "scores": [{"epoch", "score", "se", "tied"}], "flat", "skipped"}) plus "epochs", "seed", "cost_s" (training
-    seconds, all proxies together) and "folder" (relative to the run)."""
+    seconds, all proxies together) and "folder" (relative to the analysis home: the run, or `analysis`)."""
     from ..training.api import make_teacher
     from ..training.loop import Member, fit
 
-    folder = Run(run)
+    folder = Run(run, analysis_dir=analysis)
     checkpoints = resolve(f"{folder.path}@all", allow_incomplete=allow_incomplete)
     cfg = config_mod.resolve(student, overrides)
     if cfg["kd"]["teachers"]:
@@ -68,7 +68,7 @@ def proxy_select(run: str | Path, student: str | Path | dict, *, overrides: dict
     settings = {"student": config_mod.identity({k: v for k, v in proxy.items() if k != "name"}),
                 "checkpoints": [c.sha256 for c in checkpoints]}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    root = folder.path / "proxy" / key
+    root = folder.proxy_dir / key
     if (root / RESULT).is_file():
         return read_sealed_json(root / RESULT, "proxy selection", required=lambda _obj: True,
                                 remedy=f"delete {root} to train the proxies again")
@@ -77,7 +77,8 @@ def proxy_select(run: str | Path, student: str | Path | dict, *, overrides: dict
         member_cfg = copy.deepcopy(proxy)
         member_cfg["name"] = f"proxy-epoch-{c.epoch}"
         member_out = root / f"epoch-{c.epoch:04d}"
-        # named relative to the proxy's own folder (inside the teacher's run): true wherever the run is moved
+        # named relative to the proxy's own folder (inside the teacher's run unless written elsewhere): true
+        # wherever the run is moved, with its proxies
         member_cfg["kd"]["teachers"] = [relative_to(f"{folder.path}@epoch={c.epoch}", member_out)]
         members.append(Member(member_cfg, member_out, make_teacher(member_cfg, quiet=True, base=member_out,
                                                                    allow_incomplete=allow_incomplete), "distill"))

@@ -61,16 +61,30 @@ SLURM_FIELDS = {
 HOW_KEYS = ("description", "fuse", "margin", "max_attempts", "run_names", "launcher", "slurm")
 
 
+ANALYSIS_FIELDS = {  # what `ckptkd analyze` accepts
+    "seed": integer(0, config_mod.MAX_SEED),
+    "temperature": number(0.0, lo_open=True, nullable=True),
+    "split": lambda v: None if v in ("train", "val") else "train or val",
+    "seeds": integer(1, 100),
+}
+
+
 def _fuse(v):
     if v in ("auto", "off") or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024):
         return None
     return "auto, off or the largest number of runs trained as one group (1 to 1024)"
 
 
+MAX_STUDY_SEEDS = 1000  # student seeds per cell; each is a run per (pair, variant, trajectory)
+
+
 def _seeds(v):
-    if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+    if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_STUDY_SEEDS:
         return None
-    return list_of(integer(0, config_mod.MAX_SEED), min_len=1)(v)
+    if isinstance(v, list) and len(v) > MAX_STUDY_SEEDS:
+        return f"at most {MAX_STUDY_SEEDS:,} seeds"
+    return (list_of(integer(0, config_mod.MAX_SEED), min_len=1)(v)
+            and f"a count from 1 to {MAX_STUDY_SEEDS:,}, or a list of seeds from 0 to {config_mod.MAX_SEED:,}")
 
 
 def _snapshot(v):
@@ -164,9 +178,13 @@ def resolve_study(source: str | Path | dict, overrides: list[str] | dict | None 
             raise UserError(f"study: {section} must be a mapping")
     study["analysis"] = {**STUDY_DEFAULTS["analysis"], **study["analysis"]}
     unknown = set(study["analysis"]) - set(STUDY_DEFAULTS["analysis"])
-    if unknown or study["analysis"]["split"] not in ("train", "val"):
-        raise UserError(f"study: analysis takes seed, temperature, split (train or val) and seeds, got "
-                        f"{study['analysis']}")
+    if unknown:
+        raise UserError(f"study: unknown key 'analysis.{sorted(map(str, unknown))[0]}' (known: "
+                        f"{', '.join(STUDY_DEFAULTS['analysis'])})")
+    for key, check in ANALYSIS_FIELDS.items():  # checked here, not when the first analysis task runs
+        expected = check(study["analysis"][key])
+        if expected:
+            raise UserError(f"study: analysis.{key} must be {expected}, got {study['analysis'][key]!r}")
     if study["teacher_per_seed"] and study["trajectories"] != 1:
         raise UserError("study: teacher_per_seed (one trajectory per student seed) and trajectories are exclusive")
     resolved_pairs = []

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import glob as glob_mod
-import json
 import math
 import pickle
 import re
@@ -45,7 +44,7 @@ from .. import data as data_mod
 from ..errors import UserError, note
 from ..models import from_spec
 from ..run import Final, Manifest, Run, write_run
-from ..run.storage import sha256_file
+from ..run.storage import read_json, sha256_file
 from .loop import evaluate
 from .recipe import model_spec, pick_device
 
@@ -202,10 +201,7 @@ def _load_hf(folder: Path, strip_prefix: str | None) -> Found:
     found.epoch = None  # a step, not an epoch, is in the folder's name
     state_file = folder / "trainer_state.json"
     if state_file.is_file():
-        try:
-            state = json.loads(state_file.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # ValueError: also an int of 5,000 digits
-            raise UserError(f"import: {state_file} is not valid JSON ({str(e)[:120] or type(e).__name__})") from None
+        state = read_json(state_file, "import: Trainer state")
         if not isinstance(state, dict):
             raise UserError(f"import: {state_file} is not a Trainer state (a JSON object)")
         epoch = state.get("epoch")

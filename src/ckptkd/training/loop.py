@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import config as config_mod
+from .. import memory
 from .. import data as data_mod
 from ..errors import UserError
 from ..models import from_spec
@@ -411,10 +412,15 @@ def stopped(folder: RunWriter, progress: Progress, error: BaseException) -> None
             folder.fail(progress, f"{type(error).__name__}: {error}")
     except OSError:
         pass  # the disk that stopped the run may not take the manifest either; the previous one stays in place
+    kept = f"epoch {progress.epoch}" if progress.epoch else "nothing yet"
     if is_disk_full(error):
-        kept = f"epoch {progress.epoch}" if progress.epoch else "nothing yet"
         raise UserError(f"the disk is full ({error.filename or folder.path}): the run stopped; its last saved state "
                         f"({kept}) and manifest are intact. Free space and continue with --resume") from error
+    if memory.is_out_of_memory(error):
+        said = " ".join(str(error).split())[:160] or type(error).__name__
+        raise UserError(f"out of memory training {folder.path} ({said}): the run stopped and is marked failed "
+                        f"(saved: {kept}); train it again with a smaller data.batch_size or data.eval_batch_size, "
+                        "or a smaller model") from error
 
 
 def final_numbers(progress: Progress, last_k: int) -> Final:
