@@ -43,7 +43,8 @@ OVERRIDE = st.one_of(
 )
 SELECTORS = st.one_of(st.sampled_from(["", "@last", "@0.5", "@1.0", "@0", "@1.5", "@-1", "@epoch=1", "@epoch=0",
                                        "@epoch=99", "@epoch=x", "@best-val", "@best-info", "@top-info:2",
-                                       "@top-info:0", "@top-info:x", "@all", "@0.3,0.5", "@,", "@@", "@0.5,epoch=1"]),
+                                       "@top-info:0", "@top-info:x", "@all", "@0.3,0.5", "@,", "@@", "@0.5,epoch=1",
+                                       "@0.5,0.5", "@epoch=4,epoch=4", "@0.7,epoch=4"]),
                       st.text(max_size=10).map(lambda t: "@" + t))
 
 _counter = itertools.count()
@@ -122,12 +123,13 @@ def test_every_command_answers_bad_input_with_one_line(fuzz_root, monkeypatch, d
                                                      "- a list\n", "key: [unclosed\n", ""])))
     run = str(data.draw(st.sampled_from([fuzz_root / "t", fuzz_root / "nowhere", fuzz_root / "text.txt",
                                          fuzz_root / "empty"])))
+    resume = ["--resume"] if data.draw(st.booleans()) else []  # into a folder that may not exist
     if command == "train":
-        argv = ["train", str(config), *sets, "--out", str(out)]
+        argv = ["train", str(config), *sets, "--out", str(out), *resume]
     elif command == "distill":
         teachers = [a for _ in range(data.draw(st.integers(0, 2)))
                     for a in ("--teacher", run + data.draw(SELECTORS))]
-        argv = ["distill", str(config), *teachers, *sets, "--out", str(out)]
+        argv = ["distill", str(config), *teachers, *sets, "--out", str(out), *resume]
         if data.draw(st.booleans()):
             argv += ["--fuse", "--seeds", data.draw(st.sampled_from(["0,1", "0,0", "x", "-1", "1"]))]
     elif command == "analyze":

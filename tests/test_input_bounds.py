@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -177,8 +178,11 @@ def _bombs(tmp: Path, teacher_run) -> dict:
 def test_inputs_built_to_exhaust_memory_are_answered_in_one_line_with_little_memory(tmp_path, teacher_run):
     bombs = _bombs(tmp_path, teacher_run)
     problems = []
+    print(f"\n{'input':<52} exit  peak MB  seconds")  # `pytest -s` shows what each answer cost
     for name, (argv, names) in bombs.items():
+        started = time.perf_counter()
         code, err, peak_mb = _answer(argv, tmp_path)
+        print(f"{name:<52} {code:>4} {peak_mb:>8.0f} {time.perf_counter() - started:>8.1f}")
         lines = err.strip().splitlines()
         if code != 2 or "Traceback" in err or not lines or not lines[-1].startswith("ckptkd: error: "):
             problems.append(f"{name}: exit {code}: {err.strip()[-300:]}")
