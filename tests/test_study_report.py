@@ -153,14 +153,14 @@ class Study:
         (self.later if outcome == "pending" else self.runs).append(run)
         return run_id
 
-    def teacher(self, pair, t, acc, *, outcome="complete", duration=10.0, run_id=None):
+    def teacher(self, pair, t, acc, *, outcome="complete", duration=10.0, run_id=None, top5=None):
         teacher_model, student_model = pair.split("->")
         run_id = run_id or f"{teacher_model}-t{t}"
         return self.add(run_id, "train", {"pair": pair, "pairs": [pair], "serves": [[pair]], "role": "teacher",
                                           "teacher_model": teacher_model, "student_model": student_model,
                                           "teacher_seed": t, "seed": t},
                         {"test_acc": acc, "val_acc": acc + 0.01, "best_val_acc": acc + 0.012, "best_val_epoch": 18,
-                         "health": {"ok": True, "flags": []}},
+                         "health": {"ok": True, "flags": []}, **({"test_top5": top5} if top5 is not None else {})},
                         outcome=outcome, duration=duration, name=run_id.replace("id-", ""))
 
     def analysis(self, pair, t, metrics, *, depends_on, outcome="complete", duration=5.0, run_id=None):
@@ -170,7 +170,7 @@ class Study:
                         outcome=outcome, depends_on=depends_on, duration=duration, name=run_id.replace("id-", ""))
 
     def student(self, pair, variant, cells, acc, *, depends_on=(), also=(), flags=(), cache=None, old=False,
-                outcome="complete", duration=3.0, run_id=None, teacher_epochs=(10,), teacher_acc=None):
+                outcome="complete", duration=3.0, run_id=None, teacher_epochs=(10,), teacher_acc=None, top5=None):
         """One student task serving (variant, t, s) for each (t, s) in cells, and every (variant, t, s) in also."""
         teacher_model, student_model = pair.split("->")
         t, s = cells[0]
@@ -187,7 +187,8 @@ class Study:
             "teacher_test_acc": (teacher_acc or 0.75 + 0.001 * t) if kd else None,
             "teacher_val_acc": 0.76 if kd else None,
             "teachers": [f"runs/{teacher_model}-t{t}@epoch={e}" for e in teacher_epochs] if kd else [],
-            "teacher_epochs": list(teacher_epochs) if kd else [], "teacher_cache": cache if kd else None}
+            "teacher_epochs": list(teacher_epochs) if kd else [], "teacher_cache": cache if kd else None,
+            **({"test_top5": round(top5 + 0.002, 6), "test_top5_last_k": top5} if top5 is not None else {})}
         return self.add(run_id, "train" if not kd else "distill", group, metrics, outcome=outcome,
                         depends_on=depends_on, duration=duration, name=run_id.replace("id-", ""))
 
@@ -1058,3 +1059,30 @@ def test_a_two_seed_study_claims_nothing_it_cannot_and_says_when_t_star_is_t_ful
     compared = {r[1]: r[2:] for r in table_rows(section(report, "## Comparisons"))}
     assert compared["T* − T^full"][1] == "0.00" and compared["T* − T^full"][-1] == "the same runs"
     assert compared["T^0.3 − T^full"][-1].startswith("inconclusive (design cannot resolve: 1 trajectory")
+
+
+def test_top5_is_reported_beside_top1_where_the_runs_recorded_it(main, tmp_path):
+    """A second Table 3 in top-5 (the last-k mean, as top-1), its cells from the students' own top-5 values; none
+    where no run recorded top-5 (the main study: its students predate it); results.csv carries both columns."""
+    _, _, report, _ = main
+    assert "Table 3, top-5" not in report
+    st = Study(tmp_path, name="top5", seeds=(0, 1), trajectories=2)
+    p = "wrn40->resnet8"
+    st.pair(p, ["none", "Tfull"])
+    top5 = {"none": {0: 0.91, 1: 0.93}, "Tfull": {(0, 0): 0.95, (0, 1): 0.96, (1, 0): 0.94, (1, 1): 0.99}}
+    teachers = [st.teacher(p, t, 0.8, top5=0.97 + 0.01 * t) for t in range(2)]
+    for s in range(2):
+        st.student(p, "none", [(t, s) for t in range(2)], 0.7 + 0.01 * s, top5=top5["none"][s])
+        for t in range(2):
+            st.student(p, "Tfull", [(t, s)], 0.75, top5=top5["Tfull"][(t, s)], depends_on=[teachers[t]])
+    study = st.build()
+    write_report(study, console=Console(file=io.StringIO()))
+    text = (study / "report.md").read_text(encoding="utf-8")
+    rows = {r[0]: r for r in table_rows(section(text, "The same students in top-5"))}
+    assert rows["wrn40"][2] == summary([0.97, 0.98])
+    assert [c.strip("*") for c in rows["wrn40"][3:]] == [summary(top5["none"].values()),
+                                                          summary(top5["Tfull"].values())]
+    assert rows["wrn40"][4].startswith("**")  # the better top-5 in bold
+    csv_rows = list(csv.DictReader(io.StringIO((study / "results.csv").read_text())))
+    student = next(r for r in csv_rows if r["run_id"] == f"{p}-Tfull-t1s1")
+    assert float(student["test_top5_last_k"]) == 0.99 and float(student["test_top5"]) == 0.992

@@ -31,12 +31,17 @@ def test_teacher_run_keeps_its_trajectory(teacher_run):
     assert [c["epoch"] for c in manifest["checkpoints"]] == [2, 3, 4, 6]
     for c in manifest["checkpoints"]:
         assert sha256_file(run / c["path"]) == c["sha256"]
-        assert set(c["metrics"]) == {"train_loss", "train_acc", "val_loss", "val_acc", "test_acc"}
-        assert 0.0 <= c["metrics"]["val_acc"] <= 1.0
+        assert set(c["metrics"]) == {"train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "val_top5",
+                                     "test_top5"}
+        assert 0.0 <= c["metrics"]["val_acc"] <= c["metrics"]["val_top5"] <= 1.0
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 7))
     final = manifest["final"]
     assert final["epoch"] == 6 and final["test_acc"] == manifest["checkpoints"][-1]["metrics"]["test_acc"]
+    assert final["test_top5"] == manifest["checkpoints"][-1]["metrics"]["test_top5"]
+    records = [json.loads(line) for line in lines]
+    assert final["test_top5_last_k"] == pytest.approx(sum(r["test_top5"] for r in records[-final["last_k"]:])
+                                                      / final["last_k"])
     assert 1 <= final["best_val_epoch"] <= 6
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["val_fraction"] == 0.1 and saved["schedule"]["epochs"] == 6  # every default filled in
@@ -111,14 +116,17 @@ def test_resume_refuses_a_changed_config(tmp_path):
         train(tiny_config(schedule={"epochs": 3}), out=tmp_path / "r", resume=True, quiet=True)
 
 
-@pytest.mark.parametrize("optim, model", [("sgd", "resnet8"), ("adamw", "resnet8"), ("sgd", "dropout-mlp")])
+@pytest.mark.parametrize("optim, model", [("sgd", "resnet8"), ("adamw", "resnet8"), ("sgd", "dropout-mlp"),
+                                          ("sgd", "resnet8, accumulate 4")])
 def test_resume_from_every_epoch_is_bit_identical(tmp_path, monkeypatch, optim, model):
     """Interrupted after epoch k (for every k) and resumed, a run ends with the uninterrupted run's weights. The
     dropout MLP draws its masks from the global RNG, which the resume state must restore (batch order and
     augmentation come from per-epoch generators and would not notice)."""
     folder_module = sys.modules["ckptkd.run.folder"]
-    architecture = {"name": "mlp", "widths": [32], "dropout": 0.3} if model == "dropout-mlp" else {"name": model}
-    cfg = tiny_config(optim={"name": optim, "lr": 0.05 if optim == "sgd" else 0.003}, model=architecture,
+    architecture = {"name": "mlp", "widths": [32], "dropout": 0.3} if model == "dropout-mlp" else {"name": "resnet8"}
+    cfg = tiny_config(optim={"name": optim, "lr": 0.05 if optim == "sgd" else 0.003,
+                             "accumulate": 4 if "accumulate" in model else 1},
+                      data={"batch_size": 16 if "accumulate" in model else 64}, model=architecture,
                       schedule={"name": "cosine", "epochs": 3, "warmup_epochs": 1})
     full = train(cfg, out=tmp_path / "full", quiet=True).manifest.checkpoints[-1].sha256
     save_state = folder_module.save_state
@@ -292,3 +300,25 @@ def test_sigterm_is_an_interruption_the_run_resumes_from_bit_identical(tmp_path)
         assert resumed.returncode == 0, resumed.stderr
     assert [c["sha256"] for c in manifest_json(out)["checkpoints"]] == [
         c["sha256"] for c in manifest_json(tmp_path / "ref")["checkpoints"]]
+
+
+def test_top5_counts_a_label_among_the_five_highest_logits_and_is_left_out_below_six_classes():
+    """Hand-made logits: the true class ranked 1st, 4th, 5th and 8th. A top-k of the wrong k, of the lowest logits,
+    or of a single member breaks this."""
+    from types import SimpleNamespace
+
+    from ckptkd.training.loop import evaluate
+
+    y = torch.tensor([0, 1, 2, 3])
+    ranks = {0: 0, 1: 3, 2: 4, 3: 7}  # position of the true class, best first
+    logits = torch.zeros(4, 10)
+    for i, rank in ranks.items():
+        order = [c for c in range(10) if c != int(y[i])]
+        order.insert(rank, int(y[i]))
+        logits[i, order] = torch.arange(10, 0, -1, dtype=torch.float32)
+    data = SimpleNamespace(train_x=torch.zeros(1), num_classes=10, eval_batches=lambda split, b: [(None, y)])
+    two = evaluate(lambda x: torch.stack([logits, -logits]), data, "val", 4, members=2)
+    assert two[0]["acc"] == 0.25 and two[0]["top5"] == 0.75  # the 1st, 4th and 5th are in, the 8th out
+    assert two[1]["acc"] == 0.0 and two[1]["top5"] == 0.25  # negated: 10th, 7th, 6th and 3rd
+    few = SimpleNamespace(train_x=torch.zeros(1), num_classes=5, eval_batches=lambda split, b: [(None, y % 5)])
+    assert evaluate(lambda x: logits[None, :, :5], few, "val", 4)[0]["top5"] is None

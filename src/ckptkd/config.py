@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "model": {"name": "resnet8", "num_classes": None, "in_channels": None},
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5.0e-4,
-              "betas": [0.9, 0.999]},
+              "betas": [0.9, 0.999], "accumulate": 1},
     "schedule": {"name": "multistep", "epochs": 60, "milestones": [0.5, 0.75], "step_size": 30, "gamma": 0.1,
                  "cycles": 5, "min_lr": 0.0, "warmup_epochs": 0},
     "checkpoints": {"fractions": [0.3, 0.5, 0.7, 1.0], "every": None, "epochs": []},
@@ -261,7 +261,7 @@ def milestone(v: Any) -> str | None:
 # Options added after studies were run with this code, each at the value that reproduces what ran before them. At
 # that value they are left out of a task's identity (`identity`), so a study begun before an option existed resumes
 # instead of starting again under new task names.
-NEUTRAL: dict[str, Any] = {"kd.teacher_mode": "eval", "log.report_to": []}
+NEUTRAL: dict[str, Any] = {"kd.teacher_mode": "eval", "log.report_to": [], "optim.accumulate": 1}
 
 
 def identity(obj: Any) -> Any:
@@ -305,6 +305,7 @@ FIELDS: dict[str, Check] = {
     "optim.nesterov": boolean(),
     "optim.weight_decay": number(0.0),
     "optim.betas": list_of(number(0.0, 0.9999), min_len=2),
+    "optim.accumulate": integer(1, 1024),
     "schedule.name": one_of("constant", "step", "multistep", "cosine", "snapshot"),
     "schedule.epochs": integer(1, MAX_EPOCHS),
     "schedule.milestones": list_of(milestone),

@@ -81,12 +81,15 @@ def trajectory_table(run: str | Path, console: Console | None = None) -> Table:
     manifest = Run(run).manifest
     table = Table(title=f"{run}  ({manifest.kind}, {manifest.model['name']} on {data_label(manifest.data)}, "
                         f"seed {manifest.seed}, {manifest.status})")
-    for column in ("epoch", "fraction", "lr", "train loss", "train %", "val %", "test %", "sha256"):
+    top5 = any("test_top5" in c.metrics for c in manifest.checkpoints)  # more than 5 classes, ckptkd 0.4 on
+    for column in ("epoch", "fraction", "lr", "train loss", "train %", "val %", "test %") + (
+            ("test top-5 %",) if top5 else ()) + ("sha256",):
         table.add_column(column, justify="right" if column != "sha256" else "left", no_wrap=True)
     for c in manifest.checkpoints:
         m = c.metrics
         table.add_row(str(c.epoch), f"{c.fraction:.2f}", f"{c.lr:.3g}", _num(m.get("train_loss"), ".4f"),
-                      _percent(m.get("train_acc")), _percent(m.get("val_acc")), _percent(m.get("test_acc")), c.sha256[:12])
+                      _percent(m.get("train_acc")), _percent(m.get("val_acc")), _percent(m.get("test_acc")),
+                      *([_percent(m.get("test_top5"))] if top5 else []), c.sha256[:12])
     lines = []
     if manifest.teachers:
         lines.append("teachers: " + ", ".join(t["reference"] for t in manifest.teachers))
@@ -94,7 +97,9 @@ def trajectory_table(run: str | Path, console: Console | None = None) -> Table:
     if final:
         last_k = (f" (mean of the last {final.last_k}: {_percent(final.test_acc_last_k)}%)"
                   if final.last_k and final.last_k > 1 else "")
-        lines.append(f"last epoch {final.epoch}: test {_percent(final.test_acc)}%{last_k}, val {_percent(final.val_acc)}%"
+        top5_text = f" (top-5 {_percent(final.test_top5)}%)" if final.test_top5 is not None else ""
+        lines.append(f"last epoch {final.epoch}: test {_percent(final.test_acc)}%{top5_text}{last_k}, "
+                     f"val {_percent(final.val_acc)}%"
                      f"; best val {_percent(final.best_val_acc)}% at epoch {final.best_val_epoch}"
                      f"; {final.train_time_s:.1f} s")
     if not manifest.health.get("ok", True):

@@ -36,6 +36,15 @@ class Batch:
         return Batch(self.x[i], self.y[i], self.index[i], self.views[i],
                      None if self.view_ids is None else self.view_ids[i])
 
+    def chunks(self, k: int, dim: int = 0) -> list["Batch"]:
+        """The batch in k consecutive pieces along its batch dimension (`dim`: 0 for a run's own batch, 1 for a
+        group's stacked one), as gradient accumulation computes one step: piece sizes differ by at most one."""
+        if k == 1:
+            return [self]
+        fields = [torch.tensor_split(t, k, dim) if t is not None else [None] * k
+                  for t in (self.x, self.y, self.index, self.views, self.view_ids)]
+        return [Batch(*parts) for parts in zip(*fields) if parts[1].shape[dim] > 0]
+
 
 @dataclass
 class EpochPlan:

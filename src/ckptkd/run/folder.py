@@ -206,8 +206,10 @@ def _owned_only(path: Path) -> bool:
 
 
 def _same_config(path: Path, cfg: dict) -> None:
-    saved = config_mod.flatten(config_mod.read_yaml(path / CONFIG))
-    wanted = config_mod.flatten(cfg)
+    # Options added since the run started are left out at their neutral value (`config.NEUTRAL`), as in a task's
+    # identity: a run started before `optim.accumulate` existed resumes.
+    saved = config_mod.flatten(config_mod.identity(config_mod.read_yaml(path / CONFIG)))
+    wanted = config_mod.flatten(config_mod.identity(cfg))
     changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
     if "kd.teachers" in changed and _same_teachers(saved["kd.teachers"], wanted["kd.teachers"], path):
         changed.remove("kd.teachers")
@@ -331,7 +333,8 @@ class RunWriter:
                 entry = CheckpointEntry(epoch=epoch, step=progress.step, fraction=round(epoch / self.manifest.epochs, 6),
                                         lr=record["lr"], path=checkpoint_path(epoch), sha256=sha,
                                         metrics={k: record[k] for k in ("train_loss", "train_acc", "val_loss",
-                                                                        "val_acc", "test_acc")})
+                                                                        "val_acc", "test_acc", "val_top5", "test_top5")
+                                                 if k in record})
                 saved.checkpoints = [c for c in progress.checkpoints if c["epoch"] != epoch] + [
                     dataclasses.asdict(entry)]
             saved.history = [h for h in progress.history if h["epoch"] < epoch] + [record]

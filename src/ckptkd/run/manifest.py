@@ -47,6 +47,11 @@ class Final:
     train_time_s: float
     test_acc_last_k: float | None = None
     last_k: int | None = None
+    test_top5: float | None = None         # None with 5 classes or fewer, and in runs of ckptkd before 0.4
+    test_top5_last_k: float | None = None
+
+
+OPTIONAL_FINAL = ("test_acc_last_k", "last_k", "test_top5", "test_top5_last_k")
 
 
 @dataclass
@@ -126,7 +131,7 @@ class Manifest:
             except TypeError:
                 raise UserError(f"{where}: 'final' is not a ckptkd final record") from None
             for key, value in raw["final"].items():
-                _expect(_number(value) or (value is None and key in ("test_acc_last_k", "last_k")), where,
+                _expect(_number(value) or (value is None and key in OPTIONAL_FINAL), where,
                         f"final.{key}", value, "a number")
         values.setdefault("ckptkd", {})  # written before versions were recorded
         return cls(**values, extra={k: v for k, v in raw.items() if k not in known})

@@ -17,6 +17,7 @@ the direct engine, whose model is the run's own, both are no-ops).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -164,20 +165,28 @@ class LoopedEngine:
         for m in self.models:
             m.train(mode)
 
-    def step(self, batch, lr: float, autocast_dtype=None):
+    def step(self, batch, lr: float, autocast_dtype=None, accumulate: int = 1):
         logits, losses, terms = [], [], []
         for i, (net, optimizer) in enumerate(zip(self.nets, self.optimizers)):
             own = batch.member(i)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            out = forward(net, own.x, autocast_dtype)
-            loss, term = self.objective.member_loss(i, out, own)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            outs, parts = [], []
+            pieces = own.chunks(accumulate)
+            for k, piece in enumerate(pieces):
+                share = piece.y.shape[0] / own.y.shape[0]  # each piece's mean loss, weighted: the batch's mean
+                # Under DDP the gradients are averaged across ranks once, on the step's last piece.
+                with (net.no_sync() if k < len(pieces) - 1 and hasattr(net, "no_sync") else contextlib.nullcontext()):
+                    out = forward(net, piece.x, autocast_dtype)
+                    loss, term = self.objective.member_loss(i, out, piece)
+                    (loss * share).backward()
+                outs.append(out.detach())
+                parts.append((share, loss.detach(), term))
             optimizer.step()
-            logits.append(out.detach())
-            losses.append(loss.detach())
-            terms.append(term)
+            logits.append(torch.cat(outs))
+            losses.append(sum(share * loss for share, loss, _ in parts))
+            terms.append({t: sum(share * term[t].detach() for share, _, term in parts) for t in parts[0][2]})
         losses = torch.stack(losses)
         return torch.stack(logits), losses, _stack_terms(terms, losses[0])
 
@@ -215,15 +224,21 @@ class FusedEngine:
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
 
-    def step(self, batch, lr: float, autocast_dtype=None):
-        logits = forward(self.model, batch.x, autocast_dtype)
-        losses, terms = self.objective.batched(logits, batch)
+    def step(self, batch, lr: float, autocast_dtype=None, accumulate: int = 1):
         self.optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()  # the sum: each member's parameters get its own loss's gradient
+        outs, losses, terms = [], 0, {}
+        for piece in batch.chunks(accumulate, dim=1):
+            share = piece.y.shape[1] / batch.y.shape[1]  # each piece's mean losses, weighted: the batch's means
+            logits = forward(self.model, piece.x, autocast_dtype)
+            piece_losses, piece_terms = self.objective.batched(logits, piece)
+            (piece_losses.sum() * share).backward()  # the sum: each member's parameters get its own loss's gradient
+            outs.append(logits.detach())
+            losses = losses + share * piece_losses.detach()
+            terms = {k: terms.get(k, 0) + share * v.detach() for k, v in piece_terms.items()}
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
-        return logits.detach(), losses.detach(), {k: v.detach() for k, v in terms.items()}
+        return torch.cat(outs, dim=1), losses, terms
 
     def export(self, i: int, model, optimizer) -> None:
         """Member i's weights and optimizer state into its ordinary model and optimizer."""

@@ -45,7 +45,7 @@ from ..errors import UserError, note
 from ..models import from_spec
 from ..run import Final, Manifest, Run, write_run
 from ..run.storage import read_json, sha256_file
-from .loop import evaluate
+from .loop import evaluate, top5
 from .recipe import model_spec, pick_device
 
 MAX_EPOCHS = config_mod.MAX_EPOCHS
@@ -344,7 +344,7 @@ def import_trajectory(source: str | Path, *, model: str, out: str | Path, fmt: s
         train_m, val_m, test_m = (evaluate(lambda x: net(x)[None], data, split, batch)[0]
                                   for split in ("train", "val", "test"))
         metrics = {"train_loss": train_m["loss"], "train_acc": train_m["acc"], "val_loss": val_m["loss"],
-                   "val_acc": val_m["acc"], "test_acc": test_m["acc"]}
+                   "val_acc": val_m["acc"], "test_acc": test_m["acc"], **top5("val", val_m), **top5("test", test_m)}
         origin = {"file": str(f.path), "sha256": sha256_file(f.path), "format": fmt, **({"step": f.step} if f.step
                                                                                        is not None else {}),
                   **({"metrics": f.metrics} if f.metrics else {})}
@@ -362,7 +362,8 @@ def import_trajectory(source: str | Path, *, model: str, out: str | Path, fmt: s
                         device=str(device), torch=torch.__version__,
                         final=Final(epoch=last["epoch"], train_acc=last["train_acc"], val_acc=last["val_acc"],
                                     test_acc=last["test_acc"], best_val_acc=best["val_acc"],
-                                    best_val_epoch=best["epoch"], train_time_s=0.0))
+                                    best_val_epoch=best["epoch"], train_time_s=0.0,
+                                    test_top5=last.get("test_top5")))
     return write_run(run, cfg, manifest, checkpoints, history=history)
 
 

@@ -47,7 +47,7 @@ from ..run.storage import is_disk_full
 from . import distributed, health
 from .engines import ENGINES, MEMORY_SHARE, available_bytes, choose_engine, split_for_memory, step_bytes
 from .objective import TERMS, Objective
-from .recipe import autocast_dtype, cache_settings, make_optimizer, model_spec, pick_device, test_epochs
+from .recipe import autocast_dtype, cache_settings, make_optimizer, model_spec, pick_device, step_batch, test_epochs
 from .schedules import checkpoint_epochs, lr_at
 from .tracking import RunLog
 
@@ -137,7 +137,7 @@ def _train(members: list[Member], folders: list[RunWriter], *, alone: bool, engi
     todo = [(m, f) for m, f in zip(members, folders) if not f.complete]
     if not todo:
         return [f.run for f in folders]
-    distributed.check_batch(cfg["data"]["batch_size"])
+    distributed.check_batch(step_batch(cfg))
     distributed.barrier()  # every rank has looked at the folders before rank 0 writes to them
     data = data_mod.build(cfg["data"], device)
     spec = model_spec(cfg, data)
@@ -290,7 +290,7 @@ class _Group:
         cfg, going = self.cfg, self.going
         trains = [r.progress.epoch < epoch for r in going]
         started = time.perf_counter()
-        batch_size = cfg["data"]["batch_size"]
+        batch_size = step_batch(cfg)  # one optimizer step's batch, computed in optim.accumulate pieces
         steps = self.data.steps_per_epoch(batch_size)
         batches = epoch_batches(self.data, self.objective, [r.member.cfg["seed"] for r in going], epoch, batch_size)
         bar, on_step = going[0].log.bar(batches, epoch, steps)
@@ -338,9 +338,9 @@ class _Group:
             return
         if val["acc"] > progress.best_val_acc:
             progress.best_val_acc, progress.best_val_epoch = val["acc"], record["epoch"]
-        record.update(val_loss=val["loss"], val_acc=val["acc"])
+        record.update(val_loss=val["loss"], val_acc=val["acc"], **top5("val", val))
         if test is not None:
-            record["test_acc"] = test["acc"]
+            record.update(test_acc=test["acc"], **top5("test", test))
         record["time_s"] = elapsed
         progress.elapsed_s += elapsed
         progress.step = record["step"]
@@ -349,6 +349,9 @@ class _Group:
         entry = folder.end_epoch(record, run.model, run.optimizer, progress,
                                  checkpoint=record["epoch"] in self.saved_at, health=verdict)
         run.log.epoch(record, entry, verdict)
+
+
+TOP_K = 5
 
 
 def epoch_batches(data: data_mod.Data, objective: Objective, seeds: list[int], epoch: int,
@@ -371,7 +374,7 @@ def train_epoch(engine, batches: Iterable[data_mod.Batch], *, cfg: dict, steps_p
     sums, lr, step = None, cfg["optim"]["lr"], start_step
     for batch in batches:
         lr = lr_at(cfg["schedule"], cfg["optim"]["lr"], step, steps_per_epoch)
-        logits, losses, terms = engine.step(batch, lr, precision)
+        logits, losses, terms = engine.step(batch, lr, precision, cfg["optim"]["accumulate"])
         step += 1
         with torch.no_grad():  # kept on the device: reading a value here would make a GPU wait every step
             b = batch.y.shape[1]
@@ -387,19 +390,24 @@ def train_epoch(engine, batches: Iterable[data_mod.Batch], *, cfg: dict, steps_p
 @torch.inference_mode()
 def evaluate(logits_of: Callable[[torch.Tensor], torch.Tensor], data: data_mod.Data, split: str, batch_size: int,
              members: int = 1) -> list[dict[str, float]]:
-    """Loss and accuracy of every member on one split, in one pass: `logits_of(x)` -> [members, B, C], with the
-    models already in eval mode."""
+    """Loss, accuracy and top-5 accuracy of every member on one split, in one pass: `logits_of(x)` -> [members, B,
+    C], with the models already in eval mode. Top-5 is None with 5 classes or fewer, where it is always 1."""
     device = data.train_x.device
     loss_sum = torch.zeros(members, dtype=torch.float64, device=device)
     correct = torch.zeros(members, dtype=torch.int64, device=device)
+    in_top5 = torch.zeros(members, dtype=torch.int64, device=device)
     count = 0
     for x, y in data.eval_batches(split, batch_size):
         logits = logits_of(x)
         for i in range(members):
             loss_sum[i] += F.cross_entropy(logits[i].float(), y, reduction="sum").double()
         correct += (logits.argmax(-1) == y).sum(1)
+        if data.num_classes > TOP_K:
+            in_top5 += (logits.topk(TOP_K, dim=-1).indices == y[:, None]).any(-1).sum(1)
         count += len(y)
-    return [{"loss": float(loss_sum[i]) / count, "acc": float(correct[i]) / count} for i in range(members)]
+    top5 = (lambda i: float(in_top5[i]) / count) if data.num_classes > TOP_K else (lambda i: None)
+    return [{"loss": float(loss_sum[i]) / count, "acc": float(correct[i]) / count, "top5": top5(i)}
+            for i in range(members)]
 
 
 def stopped(folder: RunWriter, progress: Progress, error: BaseException) -> None:
@@ -423,18 +431,27 @@ def stopped(folder: RunWriter, progress: Progress, error: BaseException) -> None
                         "or a smaller model") from error
 
 
+def top5(split: str, measured: dict) -> dict:
+    """A record's top-5 key for a split, left out where top-5 says nothing (5 classes or fewer)."""
+    return {} if measured["top5"] is None else {f"{split}_top5": measured["top5"]}
+
+
 def final_numbers(progress: Progress, last_k: int) -> Final:
     last = progress.history[-1]
-    tail = [h["test_acc"] for h in progress.history[-last_k:]]  # every one of the last k epochs was tested
+    tail = progress.history[-last_k:]  # every one of the last k epochs was tested
+    top5_tail = [h.get("test_top5") for h in tail]
     return Final(epoch=last["epoch"], train_acc=last["train_acc"], val_acc=last["val_acc"], test_acc=last["test_acc"],
                  best_val_acc=progress.best_val_acc, best_val_epoch=progress.best_val_epoch,
-                 train_time_s=round(progress.elapsed_s, 3), test_acc_last_k=statistics.mean(tail), last_k=len(tail))
+                 train_time_s=round(progress.elapsed_s, 3), test_acc_last_k=statistics.mean(h["test_acc"] for h in tail),
+                 last_k=len(tail), test_top5=last.get("test_top5"),
+                 # None unless every epoch of the tail has it (a run resumed from a version before top-5 does not)
+                 test_top5_last_k=None if None in top5_tail else statistics.mean(top5_tail))
 
 
 def new_manifest(cfg: dict, kind: str, spec: dict, data: data_mod.Data, device: torch.device, teacher) -> Manifest:
     return Manifest(
         kind=kind, name=cfg["name"], model=spec, data=data.describe(), seed=cfg["seed"],
-        epochs=cfg["schedule"]["epochs"], steps_per_epoch=data.steps_per_epoch(cfg["data"]["batch_size"]),
+        epochs=cfg["schedule"]["epochs"], steps_per_epoch=data.steps_per_epoch(step_batch(cfg)),
         teachers=teacher.describe() if teacher is not None else [],
         teacher_ensemble=teacher.summary() if teacher is not None else None,
         allow_incomplete=bool(teacher is not None and teacher.allow_incomplete),

@@ -68,3 +68,9 @@ def cache_settings(cfg: dict, data: Data) -> dict | None:
     else:
         use = kd["cache"] == "on"
     return {"views": kd["views"], "cache_dir": kd["cache_dir"]} if use else None
+
+
+def step_batch(cfg: dict) -> int:
+    """The images of one optimizer step: `data.batch_size` pieces of them, `optim.accumulate` pieces a step (the
+    gradients summed, each piece's mean loss weighted by its share), so a step equals one of the k-times batch."""
+    return cfg["data"]["batch_size"] * cfg["optim"]["accumulate"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ... import stats
 from .. import variants as variants_mod
 from .comparisons import Comparison, pair_comparisons
-from .rows import Durations, PairRows, done, flags, pair_rows
+from .rows import Durations, PairRows, done, flags, pair_rows, top5
 from .selection import SelectionBenchmark, selection_benchmark
 from .trajectories import Trajectory, TrajectorySummary, is_summary
 from .verdicts import DEFAULT_MARGIN, Finding, finding
@@ -27,10 +27,12 @@ TIME_PARTS = ("teacher training", "checkpoint analysis", "proxy selection", "stu
 @dataclass
 class Cell:
     """The students (or teachers) of one table cell: one accuracy per distinct run, how many runs were planned
-    (None where no count applies) and how many of the completed ones were flagged unhealthy."""
+    (None where no count applies), how many of the completed ones were flagged unhealthy, and the top-5 accuracy of
+    the runs that recorded one."""
     values: list[float]
     planned: int | None = None
     flagged: int = 0
+    top5: list[float] = field(default_factory=list)
 
     @property
     def mean(self) -> float | None:
@@ -169,6 +171,8 @@ class RunRecord:
     teacher_seed: int | None
     test_acc: float | None
     test_acc_last_k: float | None
+    test_top5: float | None
+    test_top5_last_k: float | None
     val_acc: float | None
     best_val_acc: float | None
     best_val_epoch: int | None
@@ -233,7 +237,7 @@ def _header(config: dict, rows: list[dict], pairs: list[PairRows]) -> Header:
 
 
 def _cells(pair: PairRows) -> dict[str, Cell]:
-    return {v: Cell(pair.values(v), pair.planned(v), pair.flagged(v))
+    return {v: Cell(pair.values(v), pair.planned(v), pair.flagged(v), pair.values(v, top5))
             for v in variants_mod.ordered(set(pair.variants) | {v for v in pair.students if v})}
 
 
@@ -321,8 +325,8 @@ def _record(row: dict) -> RunRecord:
     group, metrics, timings = row["group"] or {}, row["metrics"] or {}, row["timings"] or {}
     return RunRecord(**{k: row[k] for k in ("run_id", "kind", "name", "status", "path")},
                      **{k: group.get(k) for k in ("pair", "role", "variant", "seed", "teacher_seed")},
-                     **{k: metrics.get(k) for k in ("test_acc", "test_acc_last_k", "val_acc", "best_val_acc",
-                                                    "best_val_epoch", "teacher_test_acc")},
+                     **{k: metrics.get(k) for k in ("test_acc", "test_acc_last_k", "test_top5", "test_top5_last_k",
+                                                    "val_acc", "best_val_acc", "best_val_epoch", "teacher_test_acc")},
                      health=flags(row), duration_s=timings.get("duration_s"))
 
 
@@ -339,7 +343,8 @@ def build(config: dict, rows: list[dict], blocked: dict[str, list[str]], traject
         comparisons = pair_comparisons(g)
         lead = next((r for r in g.teachers if r["status"] == "complete"), None)
         pairs.append(PairReport(
-            g.name, g.teacher_model, g.student_model, g.variants, Cell(g.teacher_accuracy()), cells, comparisons,
+            g.name, g.teacher_model, g.student_model, g.variants, Cell(g.teacher_accuracy(), top5=g.teacher_top5()),
+            cells, comparisons,
             finding(g.variants, comparisons, config.get("margin", DEFAULT_MARGIN)), _ensemble(g, cells),
             _cache(g, online, cells, durations), selection_benchmark(g, durations.of), _trajectories(g, trajectories),
             lead["path"] if lead is not None else None))

@@ -24,6 +24,13 @@ def accuracy(metrics: dict) -> float:
     return last_k if last_k is not None else metrics["test_acc"]
 
 
+def top5(metrics: dict) -> float | None:
+    """Top-5 test accuracy, as `accuracy` reads top-1; None where it was not recorded (5 classes or fewer, or a run
+    of ckptkd before 0.4)."""
+    last_k = metrics.get("test_top5_last_k")
+    return last_k if last_k is not None else metrics.get("test_top5")
+
+
 def flags(row: dict) -> list[str]:
     return [f["flag"] for f in ((row.get("metrics") or {}).get("health") or {}).get("flags", [])]
 
@@ -83,13 +90,15 @@ class PairRows:
             trajectories.setdefault(run_id, set()).add(t)
         return any(len(ts) > 1 for ts in trajectories.values())
 
-    def values(self, variant: str) -> list[float]:
-        """One value per distinct run (a run serving several trajectories counts once)."""
+    def values(self, variant: str, measure=None) -> list[float]:
+        """One value per distinct run (a run serving several trajectories counts once), of `measure` (default: the
+        module's `accuracy`, top-1; or `top5`); runs without the measure are left out."""
+        measure = measure or accuracy  # the module's function (the class' own `accuracy` is another thing)
         seen = {}
         for r in self.students.get(variant, {}).values():
             if done(r):
-                seen[r["run_id"]] = accuracy(r["metrics"])
-        return list(seen.values())
+                seen[r["run_id"]] = measure(r["metrics"])
+        return [v for v in seen.values() if v is not None]
 
     def planned(self, variant: str) -> int | None:
         """How many distinct students the variant has in the database, finished or not; None for none at all."""
@@ -101,6 +110,10 @@ class PairRows:
 
     def teacher_accuracy(self) -> list[float]:
         return [r["metrics"]["test_acc"] for r in self.teachers if done(r)]
+
+    def teacher_top5(self) -> list[float]:
+        return [r["metrics"]["test_top5"] for r in self.teachers if done(r) and r["metrics"].get("test_top5")
+                is not None]
 
     def ensemble_teacher_accuracy(self, variant: str) -> list[float]:
         """The teacher ensemble's accuracy, once per distinct set of teachers."""
