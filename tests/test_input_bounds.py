@@ -210,7 +210,7 @@ def test_npz_headers_are_read_before_any_array(tmp_path, monkeypatch):
 
 
 def test_a_folder_is_sized_from_one_header_before_any_image_is_decoded(tmp_path, monkeypatch):
-    from ckptkd.data import sources
+    from ckptkd.data import images, sources
     from ckptkd.errors import UserError
 
     root = _folder(tmp_path / "images")
@@ -218,23 +218,23 @@ def test_a_folder_is_sized_from_one_header_before_any_image_is_decoded(tmp_path,
     monkeypatch.setattr(sources.memory, "available_memory", lambda: exact)
     assert sources.load_raw("folder", str(root)).train_x.shape == (2, 3, 8, 8)
     monkeypatch.setattr(sources.memory, "available_memory", lambda: exact - 1)
-    monkeypatch.setattr(sources, "_read_image", lambda *a, **k: pytest.fail("an image was decoded"))
+    monkeypatch.setattr(images, "_read_image", lambda *a, **k: pytest.fail("an image was decoded"))
     with pytest.raises(UserError, match=r"folder: .*images: 4 images of 8x8 need"):
         sources.load_raw("folder", str(root))
-    monkeypatch.setattr(sources, "MAX_CLASSES", 1)
+    monkeypatch.setattr(images, "MAX_CLASSES", 1)
     with pytest.raises(UserError, match=r"2 class folders in .*train; at most 1 are supported"):
         sources.load_raw("folder", str(root))
 
 
 def test_an_image_of_another_size_is_refused_from_its_header(tmp_path, monkeypatch):
     """A later image of another size (a decompression bomb among small images, say) is never decoded."""
-    from ckptkd.data import sources
+    from ckptkd.data import images
     from ckptkd.errors import UserError
 
     root = _folder(tmp_path / "images", _png_declaring(tmp_path / "big.png", 12_000, 7_000))
     monkeypatch.setattr(np, "asarray", lambda *a, **k: pytest.fail("decoded"))
     with pytest.raises(UserError, match=r"1.png is 12000x7000 but .*0.png is 8x8"):
-        sources._read_image(root / "train" / "a" / "1.png", (8, 8), root / "train" / "a" / "0.png")
+        images._read_image(root / "train" / "a" / "1.png", (8, 8), root / "train" / "a" / "0.png")
 
 
 def test_json_nesting_digits_and_size_beyond_reason_are_one_line(tmp_path):

@@ -15,6 +15,7 @@ from PIL import Image
 from ckptkd.data.sources import FASHION_MNIST_DIR, SOURCES, RawData, load_raw
 from ckptkd.errors import UserError
 
+from conftest import tiny_config
 from fixtures import write_py2_pickle
 
 
@@ -358,3 +359,70 @@ def test_a_16_bit_image_is_refused_and_an_alpha_channel_is_dropped_with_a_note(t
     Image.fromarray(np.full((4, 6), 40_000, dtype=np.uint16)).save(tmp_path / "test" / "dog" / "wide.png")
     with pytest.raises(UserError, match=r"wide.png: a I;16\S* image \(16-bit or float\)"):
         load_raw("folder", str(tmp_path))
+
+
+# --- tiny-imagenet --------------------------------------------------------------------------------
+
+
+def _write_tiny_imagenet(root: Path, rng, size: int = 16) -> dict:
+    """Tiny-ImageNet-200's layout with 3 classes: wnids.txt, words.txt, train/WNID/images/WNID_i.JPEG (one of them
+    grayscale, as some of the real ones are) with the boxes file beside, val/images/val_i.JPEG with
+    val_annotations.txt, and the unlabelled test/images/ the loader leaves alone."""
+    wnids = ["n01443537", "n01629819", "n01641577"]
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    (root / "words.txt").write_text("n01443537\tgoldfish, Carassius auratus\nn01629819\tEuropean fire salamander\n"
+                                    "n09999999\tnot in this set\n")
+    for wnid in wnids:
+        images = root / "train" / wnid / "images"
+        images.mkdir(parents=True)
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text(f"{wnid}_0.JPEG\t0\t0\t10\t10\n")
+        for i in range(3):
+            mode = "L" if (wnid, i) == (wnids[1], 2) else "RGB"
+            shape = (size, size) if mode == "L" else (size, size, 3)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(images / f"{wnid}_{i}.JPEG")
+    (root / "val" / "images").mkdir(parents=True)
+    annotations = []
+    for i, wnid in enumerate([wnids[2], wnids[0], wnids[1], wnids[2]]):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / "val" / "images" /
+                                                                                   f"val_{i}.JPEG")
+        annotations.append(f"val_{i}.JPEG\t{wnid}\t0\t1\t15\t15")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
+    (root / "test" / "images").mkdir(parents=True)
+    Image.new("RGB", (size, size)).save(root / "test" / "images" / "test_0.JPEG")
+    return {"wnids": wnids, "val_labels": [2, 0, 1, 2]}
+
+
+def test_tiny_imagenet_layout_loads_with_val_as_test_and_class_names_from_words(tmp_path):
+    layout = _write_tiny_imagenet(tmp_path, np.random.default_rng(21))
+    raw = load_raw("tiny-imagenet", str(tmp_path))
+    _check_layout(raw, 9, 4, (3, 16, 16))
+    assert raw.class_names == ["goldfish", "European fire salamander", "n01641577"] and raw.hflip
+    assert raw.train_y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and raw.test_y.tolist() == layout["val_labels"]
+    with Image.open(tmp_path / "val" / "images" / "val_1.JPEG") as im:
+        assert np.array_equal(_as_pil_layout(raw.test_x[1]), np.asarray(im))
+    gray = raw.train_x[5]  # n01629819_2, grayscale: the same plane in all three channels
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    from ckptkd import train
+
+    run = train(tiny_config(data={"name": "tiny-imagenet", "root": str(tmp_path), "val_fraction": 0.34},
+                            model={"name": "mlp", "widths": [8]}, schedule={"epochs": 1}), out=tmp_path / "run",
+                quiet=True)
+    assert run.manifest.data["num_classes"] == 3 and run.manifest.final is not None
+
+
+def test_tiny_imagenet_errors_name_the_file_and_line(tmp_path):
+    _write_tiny_imagenet(tmp_path, np.random.default_rng(22))
+    annotations = tmp_path / "val" / "val_annotations.txt"
+    annotations.write_text(annotations.read_text() + "val_9.JPEG\tn00000000\t0\t0\t1\t1\n")
+    with pytest.raises(UserError, match=r"val_annotations.txt, line 5: expected FILE<tab>WNID of a known class"):
+        load_raw("tiny-imagenet", str(tmp_path))
+    annotations.write_text("val_9.JPEG\tn01443537\n")
+    with pytest.raises(UserError, match=r"line 1: .*val_9.JPEG does not exist"):
+        load_raw("tiny-imagenet", str(tmp_path))
+    for image in (tmp_path / "train" / "n01641577" / "images").iterdir():
+        image.unlink()
+    with pytest.raises(UserError, match=r"no images in .*n01641577/images \(class n01641577 of wnids.txt\)"):
+        load_raw("tiny-imagenet", str(tmp_path))
+    with pytest.raises(UserError, match=r"tiny-imagenet: .*nowhere/train is missing \(set data.root to the folder "
+                                        r"tiny-imagenet-200"):
+        load_raw("tiny-imagenet", str(tmp_path / "nowhere"))

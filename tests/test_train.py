@@ -117,16 +117,18 @@ def test_resume_refuses_a_changed_config(tmp_path):
 
 
 @pytest.mark.parametrize("optim, model", [("sgd", "resnet8"), ("adamw", "resnet8"), ("sgd", "dropout-mlp"),
-                                          ("sgd", "resnet8, accumulate 4")])
+                                          ("sgd", "resnet8, accumulate 4"), ("sgd", "mlp, fp16")])
 def test_resume_from_every_epoch_is_bit_identical(tmp_path, monkeypatch, optim, model):
     """Interrupted after epoch k (for every k) and resumed, a run ends with the uninterrupted run's weights. The
     dropout MLP draws its masks from the global RNG, which the resume state must restore (batch order and
     augmentation come from per-epoch generators and would not notice)."""
     folder_module = sys.modules["ckptkd.run.folder"]
-    architecture = {"name": "mlp", "widths": [32], "dropout": 0.3} if model == "dropout-mlp" else {"name": "resnet8"}
+    architecture = ({"name": "mlp", "widths": [32], "dropout": 0.3} if model == "dropout-mlp" else
+                    {"name": "mlp", "widths": [32]} if model.startswith("mlp") else {"name": "resnet8"})
     cfg = tiny_config(optim={"name": optim, "lr": 0.05 if optim == "sgd" else 0.003,
                              "accumulate": 4 if "accumulate" in model else 1},
                       data={"batch_size": 16 if "accumulate" in model else 64}, model=architecture,
+                      precision="fp16" if "fp16" in model else "fp32",
                       schedule={"name": "cosine", "epochs": 3, "warmup_epochs": 1})
     full = train(cfg, out=tmp_path / "full", quiet=True).manifest.checkpoints[-1].sha256
     save_state = folder_module.save_state

@@ -22,6 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "precision": "fp32",
+    "deterministic": False,
     "data": {
         "name": "digits",
         "root": None,
@@ -261,7 +262,8 @@ def milestone(v: Any) -> str | None:
 # Options added after studies were run with this code, each at the value that reproduces what ran before them. At
 # that value they are left out of a task's identity (`identity`), so a study begun before an option existed resumes
 # instead of starting again under new task names.
-NEUTRAL: dict[str, Any] = {"kd.teacher_mode": "eval", "log.report_to": [], "optim.accumulate": 1}
+NEUTRAL: dict[str, Any] = {"kd.teacher_mode": "eval", "log.report_to": [], "optim.accumulate": 1,
+                           "deterministic": False}
 
 
 def identity(obj: Any) -> Any:
@@ -272,6 +274,10 @@ def identity(obj: Any) -> Any:
         return obj
     out = {k: identity(v) for k, v in obj.items()}
     for dotted, neutral in NEUTRAL.items():
+        if "." not in dotted:  # a top-level option
+            if dotted in out and out[dotted] == neutral and "schedule" in out:  # of a run config
+                del out[dotted]
+            continue
         section, key = dotted.split(".")
         if isinstance(out.get(section), dict) and out[section].get(key, neutral) == neutral:
             out[section] = {k: v for k, v in out[section].items() if k != key}
@@ -282,7 +288,8 @@ FIELDS: dict[str, Check] = {
     "name": text(pattern=r"[A-Za-z0-9_.\-]+"),
     "seed": integer(0, MAX_SEED),
     "device": device_name,
-    "precision": one_of("fp32", "bf16"),
+    "precision": one_of("fp32", "bf16", "fp16"),
+    "deterministic": boolean(),
     "data.name": text(),
     "data.root": text(nullable=True),
     "data.val_fraction": number(0.0, 0.9),

@@ -18,77 +18,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
-from PIL import Image
 
 from .. import memory
-from ..errors import UserError, note
+from ..errors import UserError
+from .images import load_folder, load_tiny_imagenet
+from .raw import MAX_CLASSES, RawData, raw_data
 
 try:
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # numpy < 2 only has the old module path
     from numpy.core.multiarray import _reconstruct
-
-
-@dataclass
-class RawData:
-    name: str
-    train_x: torch.Tensor  # uint8 [N, C, H, W]
-    train_y: torch.Tensor  # int64 [N]
-    test_x: torch.Tensor  # uint8 [M, C, H, W]
-    test_y: torch.Tensor  # int64 [M]
-    class_names: list[str]
-    hflip: bool  # whether a horizontal flip keeps the label
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.train_x.shape[1:]
-        return (c, h, w)
-
-
-MAX_CLASSES = 100_000  # ImageNet-21k has 21,841: a larger label is a corrupt file, not a data set to train on
-
-
-def _raw(name, train_x, train_y, test_x, test_y, class_names, hflip, where) -> RawData:
-    """Check labels and image shapes, then wrap numpy arrays as RawData; `where` names the source in errors."""
-    k = len(class_names)
-    if k > MAX_CLASSES:
-        raise UserError(f"{where}: {k:,} classes; at most {MAX_CLASSES:,} are supported")
-    for split, y in (("training", train_y), ("test", test_y)):
-        if len(y) == 0:
-            raise UserError(f"{where}: the {split} split holds no images")
-    present = np.unique(train_y)
-    if k < 2 or len(present) < 2:
-        raise UserError(f"{where}: the training images hold {len(present)} class"
-                        f"{'es' if len(present) != 1 else ''} ({k} named); classification needs at least 2")
-    for split, y in (("train", train_y), ("test", test_y)):
-        bad = y[(y < 0) | (y >= k)]
-        if bad.size:
-            raise UserError(f"{where}: {split} label {bad[0]} is outside 0..{k - 1} ({k} classes)")
-    unseen = sorted(set(np.unique(test_y).tolist()) - set(present.tolist()))
-    if unseen:
-        shown = ", ".join(class_names[c] for c in unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5
-                                                                 else "")
-        note(f"{where}: test class{'es' if len(unseen) > 1 else ''} {shown} never appear{'s' if len(unseen) == 1 else ''}"
-             " in the training images (the model cannot learn them)")
-    if train_x.shape[1:] != test_x.shape[1:]:
-        raise UserError(
-            f"{where}: train images are {tuple(train_x.shape[1:])} (C, H, W) "
-            f"but test images are {tuple(test_x.shape[1:])}"
-        )
-
-    # np.require copies read-only arrays (np.frombuffer results): torch cannot share those.
-    def images(x):
-        return torch.from_numpy(np.require(x, np.uint8, ["C", "W"]))
-
-    def labels(y):
-        return torch.from_numpy(np.require(y, np.int64, ["C", "W"]))
-
-    return RawData(name, images(train_x), labels(train_y), images(test_x), labels(test_y), list(class_names), hflip)
 
 
 # --- digits -------------------------------------------------------------------------------------
@@ -112,7 +51,7 @@ def load_digits_source(root: str | None) -> RawData:
         is_test[members[rng.permutation(len(members))[:n_test]]] = True
 
     names = [str(c) for c in range(10)]
-    return _raw("digits", x[~is_test], y[~is_test], x[is_test], y[is_test], names, False, "digits")
+    return raw_data("digits", x[~is_test], y[~is_test], x[is_test], y[is_test], names, False, "digits")
 
 
 # --- fashion-mnist (idx files) ------------------------------------------------------------------
@@ -178,7 +117,7 @@ def load_fashion_mnist(root: str | None) -> RawData:
             )
         splits.append((x[:, None], y.astype(np.int64)))
     (train_x, train_y), (test_x, test_y) = splits
-    return _raw("fashion-mnist", train_x, train_y, test_x, test_y, FASHION_MNIST_CLASSES, True, str(folder))
+    return raw_data("fashion-mnist", train_x, train_y, test_x, test_y, FASHION_MNIST_CLASSES, True, str(folder))
 
 
 # --- CIFAR-10 / CIFAR-100 (python pickle batches) -----------------------------------------------
@@ -299,7 +238,7 @@ def _load_cifar(layout: _CifarLayout, root: str | None) -> RawData:
     class_names = [n.decode("utf-8", errors="replace") for n in names]
     train_x, train_y = _cifar_batches(folder, layout.train, layout)
     test_x, test_y = _cifar_batches(folder, layout.test, layout)
-    return _raw(layout.name, train_x, train_y, test_x, test_y, class_names, True, str(folder))
+    return raw_data(layout.name, train_x, train_y, test_x, test_y, class_names, True, str(folder))
 
 
 # --- npz (Keras-style arrays) -------------------------------------------------------------------
@@ -393,112 +332,7 @@ def load_npz(root: str | None) -> RawData:
             raise UserError(f"{path}: {key!r} holds label {k - 1:,}, which would make {k:,} classes (at most "
                             f"{MAX_CLASSES:,}; labels are 0..K-1)")
         class_names = [str(c) for c in range(k)]
-    return _raw("npz", train_x, train_y, test_x, test_y, class_names, False, str(path))
-
-
-# --- folder (image tree) ------------------------------------------------------------------------
-
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
-
-
-_WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}  # converting these to 8 bits clips them silently
-_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
-
-
-def _read_image(path: Path, size: tuple[int, int] | None = None, first: Path | None = None) -> np.ndarray:
-    """[H, W] for a grayscale image, [H, W, 3] for anything else (converted to RGB). A 16-bit or float image is
-    refused (8-bit conversion would clip it); an alpha channel is dropped with a note. With `size` (width, height:
-    that of `first`), an image of another size is refused from its header, before it is decoded."""
-    try:
-        with Image.open(path) as im:
-            if size is not None and im.size != size:
-                raise UserError(f"folder: {path} is {im.size[0]}x{im.size[1]} but {first} is {size[0]}x{size[1]}; "
-                                "all images must share one size")
-            if im.mode in _WIDE_MODES:
-                raise UserError(f"{path}: a {im.mode} image (16-bit or float); ckptkd reads 8-bit images, convert "
-                                "it first")
-            if im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
-                note(f"folder: images with an alpha channel (first: {path}); it is dropped")
-            return np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
-        raise UserError(f"{path}: cannot read image ({e})") from e
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file's header, nothing decoded."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: cannot read image ({e})") from e
-
-
-def _image_files(class_dir: Path) -> list[Path]:
-    return sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
-
-
-def _class_dirs(split_dir: Path) -> list[str]:
-    # Hidden folders (.ipynb_checkpoints, .git) are tool litter, not classes.
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def load_folder(root: str | None) -> RawData:
-    """An image tree root/{train,test}/CLASS/*.png|jpg|jpeg|bmp; classes are the sorted train subfolders."""
-    layout = "root/train/CLASS/*.png and root/test/CLASS/*.png"
-    if root is None:
-        raise UserError(f"folder: data.root is not set (set it to a folder laid out as {layout})")
-    base = Path(root).expanduser()
-    for split in ("train", "test"):
-        if not (base / split).is_dir():
-            raise UserError(f"folder: {base / split} is not a folder (expected {layout.replace('root', str(base))})")
-
-    class_names = _class_dirs(base / "train")
-    if not class_names:
-        raise UserError(f"folder: no class folders in {base / 'train'}")
-    if len(class_names) > MAX_CLASSES:  # before a single image is read
-        raise UserError(f"folder: {len(class_names):,} class folders in {base / 'train'}; at most {MAX_CLASSES:,} "
-                        "are supported")
-    for name in _class_dirs(base / "test"):
-        if name not in class_names:
-            raise UserError(f"folder: test class folder {base / 'test' / name} has no match in {base / 'train'}")
-
-    files: dict[str, list[tuple[Path, int]]] = {"train": [], "test": []}
-    for split in files:
-        for label, name in enumerate(class_names):
-            class_dir = base / split / name
-            found = _image_files(class_dir) if class_dir.is_dir() else []
-            if split == "train" and not found:
-                raise UserError(f"folder: no .png/.jpg/.jpeg/.bmp images in {class_dir}")
-            files[split] += [(path, label) for path in found]
-    if not files["test"]:
-        raise UserError(f"folder: no .png/.jpg/.jpeg/.bmp images under {base / 'test'}")
-
-    # Every image is held in memory as RGB (at most): what that needs is known from one header, before decoding.
-    first = files["train"][0][0]
-    width, height = _image_size(first)
-    count = len(files["train"]) + len(files["test"])
-    memory.check_fits(f"folder: {base}", count * width * height * 3, f"{count:,} images of {width}x{height}")
-    arrays: dict[str, list[np.ndarray]] = {"train": [], "test": []}
-    for split, entries in files.items():
-        for path, _ in entries:
-            arrays[split].append(_read_image(path, (width, height), first))
-
-    # Grayscale converts to RGB without loss, so a tree mixing both is read as RGB throughout.
-    rgb = any(a.ndim == 3 for split in arrays.values() for a in split)
-
-    def stack(images: list[np.ndarray]) -> np.ndarray:
-        if not rgb:
-            return np.stack(images)[:, None]
-        images = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in images]
-        return np.stack(images).transpose(0, 3, 1, 2)
-
-    def labels(entries: list[tuple[Path, int]]) -> np.ndarray:
-        return np.array([label for _, label in entries], dtype=np.int64)
-
-    return _raw(
-        "folder", stack(arrays["train"]), labels(files["train"]), stack(arrays["test"]), labels(files["test"]),
-        class_names, False, str(base),
-    )
+    return raw_data("npz", train_x, train_y, test_x, test_y, class_names, False, str(path))
 
 
 # --- dispatch -----------------------------------------------------------------------------------
@@ -510,6 +344,7 @@ SOURCES: dict[str, Callable[[str | None], RawData]] = {
     "cifar100": functools.partial(_load_cifar, _CIFAR100),
     "npz": load_npz,
     "folder": load_folder,
+    "tiny-imagenet": load_tiny_imagenet,
 }
 
 

@@ -24,6 +24,7 @@ class Progress:
     elapsed_s: float = 0.0
     best_val_acc: float = -1.0
     best_val_epoch: int = 0
+    loss_scale: dict | None = None  # precision fp16: the run's gradient scaler (scale, growth tracker)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Progress":

@@ -38,7 +38,7 @@ def make_teacher(cfg: dict, *, quiet: bool = False, allow_incomplete: bool = Fal
     if not kd["teachers"]:
         return None
     # Teachers compute at the run's precision unless kd.autocast says otherwise.
-    autocast = kd["autocast"] if kd["autocast"] != "auto" else {"fp32": "none", "bf16": "bf16"}[cfg["precision"]]
+    autocast = kd["autocast"] if kd["autocast"] != "auto" else {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}[cfg["precision"]]
     return Teacher.from_references(kd["teachers"], quiet=quiet, channels_last=kd["channels_last"], autocast=autocast,
                                    allow_incomplete=allow_incomplete, mode=kd["teacher_mode"], base=base)
 

@@ -102,14 +102,21 @@ def split_for_memory(members: list, per_member: int, free: int) -> list[list]:
     return [members[i:i + fits] for i in range(0, len(members), fits)]
 
 
-def choose_engine(model: torch.nn.Module, spec: dict, device: torch.device, requested: str = "auto") -> tuple[str, str]:
+def choose_engine(model: torch.nn.Module, spec: dict, device: torch.device, requested: str = "auto",
+                  precision: str = "fp32") -> tuple[str, str]:
     """(an `ENGINES` name, why): fused where the rewrite knows the model and it pays on this device; a compute-bound
     convolutional model loops channels-last on a CPU (resnet20 on 32x32: 1.28x one after another in the default
-    layout, `ckptkd bench --workload fused`)."""
+    layout, `ckptkd bench --workload fused`). fp16 runs are never fused: each keeps its own loss scale, and one
+    run's overflow must not skip the others' steps."""
     from .fusion import fusable
 
     if requested.startswith("looped"):
         return requested, "asked for"
+    if precision == "fp16":
+        if requested == "fused":
+            raise UserError("precision fp16 runs cannot be fused (each keeps its own loss scale); use the looped "
+                            "engine, or precision bf16")
+        return "looped", "precision fp16: each run keeps its own loss scale, so its runs train one after another"
     ok, why = fusable(model)
     if not ok:
         if requested == "fused":
@@ -143,8 +150,14 @@ class LoopedEngine:
     numbers are its own, as with fusion)."""
 
     def __init__(self, models: list, optimizers: list, cfg: dict, objective: Objective, device: torch.device, *,
-                 channels_last: bool = False, own: bool = False):
+                 channels_last: bool = False, own: bool = False, loss_scales: list[dict | None] | None = None):
         self.objective, self.own = objective, own
+        # fp16: a gradient scaler per run (its scale grows while steps are finite and halves on an overflow, whose
+        # step is skipped), carried across a resume in the run's Progress.loss_scale
+        self.scalers = [torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None for _ in models]
+        for scaler, state in zip(self.scalers, loss_scales or []):
+            if scaler is not None and state:
+                scaler.load_state_dict(state)
         if own:
             self.models, self.optimizers = list(models), list(optimizers)
         else:
@@ -180,15 +193,24 @@ class LoopedEngine:
                 with (net.no_sync() if k < len(pieces) - 1 and hasattr(net, "no_sync") else contextlib.nullcontext()):
                     out = forward(net, piece.x, autocast_dtype)
                     loss, term = self.objective.member_loss(i, out, piece)
-                    (loss * share).backward()
+                    scaled = loss * share
+                    (scaled if self.scalers[i] is None else self.scalers[i].scale(scaled)).backward()
                 outs.append(out.detach())
                 parts.append((share, loss.detach(), term))
-            optimizer.step()
+            if self.scalers[i] is None:
+                optimizer.step()
+            else:  # unscales the gradients, and skips the step if any is not finite
+                self.scalers[i].step(optimizer)
+                self.scalers[i].update()
             logits.append(torch.cat(outs))
             losses.append(sum(share * loss for share, loss, _ in parts))
             terms.append({t: sum(share * term[t].detach() for share, _, term in parts) for t in parts[0][2]})
         losses = torch.stack(losses)
         return torch.stack(logits), losses, _stack_terms(terms, losses[0])
+
+    def loss_scale(self, i: int) -> dict | None:
+        """Run i's gradient scaler as its resume state keeps it (None unless fp16)."""
+        return None if self.scalers[i] is None else self.scalers[i].state_dict()
 
     def export(self, i: int, model, optimizer) -> None:
         if self.own:
@@ -208,8 +230,12 @@ class FusedEngine:
     """The members as one `FusedModel` and one optimizer over its stacked parameters (element-wise optimizers
     only: SGD and AdamW give every member exactly the update its own optimizer would)."""
 
-    def __init__(self, models: list, optimizers: list, cfg: dict, objective: Objective, device: torch.device):
+    def __init__(self, models: list, optimizers: list, cfg: dict, objective: Objective, device: torch.device,
+                 loss_scales: list | None = None):
         from .fusion import fuse
+
+        if cfg["precision"] == "fp16":  # `choose_engine` never picks this engine for fp16
+            raise ValueError("the fused engine has no per-run loss scale for fp16")
 
         self.objective = objective
         self.model = fuse(models, channels_last=device.type == "cpu").to(device)
@@ -239,6 +265,9 @@ class FusedEngine:
             g["lr"] = lr
         self.optimizer.step()
         return torch.cat(outs, dim=1), losses, terms
+
+    def loss_scale(self, i: int) -> None:
+        return None  # fp32 or bf16 only
 
     def export(self, i: int, model, optimizer) -> None:
         """Member i's weights and optimizer state into its ordinary model and optimizer."""

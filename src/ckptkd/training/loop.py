@@ -24,9 +24,11 @@ epoch, until the group reaches them. So a resumed group ends bit-identical to an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -121,13 +123,36 @@ def fit(members: list[Member], *, resume: bool = False, quiet: bool = False, eng
     try:
         for m in members:  # each takes its folder's lock: one writer per run folder
             folders.append(RunWriter.open(m.out, m.cfg, resume=resume, writes=main))
-        outcomes = _train(members, folders, alone=alone, engine=engine, device=device, main=main, quiet=quiet,
-                          on_epoch=on_epoch, announce=announce)
+        with deterministic_algorithms(cfg["deterministic"]):
+            outcomes = _train(members, folders, alone=alone, engine=engine, device=device, main=main, quiet=quiet,
+                              on_epoch=on_epoch, announce=announce)
     finally:
         for folder in folders:
             folder.close()
     distributed.barrier()  # the other ranks return once rank 0 has written the finished runs
     return outcomes
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool):
+    """`deterministic: true`: PyTorch's deterministic kernels only (an operation without one raises, naming it),
+    cuDNN without autotuning, cuBLAS with a fixed workspace, for the run's duration; the process' settings are
+    restored after. On a CPU ckptkd is bit-identical without it; on a GPU this is what makes a rerun repeat."""
+    if not on:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before the first matmul
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1], before[2]
+        if before[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def _train(members: list[Member], folders: list[RunWriter], *, alone: bool, engine: str, device: torch.device,
@@ -182,7 +207,7 @@ def _initial_model(cfg: dict, spec: dict, device: torch.device) -> tuple[torch.n
 def _engine_and_groups(runs: list[_Training], spec: dict, requested: str, device: torch.device,
                        say: Callable[[str], None]) -> tuple[str, str, list[list[_Training]]]:
     """The engine (and why), and the runs in groups that fit in memory (one group unless they do not)."""
-    chosen, why = choose_engine(runs[0].model, spec, device, requested)
+    chosen, why = choose_engine(runs[0].model, spec, device, requested, runs[0].member.cfg["precision"])
     batch_size = runs[0].member.cfg["data"]["batch_size"]
     per_member = step_bytes(runs[0].model, spec, batch_size, device)
     groups = split_for_memory(runs, per_member, available_bytes(device))
@@ -258,7 +283,8 @@ class _Group:
         self.objective = Objective([r.member.teacher for r in going], [r.member.cfg["kd"] for r in going],
                                    self.data.num_classes, self.device)
         self.engine = ENGINES[self.chosen]([r.model for r in going], [r.optimizer for r in going], self.cfg,
-                                           self.objective, self.device)
+                                           self.objective, self.device,
+                                           loss_scales=[r.progress.loss_scale for r in going])
 
     def run(self, on_epoch) -> None:
         epochs = self.cfg["schedule"]["epochs"]
@@ -346,6 +372,7 @@ class _Group:
         progress.step = record["step"]
         verdict = health.assess(progress.history + [record])
         self.engine.export(j, run.model, run.optimizer)
+        progress.loss_scale = self.engine.loss_scale(j)
         entry = folder.end_epoch(record, run.model, run.optimizer, progress,
                                  checkpoint=record["epoch"] in self.saved_at, health=verdict)
         run.log.epoch(record, entry, verdict)

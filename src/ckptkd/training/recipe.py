@@ -46,8 +46,9 @@ def make_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def autocast_dtype(cfg: dict) -> torch.dtype | None:
-    """The dtype the training forward runs under autocast (None: float32 throughout)."""
-    return torch.bfloat16 if cfg["precision"] == "bf16" else None
+    """The dtype the training forward runs under autocast (None: float32 throughout). fp16 goes with a gradient
+    scaler per run (`engines.LoopedEngine`)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["precision"])
 
 
 def test_epochs(cfg: dict) -> set[int]:

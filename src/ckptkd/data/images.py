@@ -1,0 +1,182 @@
+"""Image trees read into memory: `folder` (root/{train,test}/CLASS/*.png|jpg|jpeg|bmp, equal sizes) and
+`tiny-imagenet` (Tiny-ImageNet-200 as distributed: train/WNID/images/*.JPEG, val/images/*.JPEG labelled by
+val/val_annotations.txt; its val split is the test split, as in the paper's code, since the test labels were never
+published). Every image's size is read from its header before any is decoded, and the whole set is checked against
+the memory available."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .. import memory
+from ..errors import UserError, note
+from .raw import MAX_CLASSES, RawData, raw_data
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+
+
+_WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}  # converting these to 8 bits clips them silently
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def _read_image(path: Path, size: tuple[int, int] | None = None, first: Path | None = None) -> np.ndarray:
+    """[H, W] for a grayscale image, [H, W, 3] for anything else (converted to RGB). A 16-bit or float image is
+    refused (8-bit conversion would clip it); an alpha channel is dropped with a note. With `size` (width, height:
+    that of `first`), an image of another size is refused from its header, before it is decoded."""
+    try:
+        with Image.open(path) as im:
+            if size is not None and im.size != size:
+                raise UserError(f"folder: {path} is {im.size[0]}x{im.size[1]} but {first} is {size[0]}x{size[1]}; "
+                                "all images must share one size")
+            if im.mode in _WIDE_MODES:
+                raise UserError(f"{path}: a {im.mode} image (16-bit or float); ckptkd reads 8-bit images, convert "
+                                "it first")
+            if im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
+                note(f"folder: images with an alpha channel (first: {path}); it is dropped")
+            return np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise UserError(f"{path}: cannot read image ({e})") from e
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header, nothing decoded."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: cannot read image ({e})") from e
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    return sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def _class_dirs(split_dir: Path) -> list[str]:
+    # Hidden folders (.ipynb_checkpoints, .git) are tool litter, not classes.
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_folder(root: str | None) -> RawData:
+    """An image tree root/{train,test}/CLASS/*.png|jpg|jpeg|bmp; classes are the sorted train subfolders."""
+    layout = "root/train/CLASS/*.png and root/test/CLASS/*.png"
+    if root is None:
+        raise UserError(f"folder: data.root is not set (set it to a folder laid out as {layout})")
+    base = Path(root).expanduser()
+    for split in ("train", "test"):
+        if not (base / split).is_dir():
+            raise UserError(f"folder: {base / split} is not a folder (expected {layout.replace('root', str(base))})")
+
+    class_names = _class_dirs(base / "train")
+    if not class_names:
+        raise UserError(f"folder: no class folders in {base / 'train'}")
+    if len(class_names) > MAX_CLASSES:  # before a single image is read
+        raise UserError(f"folder: {len(class_names):,} class folders in {base / 'train'}; at most {MAX_CLASSES:,} "
+                        "are supported")
+    for name in _class_dirs(base / "test"):
+        if name not in class_names:
+            raise UserError(f"folder: test class folder {base / 'test' / name} has no match in {base / 'train'}")
+
+    files: dict[str, list[tuple[Path, int]]] = {"train": [], "test": []}
+    for split in files:
+        for label, name in enumerate(class_names):
+            class_dir = base / split / name
+            found = _image_files(class_dir) if class_dir.is_dir() else []
+            if split == "train" and not found:
+                raise UserError(f"folder: no .png/.jpg/.jpeg/.bmp images in {class_dir}")
+            files[split] += [(path, label) for path in found]
+    if not files["test"]:
+        raise UserError(f"folder: no .png/.jpg/.jpeg/.bmp images under {base / 'test'}")
+
+    return _decoded("folder", files, class_names, hflip=False, where=f"folder: {base}")
+
+
+def _decoded(name: str, files: dict[str, list[tuple[Path, int]]], class_names: list[str], *, hflip: bool,
+             where: str) -> RawData:
+    """Every (path, label) of the train and test lists decoded into one uint8 array per split."""
+    # Every image is held in memory as RGB (at most): what that needs is known from one header, before decoding.
+    first = files["train"][0][0]
+    width, height = _image_size(first)
+    count = len(files["train"]) + len(files["test"])
+    memory.check_fits(where, count * width * height * 3, f"{count:,} images of {width}x{height}")
+    arrays: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    for split, entries in files.items():
+        for path, _ in entries:
+            arrays[split].append(_read_image(path, (width, height), first))
+
+    # Grayscale converts to RGB without loss, so a tree mixing both is read as RGB throughout.
+    rgb = any(a.ndim == 3 for split in arrays.values() for a in split)
+
+    def stack(images: list[np.ndarray]) -> np.ndarray:
+        if not rgb:
+            return np.stack(images)[:, None]
+        images = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in images]
+        return np.stack(images).transpose(0, 3, 1, 2)
+
+    def labels(entries: list[tuple[Path, int]]) -> np.ndarray:
+        return np.array([label for _, label in entries], dtype=np.int64)
+
+    return raw_data(name, stack(arrays["train"]), labels(files["train"]), stack(arrays["test"]),
+                    labels(files["test"]), class_names, hflip, where.removeprefix(f"{name}: "))
+
+
+_TINY_HINT = ("set data.root to the folder tiny-imagenet-200 as unpacked from "
+              "http://cs231n.stanford.edu/tiny-imagenet-200.zip")
+
+
+def load_tiny_imagenet(root: str | None) -> RawData:
+    """Tiny-ImageNet-200's own layout: classes from wnids.txt (else the train folders, sorted), their names from
+    words.txt where present, train/WNID/images/*, and val/images/* labelled by val/val_annotations.txt (the test
+    split here)."""
+    if root is None:
+        raise UserError(f"tiny-imagenet: data.root is not set ({_TINY_HINT})")
+    base = Path(root).expanduser()
+    for needed in (base / "train", base / "val" / "images", base / "val" / "val_annotations.txt"):
+        if not needed.exists():
+            raise UserError(f"tiny-imagenet: {needed} is missing ({_TINY_HINT})")
+    wnids_file = base / "wnids.txt"
+    wnids = (wnids_file.read_text(encoding="utf-8", errors="replace").split() if wnids_file.is_file()
+             else _class_dirs(base / "train"))
+    if len(wnids) != len(set(wnids)) or not wnids:
+        raise UserError(f"tiny-imagenet: {wnids_file} names {len(wnids)} classes, {len(set(wnids))} distinct")
+    if len(wnids) > MAX_CLASSES:
+        raise UserError(f"tiny-imagenet: {len(wnids):,} classes; at most {MAX_CLASSES:,} are supported")
+    label_of = {w: i for i, w in enumerate(wnids)}
+    files: dict[str, list[tuple[Path, int]]] = {"train": [], "test": []}
+    for wnid, label in label_of.items():
+        folder = base / "train" / wnid / "images"
+        found = _image_files(folder) if folder.is_dir() else []
+        if not found:
+            raise UserError(f"tiny-imagenet: no images in {folder} (class {wnid} of {wnids_file.name})")
+        files["train"] += [(path, label) for path in found]
+    annotations = base / "val" / "val_annotations.txt"
+    for number, line in enumerate(annotations.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        fields = line.split("\t")
+        if not line.strip():
+            continue
+        if len(fields) < 2 or fields[1] not in label_of:
+            raise UserError(f"tiny-imagenet: {annotations}, line {number}: expected FILE<tab>WNID of a known "
+                            f"class, got {line[:80]!r}")
+        path = base / "val" / "images" / fields[0]
+        if not path.is_file():
+            raise UserError(f"tiny-imagenet: {annotations}, line {number}: {path} does not exist")
+        files["test"].append((path, label_of[fields[1]]))
+    if not files["test"]:
+        raise UserError(f"tiny-imagenet: {annotations} labels no images")
+    return _decoded("tiny-imagenet", files, _class_names(base / "words.txt", wnids), hflip=True,
+                    where=f"tiny-imagenet: {base}")
+
+
+def _class_names(words: Path, wnids: list[str]) -> list[str]:
+    """Each class' first WordNet lemma from words.txt ("n01443537<tab>goldfish, Carassius auratus"), else its
+    WNID; a name two classes share keeps its WNID beside it."""
+    lemma = {}
+    if words.is_file():
+        for line in words.read_text(encoding="utf-8", errors="replace").splitlines():
+            wnid, _, text = line.partition("\t")
+            lemma[wnid] = text.split(",")[0].strip()
+    names = [lemma.get(w) or w for w in wnids]
+    return [f"{n} ({w})" if names.count(n) > 1 else n for n, w in zip(names, wnids)]

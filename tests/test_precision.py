@@ -1,0 +1,106 @@
+"""`precision: fp16` for any run (students included): the forward under float16 autocast and a gradient scaler per
+run, whose state (scale, growth tracker) travels in the resume state; never fused (one run's overflow must not skip
+another's step). Runs on the CPU's float16 autocast here; `benchmarks/gpu_check.sh` runs the same on CUDA."""
+
+import copy
+
+import pytest
+import torch
+
+from ckptkd import config as config_mod
+from ckptkd import distill_fused, train
+from ckptkd.data import Batch, EpochPlan
+from ckptkd.errors import UserError
+from ckptkd.models import create
+from ckptkd.run.state import load_state
+from ckptkd.run.storage import load_tensors
+from ckptkd.training.engines import LoopedEngine, choose_engine
+from ckptkd.training.objective import Objective
+from ckptkd.training.recipe import make_optimizer
+
+from conftest import tiny_config
+
+MLP = {"name": "mlp", "widths": [24]}
+
+
+def _weights(run) -> dict:
+    return load_tensors(run.path / run.manifest.checkpoints[-1].path)
+
+
+def test_an_fp16_run_scales_its_loss_and_keeps_the_scale_in_its_resume_state(tmp_path):
+    """Every step went through the scaler (its growth tracker counts the finite steps), the gradients were unscaled
+    before the update (the weights stay near the float32 run's: scaled gradients would be 65,536 times too large),
+    and the run learns."""
+    cfg = tiny_config(model=MLP, schedule={"epochs": 3}, checkpoints={"fractions": [1.0]})
+    half = train({**cfg, "precision": "fp16"}, out=tmp_path / "fp16", quiet=True)
+    full = train(cfg, out=tmp_path / "fp32", quiet=True)
+    steps = half.manifest.checkpoints[-1].step
+    model = create("mlp", num_classes=10, in_channels=1, image_size=8, widths=[24])
+    progress = load_state(half.path / "state" / "last.safetensors", model, make_optimizer(
+        config_mod.resolve(cfg), model))
+    assert progress.loss_scale["scale"] == 2.0 ** 16 and progress.loss_scale["_growth_tracker"] == steps
+    assert half.manifest.to_dict()["precision"] == "fp16"
+    a, b = _weights(half), _weights(full)
+    assert all(torch.allclose(a[k], b[k], atol=5e-2, rtol=0) for k in a)  # 0.02 apart after 3 epochs here
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # float16 did compute something
+    assert half.manifest.final.test_acc > 0.8
+
+
+def test_a_step_whose_gradients_overflow_is_skipped_and_the_scale_halves():
+    cfg = config_mod.resolve(tiny_config(model=MLP, precision="fp16"))
+    torch.manual_seed(0)
+    model = create("mlp", num_classes=10, in_channels=1, image_size=8, widths=[24])
+    objective = Objective([None], [cfg["kd"]], 10, torch.device("cpu"))
+    objective.begin_epoch([EpochPlan(torch.arange(16), torch.zeros(16, 3, dtype=torch.int16), None, True)])
+    huge = {"scale": 3e38, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+            "_growth_tracker": 7}
+    engine = LoopedEngine([model], [make_optimizer(cfg, model)], cfg, objective, torch.device("cpu"), own=True,
+                          loss_scales=[huge])
+    generator = torch.Generator().manual_seed(0)
+    batch = Batch(torch.rand(1, 16, 1, 8, 8, generator=generator), torch.randint(0, 10, (1, 16), generator=generator),
+                  torch.arange(16)[None], torch.zeros(1, 16, 3, dtype=torch.int16))
+    before = copy.deepcopy(model.state_dict())
+    engine.step(batch, 0.1, torch.float16)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # skipped
+    assert engine.loss_scale(0)["scale"] == pytest.approx(1.5e38) and engine.loss_scale(0)["_growth_tracker"] == 0
+    for _ in range(200):  # halving until the scaled gradients are finite; then the steps are taken
+        engine.step(batch, 0.1, torch.float16)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fp16_runs_are_never_fused(tmp_path, teacher_run):
+    model = create("mlp", num_classes=10, in_channels=1, image_size=8, widths=[24])
+    spec = {"name": "mlp", "num_classes": 10, "in_channels": 1, "image_size": [8, 8], "kwargs": {"widths": [24]}}
+    assert choose_engine(model, spec, torch.device("cpu"), "auto", "fp16")[0] == "looped"
+    assert choose_engine(model, spec, torch.device("cpu"), "auto", "fp32")[0] == "fused"
+    with pytest.raises(UserError, match="precision fp16 runs cannot be fused"):
+        choose_engine(model, spec, torch.device("cpu"), "fused", "fp16")
+    runs = distill_fused(tiny_config(model=MLP, precision="fp16", schedule={"epochs": 1}), [f"{teacher_run.path}@0.5"],
+                         seeds=[0, 1], out=tmp_path / "group", quiet=True)
+    assert [r.manifest.fused["engine"] for r in runs] == ["looped", "looped"]
+    with pytest.raises(UserError, match="precision must be one of"):
+        config_mod.resolve(tiny_config(precision="fp8"))
+
+
+def test_deterministic_kernels_hold_for_the_run_and_the_process_settings_come_back_after(tmp_path):
+    import os
+
+    from ckptkd.training.loop import Member, fit_one
+
+    def settings():
+        return (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+    before = settings()
+    assert before[0] is False
+    seen = []
+    cfg = config_mod.resolve(tiny_config(model=MLP, deterministic=True, schedule={"epochs": 2}))
+    fit_one(Member(cfg, tmp_path / "on"), quiet=True, on_epoch=lambda _e: seen.append(settings()))
+    assert seen == [(True, False, True, os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8"))] * 2
+    assert settings() == before
+    fit_one(Member(config_mod.resolve(tiny_config(model=MLP, schedule={"epochs": 1})), tmp_path / "off"), quiet=True,
+            on_epoch=lambda _e: seen.append(settings()))
+    assert seen[-1] == before
+    # at its neutral value it is not part of a study task's identity; on, it is
+    assert "deterministic" not in config_mod.identity(config_mod.resolve(tiny_config()))
+    assert config_mod.identity(cfg)["deterministic"] is True
