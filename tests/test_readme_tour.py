@@ -8,7 +8,7 @@ import re
 import shlex
 
 from ckptkd.cli.main import build_parser
-from conftest import REPO, run_cli
+from conftest import REPO
 
 TOOL = ".venv/bin/ckptkd"
 
@@ -55,19 +55,25 @@ def test_every_tour_command_parses_and_reads_only_what_an_earlier_one_wrote():
 LONG = {"study", "report"}
 
 
-def test_the_tour_runs_as_written(tmp_path):
+def test_the_tour_runs_as_written(tmp_path, monkeypatch, capsys):
+    """In this process (`ckptkd.cli.main`, what the `ckptkd` script calls), from a fresh folder holding only the
+    repository's configs: every command must exit 0."""
+    from ckptkd.cli import main
+
     (tmp_path / "configs").symlink_to(REPO / "configs")
+    monkeypatch.chdir(tmp_path)
     ran = []
     for argv in tour_commands():
         if argv[0] in LONG:
             continue
-        result = run_cli(*argv, cwd=tmp_path, timeout=600)
-        assert result.returncode == 0, f"`ckptkd {shlex.join(argv)}` exited {result.returncode}:\n{result.stderr[-3000:]}"
-        ran.append((argv, result))
+        code = main(argv)
+        out, err = capsys.readouterr()
+        assert code == 0, f"`ckptkd {shlex.join(argv)}` exited {code}:\n{err[-3000:]}"
+        ran.append((argv, out))
     assert len(ran) >= 12
-    picked = next(json.loads(r.stdout) for argv, r in ran if argv[:3] == ["select", "runs/t", "--json"])
+    picked = next(json.loads(out) for argv, out in ran if argv[:3] == ["select", "runs/t", "--json"])
     assert picked["t_star"] in picked["ties"] and picked["criterion"] == "info@train"
-    elsewhere = next(r.stdout.split() for argv, r in ran if "--analysis" in argv)
+    elsewhere = next(out.split() for argv, out in ran if "--analysis" in argv)
     assert len(elsewhere) == 3 and all(ref.startswith("runs/t2@epoch=") for ref in elsewhere)
     assert not (tmp_path / "runs" / "t2" / "analysis.json").exists()
     assert (tmp_path / "runs" / "t2-analysis" / "analysis.json").is_file()
