@@ -206,6 +206,15 @@ def test_cifar100_table3_grid_runs_one_epoch_on_fixture_cifar_data(tmp_path):
     report = (study / "report.md").read_text()
     for pair in ("WRN-40-2->WRN-40-1", "WRN-40-2->MobileNetV2", "ResNet-110->ResNet-32", "ResNet-110->MobileNetV2"):
         assert pair in report
+    # aligned with the released code (results/paper_table3.md): its students, logit averaging, its normalisation,
+    # and its metric recorded and reported beside ours
+    snapshot = next(r for r in rows if r["group"].get("variant") == "snapshot" and "MobileNetV2" in r["name"])
+    config = snapshot["config"] if isinstance(snapshot["config"], dict) else json.loads(snapshot["config"])
+    assert config["model"]["name"] == "mobilenetv2_075" and config["kd"]["ensemble"] == "logits"
+    assert config["optim"]["lr"] == 0.1 and config["data"]["mean"] == [0.5071, 0.4867, 0.4408]
+    assert config["eval"] == {"last_k": 5, "best_of_last": 10}
+    assert snapshot["metrics"]["test_acc_best_of_last"] is not None
+    assert "The same students in the paper's own metric" in report
 
 
 def test_trajectories_pair_every_seed_with_every_teacher_and_share_what_is_identical():

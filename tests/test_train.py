@@ -324,3 +324,20 @@ def test_top5_counts_a_label_among_the_five_highest_logits_and_is_left_out_below
     assert two[1]["acc"] == 0.0 and two[1]["top5"] == 0.25  # negated: 10th, 7th, 6th and 3rd
     few = SimpleNamespace(train_x=torch.zeros(1), num_classes=5, eval_batches=lambda split, b: [(None, y % 5)])
     assert evaluate(lambda x: logits[None, :, :5], few, "val", 4)[0]["top5"] is None
+
+
+def test_the_papers_best_of_the_last_n_epochs_is_recorded_beside_the_last_k_mean(tmp_path):
+    """eval.best_of_last = 3 of 5 epochs: those 3 are tested, and final carries their best; the last-k mean is the
+    last 2, as asked. A max over the wrong tail, or over untested epochs, breaks this."""
+    run = train(tiny_config(model={"name": "mlp", "widths": [16]}, schedule={"epochs": 5},
+                            checkpoints={"fractions": [1.0]}, eval={"last_k": 2, "best_of_last": 3}),
+                out=tmp_path / "run", quiet=True)
+    records = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    tested = [r["epoch"] for r in records if "test_acc" in r]
+    assert tested == [3, 4, 5]
+    final = run.manifest.final
+    assert final.test_acc_best_of_last == max(r["test_acc"] for r in records[-3:]) and final.best_of_last == 3
+    assert final.test_acc_last_k == pytest.approx(sum(r["test_acc"] for r in records[-2:]) / 2)
+    plain = train(tiny_config(model={"name": "mlp", "widths": [16]}, schedule={"epochs": 2}), out=tmp_path / "plain",
+                  quiet=True)
+    assert plain.manifest.final.test_acc_best_of_last is None

@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "checkpoints": {"fractions": [0.3, 0.5, 0.7, 1.0], "every": None, "epochs": []},
     "kd": {"teachers": [], "temperature": 4.0, "alpha": 0.1, "ensemble": "probs", "cache": "auto", "views": 32,
            "cache_dir": None, "channels_last": "auto", "autocast": "auto", "teacher_mode": "eval"},
-    "eval": {"last_k": 5},
+    "eval": {"last_k": 5, "best_of_last": 0},
     "log": {"progress": "auto", "tensorboard": "auto", "report_to": []},
 }
 
@@ -263,7 +263,7 @@ def milestone(v: Any) -> str | None:
 # that value they are left out of a task's identity (`identity`), so a study begun before an option existed resumes
 # instead of starting again under new task names.
 NEUTRAL: dict[str, Any] = {"kd.teacher_mode": "eval", "log.report_to": [], "optim.accumulate": 1,
-                           "deterministic": False}
+                           "deterministic": False, "eval.best_of_last": 0}
 
 
 def identity(obj: Any) -> Any:
@@ -335,6 +335,7 @@ FIELDS: dict[str, Check] = {
     "kd.autocast": one_of("auto", "none", "bf16", "fp16"),
     "kd.teacher_mode": one_of("eval", "train"),
     "eval.last_k": integer(1),
+    "eval.best_of_last": integer(0),
     "log.progress": one_of("auto", True, False),
     "log.tensorboard": one_of("auto", True, False),
     "log.report_to": list_of(one_of("tensorboard", "mlflow", "wandb")),

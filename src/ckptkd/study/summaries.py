@@ -12,7 +12,9 @@ def run_metrics(kind: str, run) -> tuple[dict, dict]:
     metrics = {"test_acc": final.test_acc, "val_acc": final.val_acc, "train_acc": final.train_acc,
                "best_val_acc": final.best_val_acc, "best_val_epoch": final.best_val_epoch,
                "train_time_s": final.train_time_s, "test_acc_last_k": final.test_acc_last_k, "last_k": final.last_k,
-               "test_top5": final.test_top5, "test_top5_last_k": final.test_top5_last_k, "health": manifest.health}
+               "test_top5": final.test_top5, "test_top5_last_k": final.test_top5_last_k,
+               "test_acc_best_of_last": final.test_acc_best_of_last, "best_of_last": final.best_of_last,
+               "health": manifest.health}
     if kind == "distill":
         ensemble = manifest.teacher_ensemble or {}
         metrics.update(teacher_val_acc=ensemble.get("val_acc"), teacher_test_acc=ensemble.get("test_acc"),

@@ -303,7 +303,7 @@ class _Group:
                     self.build()
         for run in self.going:
             if self.main:
-                final = final_numbers(run.progress, self.cfg["eval"]["last_k"])
+                final = final_numbers(run.progress, **self.cfg["eval"])
                 run.outcome = run.folder.finish(run.progress, final)
                 run.log.finished(dataclasses.asdict(final))  # the trackers get the final numbers, then close
             else:
@@ -463,8 +463,9 @@ def top5(split: str, measured: dict) -> dict:
     return {} if measured["top5"] is None else {f"{split}_top5": measured["top5"]}
 
 
-def final_numbers(progress: Progress, last_k: int) -> Final:
+def final_numbers(progress: Progress, last_k: int, best_of_last: int = 0) -> Final:
     last = progress.history[-1]
+    paper = [h["test_acc"] for h in progress.history[-best_of_last:]] if best_of_last else []
     tail = progress.history[-last_k:]  # every one of the last k epochs was tested
     top5_tail = [h.get("test_top5") for h in tail]
     return Final(epoch=last["epoch"], train_acc=last["train_acc"], val_acc=last["val_acc"], test_acc=last["test_acc"],
@@ -472,7 +473,8 @@ def final_numbers(progress: Progress, last_k: int) -> Final:
                  train_time_s=round(progress.elapsed_s, 3), test_acc_last_k=statistics.mean(h["test_acc"] for h in tail),
                  last_k=len(tail), test_top5=last.get("test_top5"),
                  # None unless every epoch of the tail has it (a run resumed from a version before top-5 does not)
-                 test_top5_last_k=None if None in top5_tail else statistics.mean(top5_tail))
+                 test_top5_last_k=None if None in top5_tail else statistics.mean(top5_tail),
+                 test_acc_best_of_last=max(paper) if paper else None, best_of_last=len(paper) or None)
 
 
 def new_manifest(cfg: dict, kind: str, spec: dict, data: data_mod.Data, device: torch.device, teacher) -> Manifest:

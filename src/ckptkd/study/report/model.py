@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ... import stats
 from .. import variants as variants_mod
 from .comparisons import Comparison, pair_comparisons
-from .rows import Durations, PairRows, done, flags, pair_rows, top5
+from .rows import Durations, PairRows, done, flags, pair_rows, paper_metric, top5
 from .selection import SelectionBenchmark, selection_benchmark
 from .trajectories import Trajectory, TrajectorySummary, is_summary
 from .verdicts import DEFAULT_MARGIN, Finding, finding
@@ -33,6 +33,7 @@ class Cell:
     planned: int | None = None
     flagged: int = 0
     top5: list[float] = field(default_factory=list)
+    paper: list[float] = field(default_factory=list)  # the paper's best-of-the-last-N metric, where recorded
 
     @property
     def mean(self) -> float | None:
@@ -173,6 +174,7 @@ class RunRecord:
     test_acc_last_k: float | None
     test_top5: float | None
     test_top5_last_k: float | None
+    test_acc_best_of_last: float | None
     val_acc: float | None
     best_val_acc: float | None
     best_val_epoch: int | None
@@ -237,7 +239,8 @@ def _header(config: dict, rows: list[dict], pairs: list[PairRows]) -> Header:
 
 
 def _cells(pair: PairRows) -> dict[str, Cell]:
-    return {v: Cell(pair.values(v), pair.planned(v), pair.flagged(v), pair.values(v, top5))
+    return {v: Cell(pair.values(v), pair.planned(v), pair.flagged(v), pair.values(v, top5),
+                    pair.values(v, paper_metric))
             for v in variants_mod.ordered(set(pair.variants) | {v for v in pair.students if v})}
 
 
@@ -326,7 +329,8 @@ def _record(row: dict) -> RunRecord:
     return RunRecord(**{k: row[k] for k in ("run_id", "kind", "name", "status", "path")},
                      **{k: group.get(k) for k in ("pair", "role", "variant", "seed", "teacher_seed")},
                      **{k: metrics.get(k) for k in ("test_acc", "test_acc_last_k", "test_top5", "test_top5_last_k",
-                                                    "val_acc", "best_val_acc", "best_val_epoch", "teacher_test_acc")},
+                                                    "test_acc_best_of_last", "val_acc", "best_val_acc",
+                                                    "best_val_epoch", "teacher_test_acc")},
                      health=flags(row), duration_s=timings.get("duration_s"))
 
 

@@ -24,6 +24,12 @@ def accuracy(metrics: dict) -> float:
     return last_k if last_k is not None else metrics["test_acc"]
 
 
+def paper_metric(metrics: dict) -> float | None:
+    """The paper's metric where the run recorded it (`eval.best_of_last`): the best test accuracy of its last N
+    epochs, which selects on the test set."""
+    return metrics.get("test_acc_best_of_last")
+
+
 def top5(metrics: dict) -> float | None:
     """Top-5 test accuracy, as `accuracy` reads top-1; None where it was not recorded (5 classes or fewer, or a run
     of ckptkd before 0.4)."""
