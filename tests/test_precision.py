@@ -104,3 +104,41 @@ def test_deterministic_kernels_hold_for_the_run_and_the_process_settings_come_ba
     # at its neutral value it is not part of a study task's identity; on, it is
     assert "deterministic" not in config_mod.identity(config_mod.resolve(tiny_config()))
     assert config_mod.identity(cfg)["deterministic"] is True
+
+
+def test_compile_runs_the_training_forward_through_torch_compile_and_falls_back_in_one_line(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """`compile: eager` (Dynamo's tracing without a compiler, exact) gives the uncompiled run's weights bit for bit,
+    through torch.compile; a compiler that fails is noted once and the run continues uncompiled, losing nothing.
+    (`compile: true`, inductor, needs a C++ compiler and ~20 s here; benchmarks/gpu_check.sh runs it on CUDA.)"""
+    base = tiny_config(model=MLP, schedule={"epochs": 2}, checkpoints={"fractions": [1.0]})
+    plain = _weights(train(base, out=tmp_path / "plain", quiet=True))
+    real_compile, calls = torch.compile, []
+
+    def spy(module, **kwargs):
+        calls.append((type(module).__name__, kwargs))
+        return real_compile(module, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    traced = _weights(train({**base, "compile": "eager"}, out=tmp_path / "eager", quiet=True))
+    assert calls == [("MLP", {"backend": "eager"})]
+    assert all(torch.equal(plain[k], traced[k]) for k in plain)
+
+    class Broken:
+        def __call__(self, x):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: Broken())
+    capsys.readouterr()
+    fallen = _weights(train({**base, "compile": True}, out=tmp_path / "fallen", quiet=True))
+    err = capsys.readouterr().err
+    assert err.count("compile: torch.compile (backend inductor) failed (InvalidCxxCompiler") == 1
+    assert "training continues without it" in err
+    assert all(torch.equal(plain[k], fallen[k]) for k in plain)
+    monkeypatch.setattr(torch, "compile", spy)  # a fused group compiles its one wide model
+    group = tiny_config(model=MLP, schedule={"epochs": 1}, compile="eager")
+    runs = distill_fused(group, [None], seeds=[0, 1], out=tmp_path / "group", quiet=True, engine="fused")
+    assert calls[-1] == ("FusedModel", {"backend": "eager"}) and all(r.manifest.complete for r in runs)
+    with pytest.raises(UserError, match="compile must be true, false or a torch.compile backend"):
+        config_mod.resolve(tiny_config(compile="fast"))
+    assert "compile" not in config_mod.identity(config_mod.resolve(base))

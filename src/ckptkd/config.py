@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "precision": "fp32",
     "deterministic": False,
+    "compile": False,
     "data": {
         "name": "digits",
         "root": None,
@@ -263,7 +264,11 @@ def milestone(v: Any) -> str | None:
 # that value they are left out of a task's identity (`identity`), so a study begun before an option existed resumes
 # instead of starting again under new task names.
 NEUTRAL: dict[str, Any] = {"kd.teacher_mode": "eval", "log.report_to": [], "optim.accumulate": 1,
-                           "deterministic": False, "eval.best_of_last": 0}
+                           "deterministic": False, "eval.best_of_last": 0, "compile": False}
+
+
+# The torch.compile backends `compile` may name (true is inductor): the compiler, and the two that trace without one.
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 
 
 def identity(obj: Any) -> Any:
@@ -290,6 +295,8 @@ FIELDS: dict[str, Check] = {
     "device": device_name,
     "precision": one_of("fp32", "bf16", "fp16"),
     "deterministic": boolean(),
+    "compile": lambda v: None if isinstance(v, bool) or v in COMPILE_BACKENDS else (
+        f"true, false or a torch.compile backend ({', '.join(COMPILE_BACKENDS)})"),
     "data.name": text(),
     "data.root": text(nullable=True),
     "data.val_fraction": number(0.0, 0.9),

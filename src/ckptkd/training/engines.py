@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, note
 from . import distributed
 from .objective import TERMS, Objective
 from .recipe import make_optimizer
@@ -43,6 +43,36 @@ def forward(net: torch.nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype |
 # (the Fashion and digits students, resnet8 on 8x8, lenet5), 0.7x for resnet8 on 32x32 (25 MFLOPs) and 0.4x for
 # resnet20 on 32x32 (82 MFLOPs), where grouped convolutions of 16-64 channels are slower than separate ones.
 CPU_FUSE_MAX_FLOPS = 10e6
+
+
+class Compiled:
+    """`torch.compile(module, backend=...)` for the training forward, falling back to the module itself, with one
+    line, if compiling fails (no C++ compiler, an operation the backend cannot trace): a run is never lost to it.
+    The parameters are the module's own, so the optimizer, checkpoints and evaluation see one set of weights."""
+
+    def __init__(self, module: torch.nn.Module, backend: str):
+        self.module, self.backend = module, backend
+        self.compiled = torch.compile(module, backend=backend)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is self.module:
+            return self.module(x)
+        try:
+            return self.compiled(x)
+        except Exception as error:  # noqa: BLE001 - whatever the compiler raised, the eager module runs instead
+            said = " ".join(str(error).split())[:160] or type(error).__name__
+            note(f"compile: torch.compile (backend {self.backend}) failed ({said}); training continues without it")
+            self.compiled = self.module
+            return self.module(x)
+
+
+def compiled(module: torch.nn.Module, cfg: dict):
+    """The module as the training step calls it: compiled where `compile` asks for it (true: the default backend,
+    inductor; or a backend's name), else itself."""
+    setting = cfg["compile"]
+    if setting is False:
+        return module
+    return Compiled(module, "inductor" if setting is True else setting)
 
 
 def forward_costs(model: torch.nn.Module, spec: dict, device: torch.device) -> tuple[float, float]:
@@ -170,6 +200,7 @@ class LoopedEngine:
                 self.restore(i, model, optimizer)
         # What the step calls: under torchrun (a group of one only) the model wrapped in DDP.
         self.nets = [distributed.wrap(m, device) for m in self.models] if own else self.models
+        self.nets = [compiled(net, cfg) for net in self.nets]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x) for m in self.models])
@@ -240,6 +271,7 @@ class FusedEngine:
         self.objective = objective
         self.model = fuse(models, channels_last=device.type == "cpu").to(device)
         self.optimizer = make_optimizer(cfg, self.model)
+        self.train_forward = compiled(self.model, cfg)
         self.names = dict(self.model.named_parameters())
         for i, (model, optimizer) in enumerate(zip(models, optimizers)):
             self.restore(i, model, optimizer, weights=False)
@@ -255,7 +287,7 @@ class FusedEngine:
         outs, losses, terms = [], 0, {}
         for piece in batch.chunks(accumulate, dim=1):
             share = piece.y.shape[1] / batch.y.shape[1]  # each piece's mean losses, weighted: the batch's means
-            logits = forward(self.model, piece.x, autocast_dtype)
+            logits = forward(self.train_forward, piece.x, autocast_dtype)
             piece_losses, piece_terms = self.objective.batched(logits, piece)
             (piece_losses.sum() * share).backward()  # the sum: each member's parameters get its own loss's gradient
             outs.append(logits.detach())
