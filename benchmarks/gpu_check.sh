@@ -11,7 +11,11 @@
 #   5. `ckptkd bench --device cuda`: teachers in fp32 and in bf16 (48 steps x best of 3: GPU steps are short)
 #   6. benchmarks/ensemble_forward.py on cuda: vmap vs loop, speed and largest difference
 #   7. DDP over NCCL: `torchrun -m ckptkd train` and a cached `distill` with one rank per GPU
-#   GPU_CHECK_STEPS="fixture ddp" runs only the steps named (fixture data is needed by the training steps).
+#   8. students as GPU users expect them: fp16 with its loss scaler, compile (inductor), optim.accumulate 4 (batch
+#      32 x 4 = 128), deterministic: true run twice (the two last checkpoints' sha256 must agree), each a resnet20
+#      distilled for 2 epochs from the teacher's snapshot ensemble
+#   GPU_CHECK_STEPS="fixture ddp" runs only the steps named (fixture data is needed by the training steps; the
+#   students of step 8 need the wrn_40_2 teacher of step 3).
 set -uo pipefail
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
@@ -78,3 +82,18 @@ step ddp_distill python3 -m torch.distributed.run --standalone --nproc_per_node 
   configs/cifar100_wrn_40_2.yaml --out "$DATA/ddp-student" --teacher "$DATA/ddp-wrn@all" --set model.name=resnet20 \
   --set name=student --set schedule.epochs=2 --set precision=bf16 --set device=cuda --set kd.cache=on "${QUIET[@]}"
 record ddp_distill "$DATA/ddp-student"
+for option in fp16 compile accumulate deterministic deterministic2; do
+  case $option in
+    fp16) sets=(--set precision=fp16) ;;
+    compile) sets=(--set compile=true) ;;
+    accumulate) sets=(--set optim.accumulate=4 --set data.batch_size=32) ;;
+    deterministic*) sets=(--set deterministic=true) ;;
+  esac
+  step "students_$option" python3 -m ckptkd distill configs/cifar100_wrn_40_2.yaml --out "$DATA/option-$option" \
+    --teacher "$DATA/wrn-bf16@all" --set model.name=resnet20 --set name=student --set schedule.epochs=2 \
+    --set device=cuda "${sets[@]}" "${QUIET[@]}"
+  record "students_$option" "$DATA/option-$option"
+done
+step students_deterministic_same python3 -c "import json, sys
+a, b = (json.load(open(f'$DATA/option-{n}/manifest.json'))['checkpoints'][-1]['sha256'] for n in ('deterministic', 'deterministic2'))
+print('deterministic reruns identical:', a == b); sys.exit(a != b)"
