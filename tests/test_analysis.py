@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import math
 import shutil
@@ -535,9 +537,34 @@ def test_analyze_refuses_an_out_that_is_a_file_or_a_run_and_says_where_to_write_
     assert result.returncode == 2 and "is a file" in result.stderr, result.stderr
     other = tmp_path / "other"
     shutil.copytree(teacher_run.path, other)
-    result = run_cli("analyze", str(teacher_run.path), "--out", str(other))
-    assert result.returncode == 2 and "is a run folder" in result.stderr
-    assert not (other / "analysis-cache").exists()
+    from ckptkd.cli import main
+
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "results.sqlite").write_bytes(b"")
+    (tmp_path / "mine").mkdir()
+    shutil.copy(tmp_path / "file", tmp_path / "mine" / "keep")
+    for out, why in ((other, "is a run folder"), (other / "checkpoints", f"is inside the run folder {other}"),
+                     (teacher_run.path / "state", "is inside the run folder"), (tmp_path, "holds a study or run"),
+                     (tmp_path / "study", "holds a study"), ("", "names no folder")):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main(["analyze", str(teacher_run.path), "--out", str(out), "--no-plots"]) == 2, out
+        assert why in err.getvalue(), (out, err.getvalue())
+    assert not (other / "analysis-cache").exists() and not (other / "checkpoints" / "analysis-cache").exists()
+    # a folder holding another run's analysis is not overwritten
+    analyze(other, quiet=True, seeds=1, plots=False, out=tmp_path / "mine")
+    manifest = json.loads((teacher_run.path / "manifest.json").read_text())
+    foreign = json.loads((tmp_path / "mine" / "analysis.json").read_text())
+    foreign.pop("checksum")
+    foreign["checkpoints"][0]["sha256"] = "f" * 64  # as if of another run
+    from ckptkd.run.storage import write_sealed_json
+
+    write_sealed_json(tmp_path / "mine" / "analysis.json", foreign)
+    with pytest.raises(UserError, match=r"--out .*mine holds another analysis .*name a new folder"):
+        analyze(teacher_run.path, quiet=True, seeds=1, plots=False, out=tmp_path / "mine")
+    assert manifest == json.loads((teacher_run.path / "manifest.json").read_text())
+    with pytest.raises(UserError, match=r"select: --analysis .*other is a run folder; name the folder"):
+        select(teacher_run.path, analysis=other)
 
     # root may write anywhere, so a read-only file system is what the test plays: the first write says no
     import tempfile as tempfile_mod

@@ -295,3 +295,39 @@ def test_running_out_of_memory_mid_run_is_one_line_and_the_run_is_marked_failed(
     monkeypatch.setattr(loop, "evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # any other error stays what it is
         train(CONFIG, out=tmp_path / "bug", quiet=True)
+
+
+def test_models_of_impossible_shapes_are_refused_before_they_are_built():
+    from ckptkd.errors import UserError
+    from ckptkd.models import create
+
+    for widths in ([0], 64, [8, -1], [True]):
+        with pytest.raises(UserError, match=r"model.widths must be a list of layer widths of at least 1"):
+            create("mlp", num_classes=10, in_channels=1, image_size=8, widths=widths)
+    # it used to build 100,000 layers on the meta device first (82 s, 1.4 GB) to be refused for their size
+    with pytest.raises(UserError, match=r"wrn_100000_1': WRN depth at most 1204 and width at most 100"):
+        create("wrn_100000_1", num_classes=10, in_channels=3, image_size=32)
+
+
+def test_a_teacher_cache_folder_that_cannot_be_written_says_what_to_set(tmp_path, teacher_run, monkeypatch):
+    """A teacher in a read-only folder: its default cache (RUN/cache) cannot be written; the one line names
+    kd.cache_dir and kd.cache before any teacher forward is spent."""
+    import tempfile as tempfile_mod
+
+    from ckptkd import distill
+    from ckptkd.errors import UserError
+
+    real = tempfile_mod.NamedTemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).is_relative_to(teacher_run.path):
+            raise OSError(30, "Read-only file system", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile_mod, "NamedTemporaryFile", read_only)
+    cfg = tiny_config(model={"name": "mlp", "widths": [8]}, schedule={"epochs": 1}, kd={"cache": "on"})
+    with pytest.raises(UserError, match=r"cannot write the teacher cache into .*cache \(Read-only file system\): "
+                                        r"set kd.cache_dir to a folder you can write, or kd.cache: off"):
+        distill(cfg, teachers=[f"{teacher_run.path}@0.5"], out=tmp_path / "s", quiet=True)
+    cfg["kd"]["cache_dir"] = str(tmp_path / "my-cache")
+    assert distill(cfg, teachers=[f"{teacher_run.path}@0.5"], out=tmp_path / "s2", quiet=True).manifest.complete

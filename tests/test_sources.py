@@ -414,7 +414,7 @@ def test_tiny_imagenet_errors_name_the_file_and_line(tmp_path):
     _write_tiny_imagenet(tmp_path, np.random.default_rng(22))
     annotations = tmp_path / "val" / "val_annotations.txt"
     annotations.write_text(annotations.read_text() + "val_9.JPEG\tn00000000\t0\t0\t1\t1\n")
-    with pytest.raises(UserError, match=r"val_annotations.txt, line 5: expected FILE<tab>WNID of a known class"):
+    with pytest.raises(UserError, match=r"val_annotations.txt, line 5: class n00000000 is not among the 3 classes of wnids.txt"):
         load_raw("tiny-imagenet", str(tmp_path))
     annotations.write_text("val_9.JPEG\tn01443537\n")
     with pytest.raises(UserError, match=r"line 1: .*val_9.JPEG does not exist"):

@@ -58,10 +58,12 @@ def study_table(study: str | Path, console: Console | None = None) -> Table:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     table = Table(title=f"{study}  ({len(rows)} tasks: "
                         + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ")")
-    for column in ("run", "kind", "pair", "variant", "trajectory", "seed", "teacher epochs", "status", "test %",
+    for column in ("run", "kind", "pair", "variant", "traj.", "seed", "teacher epochs", "status", "test %",
                    "best val %"):
-        numeric = column in ("trajectory", "seed", "test %", "best val %")
-        table.add_column(column, justify="right" if numeric else "left")
+        numeric = column in ("traj.", "seed", "test %", "best val %")
+        # the run's name whole (it says pair, variant, trajectory and seed); the pair's, repeated, may be cut
+        table.add_column(column, justify="right" if numeric else "left", no_wrap=column == "run",
+                         overflow="ellipsis" if column == "pair" else "fold", max_width=22 if column == "pair" else None)
     for row in rows:
         group, metrics = row["group"] or {}, row["metrics"] or {}
         status = row["status"] + (f" ({row['attempts']} attempts)" if row["status"] == "failed" else "")

@@ -148,18 +148,25 @@ def load_tiny_imagenet(root: str | None) -> RawData:
     files: dict[str, list[tuple[Path, int]]] = {"train": [], "test": []}
     for wnid, label in label_of.items():
         folder = base / "train" / wnid / "images"
-        found = _image_files(folder) if folder.is_dir() else []
+        if not folder.is_dir():
+            raise UserError(f"tiny-imagenet: class {wnid} of {wnids_file.name} has no folder {folder}")
+        found = _image_files(folder)
         if not found:
             raise UserError(f"tiny-imagenet: no images in {folder} (class {wnid} of {wnids_file.name})")
         files["train"] += [(path, label) for path in found]
     annotations = base / "val" / "val_annotations.txt"
+    left_out = set(_class_dirs(base / "train")) - set(label_of)  # a wnids.txt cut down to a subset of the classes
     for number, line in enumerate(annotations.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         fields = line.split("\t")
         if not line.strip():
             continue
-        if len(fields) < 2 or fields[1] not in label_of:
-            raise UserError(f"tiny-imagenet: {annotations}, line {number}: expected FILE<tab>WNID of a known "
-                            f"class, got {line[:80]!r}")
+        if len(fields) < 2:
+            raise UserError(f"tiny-imagenet: {annotations}, line {number}: expected FILE<tab>WNID, got {line[:80]!r}")
+        if fields[1] in left_out:
+            continue
+        if fields[1] not in label_of:
+            raise UserError(f"tiny-imagenet: {annotations}, line {number}: class {fields[1]} is not among the "
+                            f"{len(wnids)} classes of {wnids_file.name if wnids_file.is_file() else base / 'train'}")
         path = base / "val" / "images" / fields[0]
         if not path.is_file():
             raise UserError(f"tiny-imagenet: {annotations}, line {number}: {path} does not exist")

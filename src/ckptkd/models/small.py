@@ -78,6 +78,9 @@ class MLP(nn.Module):
         if image_size is None:
             raise UserError("model 'mlp' needs the input size (image_size)")
         height, width = image_size
+        if not isinstance(widths, (list, tuple)) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1
+                                                            for w in widths):
+            raise UserError(f"model 'mlp': model.widths must be a list of layer widths of at least 1, got {widths!r}")
         in_features = in_channels * height * width
         layers = []
         for out_features in widths:

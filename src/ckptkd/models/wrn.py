@@ -96,6 +96,9 @@ def _make_factory(depth, width):
     return build
 
 
+MAX_DEPTH, MAX_WIDTH = 1204, 100
+
+
 def factory_from_name(name):
     """The factory for a `wrn_D_W` name not registered explicitly; None if `name` is not of that form."""
     match = re.fullmatch(r"wrn_(\d+)_(\d+)", name)
@@ -106,6 +109,9 @@ def factory_from_name(name):
         raise UserError(f"model '{name}': WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...)")
     if width < 1:
         raise UserError(f"model '{name}': WRN width must be at least 1")
+    if depth > MAX_DEPTH or width > MAX_WIDTH:  # before 100,000 layers are built just to be measured
+        raise UserError(f"model '{name}': WRN depth at most {MAX_DEPTH} and width at most {MAX_WIDTH} (the deepest "
+                        "published is 1001 layers; a wider WRN is wrn_28_10's tenfold)")
     return _make_factory(depth, width)
 
 

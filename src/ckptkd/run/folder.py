@@ -156,7 +156,8 @@ class Run:
                           if c.get("sha256") is not None and saved.get(c["epoch"]) not in (None, c["sha256"])), None)
             if other is not None:
                 raise UserError(f"{path} is the analysis of another run: its epoch {other} is not the checkpoint "
-                                f"{self.path} holds; rerun `{self.analyze_command()}`")
+                                f"{self.path} holds; analyse {self.path} into a folder of its own (`ckptkd analyze "
+                                f"{self.path} --out NEW_DIR`)")
         return analysis
 
     def write_analysis(self, analysis: dict, plots: Path | None = None) -> Path:

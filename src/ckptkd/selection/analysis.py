@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from .. import config as config_mod
 from .. import data as data_mod
 from ..errors import UserError
-from ..run import Run, provenance, resolve
+from ..run import ANALYSIS as ANALYSIS_FILE
+from ..run import Run, provenance, resolve, runs_under
 from ..run.storage import read_sealed_json, remove_stale_temporaries, temporary_name, write_sealed_json
 from . import criteria as selection
 from . import info
@@ -288,13 +289,29 @@ def _plans(data: data_mod.Data, split: str, *, seed: int, seeds: int) -> tuple[t
 
 
 def _check_writable(folder: Run) -> None:
-    """Refuse before any work when the analysis cannot be saved (a teacher in someone else's read-only folder)."""
+    """Refuse before any work when the analysis cannot be saved (a teacher in someone else's read-only folder), or
+    `--out` names a place that belongs to something else: inside a run folder, a study, a folder of runs, or a folder
+    holding another run's analysis (which would be overwritten)."""
     home = folder.analysis_home
     elsewhere = home.resolve() != folder.path.resolve()
-    if elsewhere and home.exists() and not home.is_dir():
-        raise UserError(f"analyze: --out {home} is a file, not a folder")
-    if elsewhere and (home / "manifest.json").is_file():
-        raise UserError(f"analyze: --out {home} is a run folder; name a folder of its own for the analysis")
+    if elsewhere:
+        if str(home) in ("", "."):
+            raise UserError("analyze: --out names no folder; give the folder the analysis goes in")
+        if home.exists() and not home.is_dir():
+            raise UserError(f"analyze: --out {home} is a file, not a folder")
+        owner = next((p for p in (home, *home.resolve().parents) if (p / "manifest.json").is_file()), None)
+        if owner is not None:
+            where = "is a run folder" if owner == home else f"is inside the run folder {owner}"
+            raise UserError(f"analyze: --out {home} {where}; name a folder of its own for the analysis (or leave "
+                            "--out out to analyse a run into its own folder)")
+        if (home / "results.sqlite").exists() or (home.is_dir() and runs_under(home)):
+            raise UserError(f"analyze: --out {home} holds a study or run folders; name a folder of its own")
+        if (home / ANALYSIS_FILE).is_file():
+            try:
+                Run(folder.path, analysis_dir=home).analysis("analyze --out")
+            except UserError as e:
+                raise UserError(f"analyze: --out {home} holds another analysis ({e}); name a new folder, or remove "
+                                f"{home / ANALYSIS_FILE} first") from None
     try:
         folder.analysis_cache_dir.mkdir(parents=True, exist_ok=True)
         probe = temporary_name(folder.analysis_cache_dir / "writable")  # removed by the next analyze if killed here
@@ -449,6 +466,11 @@ def select(run: str | Path, *, k: int = 1, by: str = "info", split: str | None =
     "flat", "skipped"}. `by="val"` without an analysis reads the validation accuracy recorded in the manifest;
     `by="proxy"` distills short proxies of `student` (with `overrides`) from every checkpoint (`selection.proxy`).
     `analysis`: the folder `analyze --out` wrote the run's analysis to (the proxies are kept there too)."""
+    if analysis is not None:
+        home = Path(analysis)
+        if (home / "manifest.json").is_file() or (home.exists() and not home.is_dir()):
+            raise UserError(f"select: --analysis {home} is {'a run folder' if home.is_dir() else 'a file'}; name "
+                            "the folder `ckptkd analyze RUN --out DIR` wrote")
     folder = Run(run, analysis_dir=analysis)
     checkpoints = resolve(f"{folder.path}@all", allow_incomplete=allow_incomplete)
     by_epoch = {c.epoch: c for c in checkpoints}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +22,8 @@ from tqdm import tqdm
 
 from ..data import Data
 from ..data.augment import apply_views
-from ..run.storage import read_tensors, remove_stale_temporaries, save_tensors
+from ..errors import UserError
+from ..run.storage import read_tensors, remove_stale_temporaries, save_tensors, temporary_name
 
 # Bump when the bank or the stored logits change meaning, so old cache files are not reused.
 CACHE_VERSION = 2
@@ -95,6 +97,15 @@ def load_or_build(teacher, data: Data, *, views: int, cache_dir: str | Path | No
     tables = [read_cache(path, settings, ckpt.sha256) for path, ckpt in zip(paths, teacher.checkpoints)]
     missing = [i for i, table in enumerate(tables) if table is None]
     if missing:
+        for folder in dict.fromkeys(folders[i] for i in missing):  # before the teachers' forwards are spent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = tempfile.NamedTemporaryFile(dir=folder, prefix=temporary_name(folder / "writable"),
+                                                    suffix=".tmp")
+                probe.close()
+            except OSError as e:
+                raise UserError(f"cannot write the teacher cache into {folder} ({e.strerror or e}): set "
+                                "kd.cache_dir to a folder you can write, or kd.cache: off") from e
         forward = teacher.forward_of(missing)
         built = build_tables(forward, data, bank, len(missing), batch_size or default_batch_size(data), teacher.quiet)
         for i, table in zip(missing, built):
