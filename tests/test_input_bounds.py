@@ -302,7 +302,7 @@ def test_models_of_impossible_shapes_are_refused_before_they_are_built():
     from ckptkd.models import create
 
     for widths in ([0], 64, [8, -1], [True]):
-        with pytest.raises(UserError, match=r"model.widths must be a list of layer widths of at least 1"):
+        with pytest.raises(UserError, match=r"model.widths=.*: it must be a list of layer widths of at least 1"):
             create("mlp", num_classes=10, in_channels=1, image_size=8, widths=widths)
     # it used to build 100,000 layers on the meta device first (82 s, 1.4 GB) to be refused for their size
     with pytest.raises(UserError, match=r"wrn_100000_1': WRN depth at most 1204 and width at most 100"):
@@ -317,10 +317,12 @@ def test_a_teacher_cache_folder_that_cannot_be_written_says_what_to_set(tmp_path
     from ckptkd import distill
     from ckptkd.errors import UserError
 
+    teacher = tmp_path / "shared" / "t"  # a copy: the session's teacher may have a cache already
+    shutil.copytree(teacher_run.path, teacher, ignore=shutil.ignore_patterns("cache"))
     real = tempfile_mod.NamedTemporaryFile
 
     def read_only(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir).is_relative_to(teacher_run.path):
+        if dir is not None and Path(dir).is_relative_to(teacher):
             raise OSError(30, "Read-only file system", str(dir))
         return real(*args, dir=dir, **kwargs)
 
@@ -328,6 +330,7 @@ def test_a_teacher_cache_folder_that_cannot_be_written_says_what_to_set(tmp_path
     cfg = tiny_config(model={"name": "mlp", "widths": [8]}, schedule={"epochs": 1}, kd={"cache": "on"})
     with pytest.raises(UserError, match=r"cannot write the teacher cache into .*cache \(Read-only file system\): "
                                         r"set kd.cache_dir to a folder you can write, or kd.cache: off"):
-        distill(cfg, teachers=[f"{teacher_run.path}@0.5"], out=tmp_path / "s", quiet=True)
+        distill(cfg, teachers=[f"{teacher}@0.5"], out=tmp_path / "s", quiet=True)
+    assert not (teacher / "cache").exists() or not any((teacher / "cache").iterdir())
     cfg["kd"]["cache_dir"] = str(tmp_path / "my-cache")
-    assert distill(cfg, teachers=[f"{teacher_run.path}@0.5"], out=tmp_path / "s2", quiet=True).manifest.complete
+    assert distill(cfg, teachers=[f"{teacher}@0.5"], out=tmp_path / "s2", quiet=True).manifest.complete

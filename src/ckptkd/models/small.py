@@ -80,7 +80,8 @@ class MLP(nn.Module):
         height, width = image_size
         if not isinstance(widths, (list, tuple)) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1
                                                             for w in widths):
-            raise UserError(f"model 'mlp': model.widths must be a list of layer widths of at least 1, got {widths!r}")
+            raise UserError(f"model 'mlp' cannot be built with model.widths={widths!r}: it must be a list of layer "
+                            "widths of at least 1")
         in_features = in_channels * height * width
         layers = []
         for out_features in widths:
