@@ -113,6 +113,15 @@ def temporary_name(path: Path) -> str:
     return f".{path.name}.{_HOST}-{os.getpid()}."
 
 
+def ensure_writable(folder: Path) -> None:
+    """Create `folder` if needed and write (then remove) a temporary in it: raises the OSError a later save would,
+    before work is spent on what that save would hold. The probe is named as every temporary is, so a kill here
+    leaves nothing `remove_stale_temporaries` would not remove."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=temporary_name(folder / "writable"), suffix=".tmp"):
+        pass
+
+
 def remove_stale_temporaries(folder: str | Path, *, shared: bool = False) -> list[Path]:
     """Delete what writes killed half-way (power loss, SIGKILL) left in `folder`: `.NAME.*.tmp` files never renamed
     into place, and run folders `import` was building (`.NAME.HOST-PID.*.tmp/`); returns what was removed.

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from .. import data as data_mod
 from ..errors import UserError
 from ..run import ANALYSIS as ANALYSIS_FILE
 from ..run import Run, provenance, resolve, runs_under
-from ..run.storage import read_sealed_json, remove_stale_temporaries, temporary_name, write_sealed_json
+from ..run.storage import ensure_writable, read_sealed_json, remove_stale_temporaries, write_sealed_json
 from . import criteria as selection
 from . import info
 
@@ -313,10 +312,7 @@ def _check_writable(folder: Run) -> None:
                 raise UserError(f"analyze: --out {home} holds another analysis ({e}); name a new folder, or remove "
                                 f"{home / ANALYSIS_FILE} first") from None
     try:
-        folder.analysis_cache_dir.mkdir(parents=True, exist_ok=True)
-        probe = temporary_name(folder.analysis_cache_dir / "writable")  # removed by the next analyze if killed here
-        with tempfile.NamedTemporaryFile(dir=folder.analysis_cache_dir, prefix=probe, suffix=".tmp"):
-            pass
+        ensure_writable(folder.analysis_cache_dir)
     except OSError as e:
         hint = "" if elsewhere else "; write the analysis elsewhere with --out DIR"
         raise UserError(f"analyze: cannot write to {folder.analysis_cache_dir} ({e.strerror or e}){hint}") from e

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +22,7 @@ from tqdm import tqdm
 from ..data import Data
 from ..data.augment import apply_views
 from ..errors import UserError
-from ..run.storage import read_tensors, remove_stale_temporaries, save_tensors, temporary_name
+from ..run.storage import ensure_writable, read_tensors, remove_stale_temporaries, save_tensors
 
 # Bump when the bank or the stored logits change meaning, so old cache files are not reused.
 CACHE_VERSION = 2
@@ -99,10 +98,7 @@ def load_or_build(teacher, data: Data, *, views: int, cache_dir: str | Path | No
     if missing:
         for folder in dict.fromkeys(folders[i] for i in missing):  # before the teachers' forwards are spent
             try:
-                folder.mkdir(parents=True, exist_ok=True)
-                probe = tempfile.NamedTemporaryFile(dir=folder, prefix=temporary_name(folder / "writable"),
-                                                    suffix=".tmp")
-                probe.close()
+                ensure_writable(folder)
             except OSError as e:
                 raise UserError(f"cannot write the teacher cache into {folder} ({e.strerror or e}): set "
                                 "kd.cache_dir to a folder you can write, or kd.cache: off") from e
