@@ -11,9 +11,11 @@
 #   5. `ckptkd bench --device cuda`: teachers in fp32 and in bf16 (48 steps x best of 3: GPU steps are short)
 #   6. benchmarks/ensemble_forward.py on cuda: vmap vs loop, speed and largest difference
 #   7. DDP over NCCL: `torchrun -m ckptkd train` and a cached `distill` with one rank per GPU
-#   8. students as GPU users expect them: fp16 with its loss scaler, compile (inductor), optim.accumulate 4 (batch
+#   8. students as GPU users expect them: fp16 with its loss scaler, bf16, optim.ema 0.99, compile (inductor),
+#      optim.accumulate 4 (batch
 #      32 x 4 = 128), deterministic: true run twice (the two last checkpoints' sha256 must agree), each a resnet20
 #      distilled for 2 epochs from the teacher's snapshot ensemble
+#   9. the streaming path: a resnet18 on a generated folder of mixed-size JPEGs, and the folder bench on cuda
 #   GPU_CHECK_STEPS="fixture ddp" runs only the steps named (fixture data is needed by the training steps; the
 #   students of step 8 need the wrn_40_2 teacher of step 3).
 set -uo pipefail
@@ -82,9 +84,11 @@ step ddp_distill python3 -m torch.distributed.run --standalone --nproc_per_node 
   configs/cifar100_wrn_40_2.yaml --out "$DATA/ddp-student" --teacher "$DATA/ddp-wrn@all" --set model.name=resnet20 \
   --set name=student --set schedule.epochs=2 --set precision=bf16 --set device=cuda --set kd.cache=on "${QUIET[@]}"
 record ddp_distill "$DATA/ddp-student"
-for option in fp16 compile accumulate deterministic deterministic2; do
+for option in fp16 bf16 ema compile accumulate deterministic deterministic2; do
   case $option in
     fp16) sets=(--set precision=fp16) ;;
+    bf16) sets=(--set precision=bf16) ;;
+    ema) sets=(--set optim.ema=0.99) ;;
     compile) sets=(--set compile=true) ;;
     accumulate) sets=(--set optim.accumulate=4 --set data.batch_size=32) ;;
     deterministic*) sets=(--set deterministic=true) ;;
@@ -97,3 +101,12 @@ done
 step students_deterministic_same python3 -c "import json, sys
 a, b = (json.load(open(f'$DATA/option-{n}/manifest.json'))['checkpoints'][-1]['sha256'] for n in ('deterministic', 'deterministic2'))
 print('deterministic reruns identical:', a == b); sys.exit(a != b)"
+# 9. the streaming path on CUDA: a generated ImageNet-layout folder of mixed-size JPEGs, a resnet18 trained 2 epochs
+#    through DataLoader workers with pinned memory, then `ckptkd bench --workload folder --device cuda`
+step photos python3 -c "from pathlib import Path; from ckptkd.data.photos import write_photo_folder
+write_photo_folder(Path('$DATA/photos'), classes=10, train_per_class=200, test_per_class=20, sizes=(128, 256))"
+step streamed_train python3 -m ckptkd train configs/imagenet_resnet50.yaml --out "$DATA/streamed" "${QUIET[@]}" \
+  --set data.root="$DATA/photos" --set model.name=resnet18 --set data.image_size=112 --set data.resize=128 \
+  --set data.val_fraction=0.05 --set schedule.epochs=2 --set checkpoints.every=null --set device=cuda
+record streamed_train "$DATA/streamed"
+step bench_folder bash -c "python3 -m ckptkd bench --workload folder --json --device cuda | tee -a $SUMMARY"

@@ -28,3 +28,21 @@ def test_bench_refuses_an_unknown_workload_or_a_missing_gpu(capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_the_folder_bench_times_streaming_against_its_decode_limit_and_the_resident_path(tmp_path, capsys):
+    """A small run of `ckptkd bench --workload folder`: the three rates come from one generated folder of JPEGs in
+    the bench's size range, and the ratios are the rates' own."""
+    from ckptkd.cli.bench_folder import run_folder_bench
+
+    result = run_folder_bench(images=60, steps=2, rounds=1, workers=1)
+    w, rate = result["workload"], result["img_per_s"]
+    assert w["images"] == 50 and 128 <= w["source_sizes_px"][0] <= w["source_sizes_px"][1] <= 256
+    assert set(rate) == {"decode_limit", "streamed_train", "resident_train"} and min(rate.values()) > 0
+    assert result["ratios"]["streamed_train/decode_limit"] == round(rate["streamed_train"] / rate["decode_limit"], 3)
+    shared = 1 / (1 / rate["decode_limit"] + 1 / rate["resident_train"])
+    assert result["cpu_shared_limit"] == round(shared, 1)
+    assert main(["bench", "--workload", "folder", "--images", "100", "--steps", "1", "--rounds", "1",
+                 "--json"]) in (0, None)
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["workload"]["name"] == "folder"

@@ -142,3 +142,28 @@ def test_compile_runs_the_training_forward_through_torch_compile_and_falls_back_
     with pytest.raises(UserError, match="compile must be true, false or a torch.compile backend"):
         config_mod.resolve(tiny_config(compile="fast"))
     assert "compile" not in config_mod.identity(config_mod.resolve(base))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_student_computes_at_its_precision_under_its_teacher(tmp_path, teacher_run, monkeypatch, precision):
+    """A distilled student's training forward runs under the run's autocast dtype (its linear layers' outputs are
+    bf16 / fp16 while it trains), its loss stays float32, and the manifest says so."""
+    from ckptkd import distill
+
+    seen = []
+    real_linear = torch.nn.Linear.forward
+
+    def recording(self, x):
+        out = real_linear(self, x)
+        if self.training:
+            seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", recording)
+    cfg = tiny_config(model=MLP, precision=precision, schedule={"epochs": 1}, checkpoints={"fractions": [1.0]},
+                      kd={"temperature": 4.0, "alpha": 0.5, "cache": "off"})
+    run = distill(cfg, [teacher_run.ref("0.5")], out=tmp_path / "s", quiet=True)
+    wanted = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert seen and set(seen) == {wanted}
+    assert run.manifest.precision == precision
+    assert torch.isfinite(torch.tensor(run.manifest.checkpoints[-1].metrics["train_loss"]))

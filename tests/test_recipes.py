@@ -71,3 +71,40 @@ def test_shipped_student_recipe_stays_healthy_under_kd(tmp_path, source):
     manifest = s.manifest
     assert manifest.health == {"ok": True, "flags": []}
     assert manifest.final.train_acc > 0.5  # it learned, under the teachers
+
+
+SCALE_RECIPES = [("tiny_imagenet_table.yaml", "tiny_imagenet_resnet34.yaml", "tiny_imagenet_students.yaml",
+                  ("ResNet34", "ResNet18"), 8 * 3 + 1),
+                 ("imagenet_table.yaml", "imagenet_resnet50.yaml", "imagenet_students.yaml",
+                  ("resnet50", "mobilenet_v2"), 6 * 3 + 1)]
+
+
+@pytest.mark.parametrize("table, teacher, student, models, at_least", SCALE_RECIPES, ids=["tiny-imagenet", "imagenet"])
+def test_tiny_imagenet_and_imagenet_recipes_validate_and_read_their_layouts(tmp_path, table, teacher, student,
+                                                                             models, at_least):
+    """The configs resolve, their study plans (teacher, analysis, every variant x seed), and their data sections read
+    fixtures in their layouts: Tiny-ImageNet's in memory at 64 px, ImageNet's streamed at 224 px."""
+    import numpy as np
+
+    from ckptkd import config, data as data_mod
+    from ckptkd.data.photos import write_photo_folder
+    from ckptkd.study.config import resolve_study
+    from ckptkd.study.plan import plan
+    from test_sources import _write_tiny_imagenet
+
+    root = tmp_path / "data"
+    if "tiny" in table:
+        root.mkdir()
+        _write_tiny_imagenet(root, np.random.default_rng(0), size=64)
+    else:
+        write_photo_folder(root, classes=3, train_per_class=140, test_per_class=2, sizes=(40, 60), modes=False)
+    cfgs = [config.resolve(str(REPO / "configs" / name), {"data.root": str(root), "data.val_fraction": 0.34}
+                           if "tiny" in table else {"data.root": str(root)}) for name in (teacher, student)]
+    assert [c["model"]["name"] for c in cfgs] == list(models)
+    for cfg in cfgs:
+        data = data_mod.build(cfg["data"])
+        assert data.streaming == ("tiny" not in table)
+        assert data.image_shape == ((3, 64, 64) if "tiny" in table else (3, 224, 224))
+        assert [round(float(v), 3) for v in data.mean] == [0.485, 0.456, 0.406]
+    study = resolve_study(str(REPO / "configs" / table), {"common.data.root": str(root)})
+    assert len(plan(study)) >= at_least

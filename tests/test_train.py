@@ -318,11 +318,11 @@ def test_top5_counts_a_label_among_the_five_highest_logits_and_is_left_out_below
         order = [c for c in range(10) if c != int(y[i])]
         order.insert(rank, int(y[i]))
         logits[i, order] = torch.arange(10, 0, -1, dtype=torch.float32)
-    data = SimpleNamespace(train_x=torch.zeros(1), num_classes=10, eval_batches=lambda split, b: [(None, y)])
+    data = SimpleNamespace(device=torch.device("cpu"), num_classes=10, eval_batches=lambda split, b: [(None, y)])
     two = evaluate(lambda x: torch.stack([logits, -logits]), data, "val", 4, members=2)
     assert two[0]["acc"] == 0.25 and two[0]["top5"] == 0.75  # the 1st, 4th and 5th are in, the 8th out
     assert two[1]["acc"] == 0.0 and two[1]["top5"] == 0.25  # negated: 10th, 7th, 6th and 3rd
-    few = SimpleNamespace(train_x=torch.zeros(1), num_classes=5, eval_batches=lambda split, b: [(None, y % 5)])
+    few = SimpleNamespace(device=torch.device("cpu"), num_classes=5, eval_batches=lambda split, b: [(None, y % 5)])
     assert evaluate(lambda x: logits[None, :, :5], few, "val", 4)[0]["top5"] is None
 
 
@@ -341,3 +341,27 @@ def test_the_papers_best_of_the_last_n_epochs_is_recorded_beside_the_last_k_mean
     plain = train(tiny_config(model={"name": "mlp", "widths": [16]}, schedule={"epochs": 2}), out=tmp_path / "plain",
                   quiet=True)
     assert plain.manifest.final.test_acc_best_of_last is None
+
+
+def test_val_fraction_0_trains_on_every_image_and_validates_on_them(tmp_path, capsys):
+    """The released code's setting (all 50k CIFAR images): every training image is trained on, the "val" numbers
+    are the training images' (un-augmented), the manifest and a note say so; a held-out split stays the default."""
+    from ckptkd import config, data as data_mod
+    from ckptkd.models import from_spec
+    from ckptkd.training.loop import evaluate
+
+    cfg = tiny_config(data={"name": "digits", "batch_size": 64, "val_fraction": 0}, schedule={"epochs": 2},
+                      checkpoints={"fractions": [1.0]})
+    data_mod._NOTED_NO_VALIDATION.clear()  # the note is said once per process
+    run = train(cfg, out=tmp_path / "all", quiet=True)
+    assert "the \"val\" numbers" in capsys.readouterr().err
+    described = manifest_json(run.path)["data"]
+    held_out = manifest_json(train(tiny_config(schedule={"epochs": 1}), out=tmp_path / "held", quiet=True).path)
+    assert described["val_is_train"] is True and "val_is_train" not in held_out["data"]
+    assert described["train"] == described["val"] == held_out["data"]["train"] + held_out["data"]["val"]
+    data = data_mod.build(config.resolve(cfg)["data"])
+    model = from_spec(run.manifest.model)
+    model.load_state_dict(load_tensors(run.path / run.manifest.checkpoints[-1].path))
+    model.eval()
+    on_training_images = evaluate(lambda x: model(x)[None], data, "train", 512)[0]["acc"]
+    assert run.manifest.final.val_acc == pytest.approx(on_training_images)

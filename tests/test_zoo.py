@@ -47,6 +47,8 @@ COUNTS = [
     ("ShuffleV1", 949_258, 0.95e6),
     ("ShuffleV2", 1_355_528, 1.36e6),
     ("ResNet50", 23_705_252, None),
+    ("ResNet18", 11_220_132, None),  # the released CheckpointKD code's resnet18/34 (models/resnet_bottleneck.py)
+    ("ResNet34", 21_328_292, None),
 ]
 
 
@@ -364,3 +366,27 @@ def test_in_channels_changes_only_the_first_conv(name):
     gray = {k: v.shape for k, v in models.create(name, num_classes=10, in_channels=1).state_dict().items()}
     changed = sorted(k for k in rgb if rgb[k] != gray[k])
     assert len(changed) == 1 and gray[changed[0]][1] == 1, changed
+
+
+# torchvision's ImageNet networks at 1,000 classes (their model cards: resnet18 11,689,512, resnet34 21,797,672,
+# resnet50 25,557,032, mobilenet_v2 3,504,872), the paper's Tiny-ImageNet and ImageNet pairs.
+IMAGENET_COUNTS = [("resnet18", 11_689_512), ("resnet34", 21_797_672), ("resnet50", 25_557_032),
+                   ("mobilenet_v2", 3_504_872)]
+
+
+@pytest.mark.parametrize("name, reference", IMAGENET_COUNTS, ids=[c[0] for c in IMAGENET_COUNTS])
+def test_imagenet_networks_match_torchvision(name, reference):
+    model = models.create(name, num_classes=1000)
+    assert n_params(model) == reference
+    keys = model.state_dict().keys()
+    # torchvision's names, so its checkpoints load unchanged
+    assert ({"conv1.weight", "bn1.running_mean", "layer4.1.bn2.weight", "fc.weight"} <= keys if name != "mobilenet_v2"
+            else {"features.0.0.weight", "features.1.conv.0.0.weight", "features.18.1.running_var",
+                  "classifier.weight"} <= keys)
+    if name == "mobilenet_v2":  # torchvision's checkpoints name the final layer classifier.1 (after its dropout)
+        named = {k.replace("classifier.", "classifier.1."): v for k, v in model.state_dict().items()}
+        fresh = models.create(name, num_classes=1000)
+        fresh.load_state_dict(named, strict=True)
+        assert torch.equal(fresh.classifier.weight, model.classifier.weight)
+    small = models.create(name, num_classes=200)
+    assert small(torch.randn(2, 3, 64, 64)).shape == (2, 200)  # Tiny-ImageNet's 64 px

@@ -38,10 +38,15 @@ DEFAULTS: dict[str, Any] = {
         "hflip": None,
         "mean": None,
         "std": None,
+        "resident": "auto",
+        "image_size": None,
+        "resize": None,
+        "scale": [0.08, 1.0],
+        "workers": None,
     },
     "model": {"name": "resnet8", "num_classes": None, "in_channels": None},
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5.0e-4,
-              "betas": [0.9, 0.999], "accumulate": 1},
+              "betas": [0.9, 0.999], "accumulate": 1, "ema": 0.0},
     "schedule": {"name": "multistep", "epochs": 60, "milestones": [0.5, 0.75], "step_size": 30, "gamma": 0.1,
                  "cycles": 5, "min_lr": 0.0, "warmup_epochs": 0},
     "checkpoints": {"fractions": [0.3, 0.5, 0.7, 1.0], "every": None, "epochs": []},
@@ -264,7 +269,9 @@ def milestone(v: Any) -> str | None:
 # that value they are left out of a task's identity (`identity`), so a study begun before an option existed resumes
 # instead of starting again under new task names.
 NEUTRAL: dict[str, Any] = {"kd.teacher_mode": "eval", "log.report_to": [], "optim.accumulate": 1,
-                           "deterministic": False, "eval.best_of_last": 0, "compile": False}
+                           "deterministic": False, "eval.best_of_last": 0, "compile": False,
+                           "data.resident": "auto", "data.image_size": None, "data.resize": None,
+                           "data.scale": [0.08, 1.0], "data.workers": None, "optim.ema": 0.0}
 
 
 # The torch.compile backends `compile` may name (true is inductor): the compiler, and the two that trace without one.
@@ -310,6 +317,12 @@ FIELDS: dict[str, Check] = {
     "data.hflip": boolean(nullable=True),
     "data.mean": list_of(number(), nullable=True, min_len=1),
     "data.std": list_of(number(0.0, lo_open=True), nullable=True, min_len=1),
+    "data.resident": lambda v: None if isinstance(v, bool) or v == "auto" else "true, false or auto",
+    "data.image_size": integer(8, 1024, nullable=True),
+    "data.resize": integer(8, 2048, nullable=True),
+    "data.scale": lambda v: None if isinstance(v, list) and len(v) == 2 and all(
+        number(0.0, 1.0, lo_open=True)(x) is None for x in v) and v[0] <= v[1] else "two area fractions [low, high], 0 < low <= high <= 1",
+    "data.workers": integer(0, 64, nullable=True),
     "model.name": text(),
     "model.num_classes": integer(2, nullable=True),
     "model.in_channels": integer(1, nullable=True),
@@ -320,6 +333,7 @@ FIELDS: dict[str, Check] = {
     "optim.weight_decay": number(0.0),
     "optim.betas": list_of(number(0.0, 0.9999), min_len=2),
     "optim.accumulate": integer(1, 1024),
+    "optim.ema": number(0.0, 0.999999),  # the decay; 0 is off
     "schedule.name": one_of("constant", "step", "multistep", "cosine", "snapshot"),
     "schedule.epochs": integer(1, MAX_EPOCHS),
     "schedule.milestones": list_of(milestone),

@@ -77,19 +77,19 @@ def fake_teacher_run(folder: Path, cfg: dict, data: data_mod.Data, seeds: list[i
     return str(write_run(folder, cfg, manifest, checkpoints).path)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
 
 
-def _timed_steps(engine, objective: Objective, data, cfg: dict, seeds: list[int], *, steps: int, epoch: int = 1
+def timed_steps(engine, objective: Objective, data, cfg: dict, seeds: list[int], *, steps: int, epoch: int = 1
                  ) -> float:
     """Seconds for `steps` training steps of the training loop's epoch routine (`loop.train_epoch`: batches drawn,
     augmented, normalised, teacher targets looked up, one step of every member, inside the timing), across epochs
     from `epoch` on when an epoch has fewer steps."""
-    device = data.train_x.device
+    device = data.device
     batch_size = cfg["data"]["batch_size"]
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     done = 0
     while done < steps:
@@ -97,11 +97,11 @@ def _timed_steps(engine, objective: Objective, data, cfg: dict, seeds: list[int]
         _, _, step = train_epoch(engine, batches, cfg=cfg, steps_per_epoch=data.steps_per_epoch(batch_size),
                                  start_step=done)
         done, epoch = step, epoch + 1
-    _sync(device)
+    sync(device)
     return time.perf_counter() - started
 
 
-def _engine(name: str, models: list, optimizers: list, cfgs: list[dict], teachers: list, data, device):
+def engine_for(name: str, models: list, optimizers: list, cfgs: list[dict], teachers: list, data, device):
     """An engine of `ENGINES` over the members (the students `models` under `teachers`) and its objective."""
     objective = Objective(teachers, [c["kd"] for c in cfgs], data.num_classes, device)
     return ENGINES[name](models, optimizers, cfgs[0], objective, device), objective
@@ -130,10 +130,10 @@ class PerSampleDataset(torch.utils.data.Dataset):
 def _reference_loop(student, optimizer, teacher_model, data, *, steps, batch, kd) -> float:
     dataset = PerSampleDataset(data.train_x.cpu(), data.train_y.cpu(), data.mean, data.std, data.pad, data.hflip)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
-                                         pin_memory=data.train_x.device.type == "cuda")
+                                         pin_memory=data.device.type == "cuda")
     tau, alpha = kd["temperature"], kd["alpha"]
-    device = data.train_x.device
-    _sync(device)
+    device = data.device
+    sync(device)
     started = time.perf_counter()
     done = 0
     while done < steps:
@@ -150,7 +150,7 @@ def _reference_loop(student, optimizer, teacher_model, data, *, steps, batch, kd
             done += 1
             if done == steps:
                 break
-    _sync(device)
+    sync(device)
     return time.perf_counter() - started
 
 
@@ -159,11 +159,11 @@ def _compute_limit(student, optimizer, teacher: Teacher, data, *, steps, batch) 
     x = data.train_x[:batch].float() / 255.0
     y = data.train_y[:batch]
     teacher.logits(x)
-    _sync(x.device)
+    sync(x.device)
     started = time.perf_counter()
     for _ in range(steps):
         teacher.logits(x)
-    _sync(x.device)
+    sync(x.device)
     teacher_s = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(steps):
@@ -171,7 +171,7 @@ def _compute_limit(student, optimizer, teacher: Teacher, data, *, steps, batch) 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    _sync(x.device)
+    sync(x.device)
     student_s = time.perf_counter() - started
     return teacher_s, student_s
 
@@ -221,9 +221,9 @@ def run_bench(workload: str = "cifar", *, steps: int | None = None, rounds: int 
             for name, teacher in (("student_alone", None), ("kd_online_1", one), ("kd_online_4", four),
                                   ("kd_cached_4", cached)):
                 student, optimizer = fresh_student()
-                engine, objective = _engine("direct", [student], [optimizer], [kd_cfg], [teacher], data, dev)
-                _timed_steps(engine, objective, data, kd_cfg, [r], steps=1)  # warm-up
-                seconds[name].append(_timed_steps(engine, objective, data, kd_cfg, [r], steps=steps))
+                engine, objective = engine_for("direct", [student], [optimizer], [kd_cfg], [teacher], data, dev)
+                timed_steps(engine, objective, data, kd_cfg, [r], steps=1)  # warm-up
+                seconds[name].append(timed_steps(engine, objective, data, kd_cfg, [r], steps=steps))
             student, optimizer = fresh_student()
             seconds["reference_loop_1"].append(_reference_loop(student, optimizer, plain_teacher, data, steps=steps,
                                                                batch=w["batch"], kd=kd))
@@ -345,19 +345,19 @@ def run_fused_bench(*, members: int = 8, steps: int | None = None, rounds: int |
             seconds = {"sequential": [], **{e: [] for e in engines}}
             for r in range(n_rounds):
                 models, optimizers = students()
-                alone = [_engine("direct", [m], [o], [c], [t], data, dev)
+                alone = [engine_for("direct", [m], [o], [c], [t], data, dev)
                          for m, o, c, t in zip(models, optimizers, cfgs, students_teachers)]
                 for (engine, objective), c in zip(alone, cfgs):  # warm-up
-                    _timed_steps(engine, objective, data, c, [c["seed"]], steps=1)
+                    timed_steps(engine, objective, data, c, [c["seed"]], steps=1)
                 seconds["sequential"].append(sum(
-                    _timed_steps(engine, objective, data, c, [c["seed"]], steps=n_steps, epoch=2)
+                    timed_steps(engine, objective, data, c, [c["seed"]], steps=n_steps, epoch=2)
                     for (engine, objective), c in zip(alone, cfgs)))
                 for e in engines:
                     models, optimizers = students()
-                    engine, objective = _engine(e, models, optimizers, cfgs, students_teachers, data, dev)
+                    engine, objective = engine_for(e, models, optimizers, cfgs, students_teachers, data, dev)
                     seeds = [c["seed"] for c in cfgs]
-                    _timed_steps(engine, objective, data, cfgs[0], seeds, steps=1)  # warm-up
-                    seconds[e].append(_timed_steps(engine, objective, data, cfgs[0], seeds, steps=n_steps, epoch=2))
+                    timed_steps(engine, objective, data, cfgs[0], seeds, steps=1)  # warm-up
+                    seconds[e].append(timed_steps(engine, objective, data, cfgs[0], seeds, steps=n_steps, epoch=2))
         images = members * n_steps * w["batch"]
         rate = {k: images / min(v) for k, v in seconds.items()}  # the least disturbed round of each
         results[name] = {"student": w["student"], "shape": w["shape"], "members": members, "steps": n_steps,

@@ -143,15 +143,22 @@ def cmd_verify(args) -> None:
 def cmd_bench(args) -> None:
     from .bench import main_json, print_bench, print_fused_bench, run_bench, run_fused_bench
 
-    if args.workload == "fused":
-        result = run_fused_bench(members=args.members, steps=args.steps, rounds=args.rounds,
-                                 threads=args.threads, device=args.device)
+    if args.workload in ("folder", "fused"):
+        if args.workload == "folder":
+            from .bench_folder import print_folder_bench as show, run_folder_bench
+
+            result = run_folder_bench(images=args.images, steps=args.steps, rounds=args.rounds,
+                                      workers=args.workers, threads=args.threads, device=args.device)
+        else:
+            show = print_fused_bench
+            result = run_fused_bench(members=args.members, steps=args.steps, rounds=args.rounds,
+                                     threads=args.threads, device=args.device)
         if args.json:
             import json
 
             print(json.dumps(result))
         else:
-            print_fused_bench(result)
+            show(result)
         return
 
     result = run_bench(args.workload, steps=args.steps, rounds=args.rounds, threads=args.threads, device=args.device,
@@ -281,8 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="images/s of KD training modes, side by side on a synthetic workload")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--workload", default="cifar",
-                   help="cifar (default: 3x32x32, resnet56 -> resnet20), fashion, digits, or fused (N students one "
-                        "at a time vs as one group)")
+                   help="cifar (default: 3x32x32, resnet56 -> resnet20), fashion, digits, fused (N students one "
+                        "at a time vs as one group) or folder (streamed JPEGs vs their decode limit)")
+    p.add_argument("--images", type=_positive, default=None,
+                   help="training images of --workload folder (default 2000)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes of --workload folder (default: the CPU count, at most 8)")
     p.add_argument("--members", type=_positive, default=8, help="students for --workload fused (default 8)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode and round")
     p.add_argument("--rounds", type=int, default=None, help="rounds; the best of them counts")

@@ -7,19 +7,29 @@ set; the test set is only ever reported.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from ..errors import UserError
+from .. import memory
+from ..errors import UserError, note
 from .augment import apply_views, identity_views, normalize, sample_views
+from .images import image_size_of, list_folder, list_tiny_imagenet
+from .shards import list_shards
 from .sources import SOURCES, RawData, load_raw
+from .streaming import StreamIndex, StreamingData, Sources, Views, estimate_statistics
+from .streaming import fingerprint as stream_fingerprint
 
-__all__ = ["Data", "Batch", "EpochPlan", "build", "SOURCES", "RawData", "load_raw", "epoch_generator"]
+__all__ = ["Data", "StreamingData", "Batch", "EpochPlan", "build", "SOURCES", "STREAMED", "RawData", "load_raw",
+           "epoch_generator"]
 
 _RAW_CACHE: dict[tuple[str, str | None], RawData] = {}
+_INDEX_CACHE: dict[tuple[str, str | None], StreamIndex] = {}
+_AUTO_STREAMS: dict[tuple[str, str | None], bool] = {}
+_NOTED_NO_VALIDATION: set[str] = set()  # `data.resident: auto`'s verdict, found (and said) once
 
 
 @dataclass
@@ -80,6 +90,12 @@ class Data:
         # `mean`/`std` stay on the CPU (they are described and compared there); normalising uses copies that live
         # where the images do, because a copy per batch would make a GPU wait for the host every step.
         self._device_mean, self._device_std = self.mean.to(self.train_x.device), self.std.to(self.train_x.device)
+
+    streaming = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
 
     @property
     def num_classes(self) -> int:
@@ -186,12 +202,22 @@ class Data:
             x = x_all[start:start + batch_size].float()
             yield self.normalize(x), y_all[start:start + batch_size]
 
+    def inputs(self, split: str, positions: torch.Tensor) -> torch.Tensor:
+        """Images `positions` of a split as the models are evaluated on them: normalised, un-augmented."""
+        return self.normalize(getattr(self, f"{split}_x")[positions].float())
+
     def describe(self) -> dict:
         return {"name": self.name, "fingerprint": self.fingerprint, "num_classes": self.num_classes,
                 "image_shape": list(self.image_shape), "train": int(self.train_x.shape[0]),
                 "val": int(self.val_x.shape[0]), "test": int(self.test_x.shape[0]),
                 "mean": [round(float(v), 6) for v in self.mean], "std": [round(float(v), 6) for v in self.std],
-                "class_names": self.class_names, "label": self.info.get("label", self.name)}
+                "class_names": self.class_names, "label": self.info.get("label", self.name),
+                **_validation_note(self.info)}
+
+
+def _validation_note(info: dict) -> dict:
+    # data.val_fraction: 0 (only then, so that other manifests stay as they were): "val" numbers are training images'.
+    return {"val_is_train": True} if info.get("val_is_train") else {}
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -246,33 +272,170 @@ def default_pad(height: int) -> int:
     return 4 if height >= 32 else 2 if height >= 16 else 1
 
 
-def build(data_cfg: dict, device: torch.device | str = "cpu") -> Data:
-    """The resolved `data:` section -> splits on `device`, with normalisation statistics from the training split."""
-    key = (data_cfg["name"], data_cfg["root"])
-    if data_cfg["name"] not in SOURCES:
-        raise UserError(f"config: data.name {data_cfg['name']!r} is not a known data set "
-                        f"(available: {', '.join(sorted(SOURCES))})")
-    if key not in _RAW_CACHE:
-        _RAW_CACHE[key] = load_raw(*key)
-    raw = _RAW_CACHE[key]
+# Sources that can stream (`StreamingData`), each listed without decoding: (splits of (location, label), class
+# names, root). webdataset only streams; the others are read into memory when they fit (`data.resident`).
+STREAMED = {
+    "folder": list_folder,
+    "imagenet": lambda root: list_folder(root, "imagenet"),
+    "tiny-imagenet": list_tiny_imagenet,
+    "webdataset": list_shards,
+}
+_FLIPS = {"folder": False, "imagenet": True, "tiny-imagenet": True, "webdataset": True}
+_DEFAULT_SIZE = {"tiny-imagenet": 64}  # the rest: ImageNet's 224
+RESIDENT_SHARE = 0.5  # `data.resident: auto` holds a set in memory when it takes at most this share of what is free
+_STREAM_KEYS = ("image_size", "resize", "scale")
 
-    train_idx, val_idx = _stratified_split(raw.train_y, data_cfg["val_fraction"], data_cfg["split_seed"])
+
+def build(data_cfg: dict, device: torch.device | str = "cpu") -> Data | StreamingData:
+    """The resolved `data:` section -> splits on `device`, with normalisation statistics from the training split:
+    held in memory (`Data`) or streamed from disk (`StreamingData`) as `data.resident` decides."""
+    name = data_cfg["name"]
+    if name not in SOURCES and name not in STREAMED:
+        raise UserError(f"config: data.name {name!r} is not a known data set "
+                        f"(available: {', '.join(sorted(set(SOURCES) | set(STREAMED)))})")
+    if _streams(data_cfg):
+        return _build_streaming(data_cfg).to(torch.device(device))
+    changed = [k for k in _STREAM_KEYS if data_cfg[k] != DATA_STREAM_DEFAULTS[k]]
+    if changed:
+        raise UserError(f"config: data.{changed[0]} applies to streamed images; {name} is read into memory at its "
+                        "own size here (set data.resident: false to stream it)")
+    return _build_resident(data_cfg).to(torch.device(device))
+
+
+# The streaming options at their defaults (config.DEFAULTS holds the same values).
+DATA_STREAM_DEFAULTS = {"image_size": None, "resize": None, "scale": [0.08, 1.0]}
+
+
+def _streams(data_cfg: dict) -> bool:
+    """Whether this data set streams: always for webdataset, never for the array sources, and for image trees as
+    `data.resident` says (auto: when the decoded set exceeds RESIDENT_SHARE of the free memory, or its images differ
+    in size)."""
+    name, resident = data_cfg["name"], data_cfg["resident"]
+    if name not in STREAMED:
+        if resident is False:
+            raise UserError(f"config: data.resident: false streams image trees and shards "
+                            f"({', '.join(sorted(STREAMED))}); {name} is held in memory")
+        return False
+    if name not in SOURCES:
+        if resident is True:
+            raise UserError(f"config: data.resident: true, but {name} shards are always streamed (set it to auto)")
+        return True
+    if resident != "auto":
+        return not resident
+    key = (name, data_cfg["root"])
+    if key not in _AUTO_STREAMS:
+        _AUTO_STREAMS[key] = _too_large_or_mixed(name, _index(*key))
+    return _AUTO_STREAMS[key]
+
+
+def _too_large_or_mixed(name: str, index: StreamIndex) -> bool:
+    count = index.train.count + index.test.count
+    first = index.train.where(0)
+    width, height = image_size_of(Path(first))
+    needed, budget = count * width * height * 3, memory.available_memory() * RESIDENT_SHARE
+    if needed > budget:
+        note(f"{name}: streaming {count:,} images ({needed / 2**30:,.1f} GiB decoded at {width}x{height} would "
+             f"exceed half of the {budget * 2 / 2**30:,.1f} GiB free)")
+        return True
+    for sources in (index.train, index.test):
+        for i in range(sources.count):
+            if image_size_of(Path(sources.where(i))) != (width, height):
+                note(f"{name}: streaming: {sources.where(i)} is not {width}x{height} like {first} (images of mixed "
+                     "sizes are cropped and resized as they load)")
+                return True
+    return False
+
+
+def _index(name: str, root: str | None) -> StreamIndex:
+    key = (name, root)
+    if key not in _INDEX_CACHE:
+        splits, class_names, base = STREAMED[name](root)
+
+        def labels(entries):
+            return torch.tensor([label for _, label in entries], dtype=torch.int64)
+
+        _INDEX_CACHE[key] = StreamIndex(name, Sources([e for e, _ in splits["train"]]), labels(splits["train"]),
+                                        Sources([e for e, _ in splits["test"]]), labels(splits["test"]),
+                                        class_names, _FLIPS[name], base)
+    return _INDEX_CACHE[key]
+
+
+def _carve(data_cfg: dict, labels: torch.Tensor, num_classes: int):
+    """The training and validation positions of the listed training images, and their labels (noisy where asked).
+    `data.val_fraction: 0` trains on every image and "validates" on the training images themselves (un-augmented):
+    every choice is then made on a training-split criterion, as the paper's released code trains (it chose on the
+    test set instead)."""
+    train_idx, val_idx = _stratified_split(labels, data_cfg["val_fraction"], data_cfg["split_seed"])
     if data_cfg["subset"] is not None:
         if data_cfg["subset"] > len(train_idx):
             raise UserError(f"config: data.subset={data_cfg['subset']} is larger than the training split "
                             f"({len(train_idx)} images)")
-        train_idx = train_idx[_balanced_subset(raw.train_y[train_idx], data_cfg["subset"], data_cfg["split_seed"])]
-    if len(val_idx) == 0:
+        train_idx = train_idx[_balanced_subset(labels[train_idx], data_cfg["subset"], data_cfg["split_seed"])]
+    if data_cfg["val_fraction"] == 0:
+        val_idx = train_idx
+        if data_cfg["name"] not in _NOTED_NO_VALIDATION:
+            _NOTED_NO_VALIDATION.add(data_cfg["name"])
+            note(f"data.val_fraction: 0: {data_cfg['name']} trains on every training image; the \"val\" numbers "
+                 "(best-val, T*'s tie-break, criteria on val) are measured on those same training images")
+    elif len(val_idx) == 0:
         raise UserError(f"config: data.val_fraction={data_cfg['val_fraction']} leaves no validation images; "
-                        "every choice needs a validation split")
-    train_x, train_y = raw.train_x[train_idx], raw.train_y[train_idx]
-    val_y = raw.train_y[val_idx]
+                        "raise it, or set it to 0 to train on every image and choose on the training images")
+    train_y, val_y = labels[train_idx], labels[val_idx]
     if data_cfg["label_noise"]:
         # Symmetric noise on every label carved from the training set (the validation split included, as a user's
         # noisy data set would have it); the test set stays clean, so it measures what was really learned.
         gen = torch.Generator().manual_seed(data_cfg["split_seed"] + 9_001)
-        train_y, val_y = (_flip_labels(y, data_cfg["label_noise"], raw.num_classes, gen) for y in (train_y, val_y))
+        train_y, val_y = (_flip_labels(y, data_cfg["label_noise"], num_classes, gen) for y in (train_y, val_y))
+        if data_cfg["val_fraction"] == 0:
+            val_y = train_y  # one set of images, one set of (noisy) labels
+    return train_idx, val_idx, train_y, val_y
+
+
+def _settings(data_cfg: dict) -> dict:
+    settings = {k: data_cfg[k] for k in ("name", "val_fraction", "split_seed", "subset")}
+    if data_cfg["label_noise"]:  # only when set, so the fingerprints (and caches) of clean data stay as they were
+        settings["label_noise"] = data_cfg["label_noise"]
+    return settings
+
+
+def _build_streaming(data_cfg: dict) -> StreamingData:
+    index = _index(data_cfg["name"], data_cfg["root"])
+    train_idx, val_idx, train_y, val_y = _carve(data_cfg, index.train_y, len(index.class_names))
+    size = data_cfg["image_size"] or _DEFAULT_SIZE.get(index.name, 224)
+    resize = data_cfg["resize"] or int(round(size / 0.875))
+    if resize < size:
+        raise UserError(f"config: data.resize={resize} is smaller than data.image_size={size} (the centre crop is "
+                        "taken from the resized image)")
+    low, high = data_cfg["scale"]  # checked with the config: 0 < low <= high <= 1
+    hflip = data_cfg["hflip"] if data_cfg["hflip"] is not None else index.hflip
+    views = Views(size, resize, (float(low), float(high)), hflip, data_cfg["augment"])
+    workers = data_cfg["workers"] if data_cfg["workers"] is not None else min(8, os.cpu_count() or 1)
+    if data_cfg["mean"] is not None:
+        mean = torch.tensor(data_cfg["mean"], dtype=torch.float32)
+        std = torch.tensor(data_cfg["std"] if data_cfg["std"] is not None else [1.0] * 3, dtype=torch.float32)
+        if len(mean) != 3 or len(std) != 3:
+            raise UserError(f"config: data.mean/data.std need 3 values for streamed {index.name} (read as RGB)")
+    else:
+        mean, std = estimate_statistics(index, train_idx, views, workers)
+    settings = {**_settings(data_cfg), "image_size": size, "resize": resize, "streamed": True}
+    return StreamingData(
+        name=index.name, class_names=list(index.class_names), index=index, train_idx=train_idx,
+        train_y=train_y.contiguous(), val_idx=val_idx, val_y=val_y.contiguous(), test_y=index.test_y,
+        mean=mean, std=std, views=views, workers=workers, fingerprint=stream_fingerprint(index, settings),
+        info={"label": Path(data_cfg["root"]).name if index.name in ("folder", "webdataset") else index.name,
+              "val_is_train": data_cfg["val_fraction"] == 0})
+
+
+def _build_resident(data_cfg: dict) -> Data:
+    key = (data_cfg["name"], data_cfg["root"])
+    if key not in _RAW_CACHE:
+        _RAW_CACHE[key] = load_raw(*key)
+    raw = _RAW_CACHE[key]
+
+    train_idx, val_idx, train_y, val_y = _carve(data_cfg, raw.train_y, raw.num_classes)
+    train_x = raw.train_x[train_idx]
     channels = train_x.shape[1]
+    every_image = data_cfg["val_fraction"] == 0
 
     if data_cfg["mean"] is not None:
         mean = torch.tensor(data_cfg["mean"], dtype=torch.float32)
@@ -284,19 +447,16 @@ def build(data_cfg: dict, device: torch.device | str = "cpu") -> Data:
         mean = pixels.mean(dim=1).float()
         std = pixels.std(dim=1).clamp_min(1e-3).float()
 
-    settings = {k: data_cfg[k] for k in ("name", "val_fraction", "split_seed", "subset")}
-    if data_cfg["label_noise"]:  # only when set, so the fingerprints (and caches) of clean data stay as they were
-        settings["label_noise"] = data_cfg["label_noise"]
     pad = data_cfg["pad"] if data_cfg["pad"] is not None else default_pad(train_x.shape[2])
     hflip = data_cfg["hflip"] if data_cfg["hflip"] is not None else raw.hflip
-    data = Data(
+    return Data(
         name=raw.name, class_names=list(raw.class_names),
         train_x=train_x.contiguous(), train_y=train_y.contiguous(),
-        val_x=raw.train_x[val_idx].contiguous(), val_y=val_y.contiguous(),
+        val_x=train_x if every_image else raw.train_x[val_idx].contiguous(), val_y=val_y.contiguous(),
         test_x=raw.test_x, test_y=raw.test_y,
         mean=mean, std=std, pad=pad, hflip=hflip, augment=data_cfg["augment"],
-        fingerprint=_fingerprint(raw, settings),
+        fingerprint=_fingerprint(raw, _settings(data_cfg)),
         # Titles name the user's own data by its file or folder, not by the reader ("npz").
-        info={"label": Path(data_cfg["root"]).name if data_cfg["name"] in ("npz", "folder") else raw.name},
+        info={"label": Path(data_cfg["root"]).name if data_cfg["name"] in ("npz", "folder") else raw.name,
+              "val_is_train": every_image},
     )
-    return data.to(torch.device(device))

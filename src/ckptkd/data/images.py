@@ -19,7 +19,7 @@ from .raw import MAX_CLASSES, RawData, raw_data
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 
 
-_WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}  # converting these to 8 bits clips them silently
+WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}  # converting these to 8 bits clips them silently
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
@@ -32,7 +32,7 @@ def _read_image(path: Path, size: tuple[int, int] | None = None, first: Path | N
             if size is not None and im.size != size:
                 raise UserError(f"folder: {path} is {im.size[0]}x{im.size[1]} but {first} is {size[0]}x{size[1]}; "
                                 "all images must share one size")
-            if im.mode in _WIDE_MODES:
+            if im.mode in WIDE_MODES:
                 raise UserError(f"{path}: a {im.mode} image (16-bit or float); ckptkd reads 8-bit images, convert "
                                 "it first")
             if im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
@@ -42,7 +42,7 @@ def _read_image(path: Path, size: tuple[int, int] | None = None, first: Path | N
         raise UserError(f"{path}: cannot read image ({e})") from e
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def image_size_of(path: Path) -> tuple[int, int]:
     """(width, height) from the file's header, nothing decoded."""
     try:
         with Image.open(path) as im:
@@ -62,36 +62,51 @@ def _class_dirs(split_dir: Path) -> list[str]:
 
 def load_folder(root: str | None) -> RawData:
     """An image tree root/{train,test}/CLASS/*.png|jpg|jpeg|bmp; classes are the sorted train subfolders."""
-    layout = "root/train/CLASS/*.png and root/test/CLASS/*.png"
+    files, class_names, base = list_folder(root)
+    return _decoded("folder", files, class_names, hflip=False, where=f"folder: {base}")
+
+
+def list_folder(root: str | None, name: str = "folder") -> tuple[dict[str, list[tuple[Path, int]]], list[str], Path]:
+    """The (path, label) of every image of an image tree root/train/CLASS/* and root/test/CLASS/* (or, as ImageNet
+    ships it, root/val/CLASS/*: its validation set is the test split here), the class names (the sorted train
+    subfolders) and the root; nothing is opened. `name` is the source named in errors."""
+    layout = "root/train/CLASS/*.png and root/test/CLASS/*.png (or root/val/CLASS/*)"
     if root is None:
-        raise UserError(f"folder: data.root is not set (set it to a folder laid out as {layout})")
+        raise UserError(f"{name}: data.root is not set (set it to a folder laid out as {layout})")
     base = Path(root).expanduser()
-    for split in ("train", "test"):
-        if not (base / split).is_dir():
-            raise UserError(f"folder: {base / split} is not a folder (expected {layout.replace('root', str(base))})")
+    test_dir = base / "test" if (base / "test").is_dir() or not (base / "val").is_dir() else base / "val"
+    for needed in (base / "train", test_dir):
+        if not needed.is_dir():
+            raise UserError(f"{name}: {needed} is not a folder (expected {layout.replace('root', str(base))})")
 
     class_names = _class_dirs(base / "train")
     if not class_names:
-        raise UserError(f"folder: no class folders in {base / 'train'}")
+        raise UserError(f"{name}: no class folders in {base / 'train'}")
     if len(class_names) > MAX_CLASSES:  # before a single image is read
-        raise UserError(f"folder: {len(class_names):,} class folders in {base / 'train'}; at most {MAX_CLASSES:,} "
+        raise UserError(f"{name}: {len(class_names):,} class folders in {base / 'train'}; at most {MAX_CLASSES:,} "
                         "are supported")
-    for name in _class_dirs(base / "test"):
-        if name not in class_names:
-            raise UserError(f"folder: test class folder {base / 'test' / name} has no match in {base / 'train'}")
+    for cls in _class_dirs(test_dir):
+        if cls not in class_names:
+            raise UserError(f"{name}: test class folder {test_dir / cls} has no match in {base / 'train'}")
 
     files: dict[str, list[tuple[Path, int]]] = {"train": [], "test": []}
-    for split in files:
-        for label, name in enumerate(class_names):
-            class_dir = base / split / name
+    for split, split_dir in (("train", base / "train"), ("test", test_dir)):
+        for label, cls in enumerate(class_names):
+            class_dir = split_dir / cls
             found = _image_files(class_dir) if class_dir.is_dir() else []
             if split == "train" and not found:
-                raise UserError(f"folder: no .png/.jpg/.jpeg/.bmp images in {class_dir}")
+                raise UserError(f"{name}: no .png/.jpg/.jpeg/.bmp images in {class_dir}")
             files[split] += [(path, label) for path in found]
     if not files["test"]:
-        raise UserError(f"folder: no .png/.jpg/.jpeg/.bmp images under {base / 'test'}")
+        raise UserError(f"{name}: no .png/.jpg/.jpeg/.bmp images under {test_dir}")
+    return files, class_names, base
 
-    return _decoded("folder", files, class_names, hflip=False, where=f"folder: {base}")
+
+def load_imagenet(root: str | None) -> RawData:
+    """ImageNet as unpacked for torchvision's ImageFolder (root/train/WNID/*.JPEG, root/val/WNID/*.JPEG), read into
+    memory: only where every image shares one size and the set fits (a resized copy); the real one streams."""
+    files, class_names, base = list_folder(root, "imagenet")
+    return _decoded("imagenet", files, class_names, hflip=True, where=f"imagenet: {base}")
 
 
 def _decoded(name: str, files: dict[str, list[tuple[Path, int]]], class_names: list[str], *, hflip: bool,
@@ -99,7 +114,7 @@ def _decoded(name: str, files: dict[str, list[tuple[Path, int]]], class_names: l
     """Every (path, label) of the train and test lists decoded into one uint8 array per split."""
     # Every image is held in memory as RGB (at most): what that needs is known from one header, before decoding.
     first = files["train"][0][0]
-    width, height = _image_size(first)
+    width, height = image_size_of(first)
     count = len(files["train"]) + len(files["test"])
     memory.check_fits(where, count * width * height * 3, f"{count:,} images of {width}x{height}")
     arrays: dict[str, list[np.ndarray]] = {"train": [], "test": []}
@@ -128,9 +143,15 @@ _TINY_HINT = ("set data.root to the folder tiny-imagenet-200 as unpacked from "
 
 
 def load_tiny_imagenet(root: str | None) -> RawData:
+    """Tiny-ImageNet-200 read into memory (`list_tiny_imagenet`)."""
+    files, class_names, base = list_tiny_imagenet(root)
+    return _decoded("tiny-imagenet", files, class_names, hflip=True, where=f"tiny-imagenet: {base}")
+
+
+def list_tiny_imagenet(root: str | None) -> tuple[dict[str, list[tuple[Path, int]]], list[str], Path]:
     """Tiny-ImageNet-200's own layout: classes from wnids.txt (else the train folders, sorted), their names from
     words.txt where present, train/WNID/images/*, and val/images/* labelled by val/val_annotations.txt (the test
-    split here)."""
+    split here). Returns every (path, label) per split, the class names and the root; nothing is opened."""
     if root is None:
         raise UserError(f"tiny-imagenet: data.root is not set ({_TINY_HINT})")
     base = Path(root).expanduser()
@@ -173,8 +194,7 @@ def load_tiny_imagenet(root: str | None) -> RawData:
         files["test"].append((path, label_of[fields[1]]))
     if not files["test"]:
         raise UserError(f"tiny-imagenet: {annotations} labels no images")
-    return _decoded("tiny-imagenet", files, _class_names(base / "words.txt", wnids), hflip=True,
-                    where=f"tiny-imagenet: {base}")
+    return files, _class_names(base / "words.txt", wnids), base
 
 
 def _class_names(words: Path, wnids: list[str]) -> list[str]:

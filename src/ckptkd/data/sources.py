@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import memory
 from ..errors import UserError
-from .images import load_folder, load_tiny_imagenet
+from .images import load_folder, load_imagenet, load_tiny_imagenet
 from .raw import MAX_CLASSES, RawData, raw_data
 
 try:
@@ -345,6 +345,7 @@ SOURCES: dict[str, Callable[[str | None], RawData]] = {
     "npz": load_npz,
     "folder": load_folder,
     "tiny-imagenet": load_tiny_imagenet,
+    "imagenet": load_imagenet,
 }
 
 

@@ -125,4 +125,4 @@ def _as_hw(image_size) -> tuple[int, int]:
 
 
 # The architecture modules register themselves with the decorator above, so they are imported last.
-from . import mobilenetv2, resnet, resnet50, shufflenet, small, vgg, wrn  # noqa: E402, F401
+from . import imagenet, mobilenetv2, resnet, resnet50, shufflenet, small, vgg, wrn  # noqa: E402, F401

@@ -14,25 +14,29 @@ from ckptkd.models import register
 
 
 class BasicBlock(nn.Module):
+    # A projection only where the shape changes, as in the reference: `downsample.0` conv, `downsample.1` BN (the
+    # ResNet18/34 of `resnet50.py` name it `shortcut`, as theirs do).
+    projection = "downsample"
+
     def __init__(self, in_planes, planes, stride):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        # A projection only where the shape changes, as in the reference: `downsample.0` conv, `downsample.1` BN.
-        self.downsample = None
+        projection = None
         if stride != 1 or in_planes != planes:
-            self.downsample = nn.Sequential(
+            projection = nn.Sequential(
                 nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
                 nn.BatchNorm2d(planes),
             )
+        setattr(self, self.projection, projection)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        projection = getattr(self, self.projection)
+        return F.relu(out + (x if projection is None else projection(x)))
 
 
 class ResNet(nn.Module):

@@ -1,4 +1,6 @@
-"""ResNet-50 for CIFAR as RepDistiller / mdistiller build it (their `resnetv2.py`, registered there as `ResNet50`).
+"""ResNet-50 for CIFAR as RepDistiller / mdistiller build it (their `resnetv2.py`, registered there as `ResNet50`), and
+ResNet-18 / ResNet-34 of the same family (`ResNet18`, `ResNet34`: the paper's released code builds its resnet18/34 so,
+in models/resnet_bottleneck.py, the Tiny-ImageNet pair's networks).
 
 The ImageNet bottleneck network (3, 4, 6, 3 blocks of 64/128/256/512 x 4 channels) with a 3x3 stride-1 stem and no
 max-pool, so a 32x32 input ends at 4x4. Shortcuts are `shortcut.0` (1x1 conv) + `shortcut.1` (BatchNorm) where the
@@ -8,7 +10,12 @@ shape changes and the final layer is `linear`, the reference's names, so their c
 import torch.nn.functional as F
 from torch import nn
 
-from ckptkd.models import register
+from ckptkd.models import register, resnet
+
+
+class BasicBlock(resnet.BasicBlock):
+    expansion = 1
+    projection = "shortcut"
 
 
 class Bottleneck(nn.Module):
@@ -38,7 +45,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50(nn.Module):
-    def __init__(self, num_classes, in_channels=3, blocks=(3, 4, 6, 3)):
+    def __init__(self, num_classes, in_channels=3, blocks=(3, 4, 6, 3), block=Bottleneck):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -46,8 +53,8 @@ class ResNet50(nn.Module):
         for i, (planes, n, stride) in enumerate(zip((64, 128, 256, 512), blocks, (1, 2, 2, 2)), start=1):
             layers = []
             for j in range(n):
-                layers.append(Bottleneck(in_planes, planes, stride if j == 0 else 1))
-                in_planes = planes * Bottleneck.expansion
+                layers.append(block(in_planes, planes, stride if j == 0 else 1))
+                in_planes = planes * block.expansion
             setattr(self, f"layer{i}", nn.Sequential(*layers))
         self.feature_dim = in_planes
         self.linear = nn.Linear(in_planes, num_classes)
@@ -76,3 +83,13 @@ class ResNet50(nn.Module):
 @register("ResNet50")
 def resnet50(num_classes, in_channels=3):
     return ResNet50(num_classes, in_channels)
+
+
+@register("ResNet18")
+def resnet18(num_classes, in_channels=3):
+    return ResNet50(num_classes, in_channels, blocks=(2, 2, 2, 2), block=BasicBlock)
+
+
+@register("ResNet34")
+def resnet34(num_classes, in_channels=3):
+    return ResNet50(num_classes, in_channels, blocks=(3, 4, 6, 3), block=BasicBlock)

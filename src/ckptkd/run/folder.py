@@ -41,7 +41,7 @@ from .analysis_file import analysis_problem
 from .lock import LOCK, RunLock
 from .manifest import CheckpointEntry, Final, Manifest
 from .paths import same_checkpoints
-from .state import Progress, load_state, save_state
+from .state import Progress, load_ema, load_state, save_state
 from .storage import (atomic_write_text, read_sealed_json, remove_stale_temporaries, save_tensors, shared_permissions,
                       temporary_name, write_sealed_json)
 
@@ -66,8 +66,8 @@ def sealed_since_0_3(written: dict) -> bool:
         return True  # not a version any ckptkd wrote: damaged
 
 
-def checkpoint_path(epoch: int) -> str:
-    return f"checkpoints/epoch-{epoch:04d}.safetensors"
+def checkpoint_path(epoch: int, ema: bool = False) -> str:
+    return f"checkpoints/{'ema-' if ema else ''}epoch-{epoch:04d}.safetensors"
 
 
 class Run:
@@ -292,10 +292,15 @@ class RunWriter:
         """The resume state restored into model and optimizer (with the RNG states), or a fresh start's progress."""
         return load_state(self.path / STATE, model, optimizer) if self.resumable else Progress()
 
+    def restore_ema(self) -> dict | None:
+        """The averaged weights (optim.ema) the resume state holds; None for a fresh start."""
+        return load_ema(self.path / STATE) if self.resumable else None
+
     def begin(self, manifest: Manifest, progress: Progress) -> None:
         """Write the run's first views: its config (a fresh run) and `manifest`, with the checkpoints so far."""
         self.manifest = manifest
         manifest.checkpoints = [CheckpointEntry(**c) for c in progress.checkpoints]
+        manifest.ema_checkpoints = [CheckpointEntry(**c) for c in progress.ema_checkpoints]
         manifest.slurm_jobs = self._slurm_jobs()
         if self.writes:
             # What writes killed half-way left here; only this run's writer writes these folders (not cache/).
@@ -318,39 +323,50 @@ class RunWriter:
         return earlier + [job] if job and job not in earlier else earlier
 
     def end_epoch(self, record: dict, model, optimizer, progress: Progress, *, checkpoint: bool,
-                  health: dict) -> CheckpointEntry | None:
-        """Record a finished epoch: its checkpoint if one is due, then the resume state, then the views. `progress`
-        takes the epoch only once its state is on disk: a save that fails (a full disk, a signal) leaves `progress`,
-        the state, the manifest and the files in agreement on the epoch before, and removes the checkpoint it had
-        written (no state or manifest lists it)."""
-        entry, written = None, None
+                  health: dict, ema: dict | None = None) -> CheckpointEntry | None:
+        """Record a finished epoch: its checkpoint if one is due (and, with `ema`, the averaged weights' beside it),
+        then the resume state, then the views. `progress` takes the epoch only once its state is on disk: a save that
+        fails (a full disk, a signal) leaves `progress`, the state, the manifest and the files in agreement on the
+        epoch before, and removes the checkpoints it had written (no state or manifest lists them)."""
+        entry, written = None, []
         epoch = record["epoch"]
         saved = dataclasses.replace(progress)  # what the state will say; fields are replaced below, never mutated
         try:
             if checkpoint:
-                written = self.path / checkpoint_path(epoch)
-                sha = save_tensors(written, model.state_dict(),
-                                   metadata={"epoch": epoch, "model": self.manifest.model["name"]})
-                entry = CheckpointEntry(epoch=epoch, step=progress.step, fraction=round(epoch / self.manifest.epochs, 6),
-                                        lr=record["lr"], path=checkpoint_path(epoch), sha256=sha,
-                                        metrics={k: record[k] for k in ("train_loss", "train_acc", "val_loss",
-                                                                        "val_acc", "test_acc", "val_top5", "test_top5")
-                                                 if k in record})
+                entry = self._checkpoint(record, model.state_dict(), progress, written, ema=False)
                 saved.checkpoints = [c for c in progress.checkpoints if c["epoch"] != epoch] + [
                     dataclasses.asdict(entry)]
+                if ema is not None:
+                    averaged = self._checkpoint(record, ema, progress, written, ema=True)
+                    saved.ema_checkpoints = [c for c in progress.ema_checkpoints if c["epoch"] != epoch] + [
+                        dataclasses.asdict(averaged)]
             saved.history = [h for h in progress.history if h["epoch"] < epoch] + [record]
             saved.epoch = epoch
-            save_state(self.path / STATE, model, optimizer, saved)
+            # Without optim.ema the call is the one it always was.
+            save_state(self.path / STATE, model, optimizer, saved, **({} if ema is None else {"ema": ema}))
         except BaseException:
-            if written is not None:
-                written.unlink(missing_ok=True)
+            for path in written:
+                path.unlink(missing_ok=True)
             raise
         for f in dataclasses.fields(progress):
             setattr(progress, f.name, getattr(saved, f.name))
         self.manifest.checkpoints = [CheckpointEntry(**c) for c in progress.checkpoints]
+        self.manifest.ema_checkpoints = [CheckpointEntry(**c) for c in progress.ema_checkpoints]
         self.manifest.health = health
         self._write_views(progress)
         return entry
+
+    def _checkpoint(self, record: dict, weights: dict, progress: Progress, written: list[Path], *,
+                    ema: bool) -> CheckpointEntry:
+        """Save one checkpoint of the epoch `record` closes (`ema`: the averaged weights, with their own metrics)."""
+        epoch, path = record["epoch"], checkpoint_path(record["epoch"], ema)
+        written.append(self.path / path)
+        sha = save_tensors(self.path / path, weights, metadata={"epoch": epoch, "model": self.manifest.model["name"]})
+        prefix = "ema_" if ema else ""
+        metrics = {k: record[prefix + k] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc",
+                                                    "val_top5", "test_top5") if prefix + k in record}
+        return CheckpointEntry(epoch=epoch, step=progress.step, fraction=round(epoch / self.manifest.epochs, 6),
+                               lr=record["lr"], path=path, sha256=sha, metrics=metrics)
 
     def fail(self, progress: Progress, error: str, *, health: dict | None = None) -> None:
         """Mark the run failed with `error` (and its `health` verdict, where the failure changes it)."""

@@ -73,6 +73,8 @@ class Manifest:
     teacher_ensemble: dict | None = None
     allow_incomplete: bool = False  # a teacher that had not completed was used on purpose
     checkpoints: list[CheckpointEntry] = field(default_factory=list)
+    # optim.ema: the moving average of the weights, saved beside each checkpoint (checkpoints/ema-epoch-NNNN)
+    ema_checkpoints: list[CheckpointEntry] = field(default_factory=list)
     final: Final | None = None
     health: dict = field(default_factory=lambda: {"ok": True, "flags": []})
     error: str | None = None
@@ -101,7 +103,9 @@ class Manifest:
             if f.name in ("format", "extra"):
                 continue
             value = getattr(self, f.name)
-            if f.name == "checkpoints":
+            if f.name == "ema_checkpoints" and not value:
+                continue  # a run without optim.ema has the manifest it always had
+            if f.name in ("checkpoints", "ema_checkpoints"):
                 value = [_drop_none(dataclasses.asdict(c), "source") for c in value]
             elif f.name == "final" and value is not None:
                 value = dataclasses.asdict(value)
@@ -130,6 +134,9 @@ class Manifest:
         _expect(isinstance(raw["checkpoints"], list), where, "checkpoints", raw["checkpoints"], "a list")
         values = {k: raw[k] for k in known if k in raw}
         values["checkpoints"] = [_entry(c, where, i) for i, c in enumerate(raw["checkpoints"])]
+        _expect(isinstance(raw.get("ema_checkpoints", []), list), where, "ema_checkpoints", raw.get("ema_checkpoints"),
+                "a list")
+        values["ema_checkpoints"] = [_entry(c, where, i) for i, c in enumerate(raw.get("ema_checkpoints", []))]
         if raw.get("final") is not None:
             try:
                 values["final"] = Final(**raw["final"])

@@ -25,6 +25,7 @@ class Progress:
     best_val_acc: float = -1.0
     best_val_epoch: int = 0
     loss_scale: dict | None = None  # precision fp16: the run's gradient scaler (scale, growth tracker)
+    ema_checkpoints: list[dict] = field(default_factory=list)  # optim.ema: the manifest's EMA checkpoint entries
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Progress":
@@ -54,8 +55,13 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
+def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
+               ema: dict[str, torch.Tensor] | None = None) -> None:
+    """The resume state in one file (so that its parts always agree): weights, optimizer, RNG states, progress and,
+    with optim.ema, the averaged weights."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.items()})
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -78,3 +84,10 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
     return Progress.from_dict(meta["progress"])
+
+
+def load_ema(path: Path) -> dict[str, torch.Tensor] | None:
+    """The averaged weights a resume state holds (optim.ema), or None where it holds none."""
+    tensors, _ = read_tensors(path, what="resume state")
+    ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+    return ema or None

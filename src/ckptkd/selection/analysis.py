@@ -274,10 +274,9 @@ def _why_failed(seeds: list[dict], plans: list) -> str:
 
 def _plans(data: data_mod.Data, split: str, *, seed: int, seeds: int) -> tuple[torch.Tensor, list, str | None]:
     """The estimator subset of a split and its K split plans (X components included); empty when too small."""
-    x_all = getattr(data, f"{split}_x")
     labels = getattr(data, f"{split}_y").cpu()
     sub = estimator_subset(labels, ESTIMATOR_SAMPLES, seed)
-    inputs = data.normalize(x_all[sub].float()).cpu()
+    inputs = data.inputs(split, sub).cpu()
     try:
         plans = [info.plan_split(inputs, labels[sub], seed=1000 * seed + k) for k in range(seeds)]
     except UserError as e:
@@ -398,7 +397,7 @@ def analyze(run: str | Path, *, temperature: float | None = None, seed: int = 0,
     analysis = {
         "format": FORMAT, "ckptkd": provenance(), "run": str(run), "split": split, "seed": seed, "seeds": seeds,
         "temperature": tau,
-        "splits": {name: {"n": int(getattr(data, f"{name}_x").shape[0]), "estimator_samples": len(subsets[name]),
+        "splits": {name: {"n": len(getattr(data, f"{name}_y")), "estimator_samples": len(subsets[name]),
                           "estimators": bool(plans[name])} for name in SPLITS},
         "class_names": data.class_names,
         "checkpoints": records,

@@ -104,7 +104,7 @@ class Teacher:
         the data, move it to the data's device, match each model's input normalisation, measure its accuracy."""
         self.quiet = self.quiet or quiet
         check_compatible(self.checkpoints, data)
-        self.to(data.train_x.device)
+        self.to(data.device)
         self._affine = input_affines(self.checkpoints, data)
         self.measure(data)
         return self
@@ -175,7 +175,7 @@ class Teacher:
         """
         recorded = self._recorded_accuracy(data)
         key = (tuple(c.sha256 for c in self.checkpoints), data.fingerprint, tuple(data.mean.tolist()),
-               tuple(data.std.tolist()), tuple(sorted(self.numerics.items())), data.val_x.device.type)
+               tuple(data.std.tolist()), tuple(sorted(self.numerics.items())), data.device.type)
         if recorded is not None:
             val, test = recorded
         elif key in _MEASURED:

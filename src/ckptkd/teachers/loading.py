@@ -54,7 +54,7 @@ def input_affines(checkpoints: list[Checkpoint], data: Data) -> list[tuple[torch
         if torch.allclose(mean_t, data.mean, atol=1e-6) and torch.allclose(std_t, data.std, atol=1e-6):
             affines.append(None)
             continue
-        scale = (data.std / std_t).view(1, -1, 1, 1).to(data.val_x.device)
-        shift = ((data.mean - mean_t) / std_t).view(1, -1, 1, 1).to(data.val_x.device)
+        scale = (data.std / std_t).view(1, -1, 1, 1).to(data.device)
+        shift = ((data.mean - mean_t) / std_t).view(1, -1, 1, 1).to(data.device)
         affines.append((scale, shift))
     return affines

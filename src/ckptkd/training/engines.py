@@ -205,6 +205,9 @@ class LoopedEngine:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x) for m in self.models])
 
+    def trained_modules(self) -> list[torch.nn.Module]:
+        return self.models
+
     def train(self, mode: bool = True) -> None:
         for m in self.models:
             m.train(mode)
@@ -278,6 +281,9 @@ class FusedEngine:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.expand(self.model.num_members, *x.shape))
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        return [self.model]
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)

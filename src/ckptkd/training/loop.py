@@ -47,6 +47,7 @@ from ..models import from_spec
 from ..run import Final, Manifest, Progress, Run, RunWriter
 from ..run.storage import is_disk_full
 from . import distributed, health
+from .ema import WeightAverage
 from .engines import ENGINES, MEMORY_SHARE, available_bytes, choose_engine, split_for_memory, step_bytes
 from .objective import TERMS, Objective
 from .recipe import autocast_dtype, cache_settings, make_optimizer, model_spec, pick_device, step_batch, test_epochs
@@ -100,6 +101,7 @@ class _Training:
     progress: Progress | None = None
     log: RunLog | None = None
     outcome: Run | Exception | None = None
+    ema_state: dict | None = None  # optim.ema: the averaged weights as last saved (None: start from the weights)
 
 
 def fit(members: list[Member], *, resume: bool = False, quiet: bool = False, engine: str = "auto",
@@ -222,6 +224,8 @@ def _begin(run: _Training, manifest: Manifest, fused: dict | None, *, quiet: boo
     """Restore the run's resume state (or start it fresh), write its first views, open its log."""
     manifest.fused = fused
     run.progress = run.folder.restore(run.model, run.optimizer)
+    if run.member.cfg["optim"]["ema"]:
+        run.ema_state = run.folder.restore_ema()
     manifest.health = health.assess(run.progress.history)  # a resumed run's verdict so far
     run.folder.begin(manifest, run.progress)
     run.log = RunLog(run.member.cfg, run.folder.path, quiet=quiet, writes=main)
@@ -285,6 +289,19 @@ class _Group:
         self.engine = ENGINES[self.chosen]([r.model for r in going], [r.optimizer for r in going], self.cfg,
                                            self.objective, self.device,
                                            loss_scales=[r.progress.loss_scale for r in going])
+        decay = self.cfg["optim"]["ema"]
+        self.ema = WeightAverage(self.engine, decay, going, [r.ema_state for r in going]) if decay else None
+
+    def ema_states(self) -> list[dict]:
+        """Each member's averaged weights, as its own model's state dict (exported under the averaged weights)."""
+        states = []
+        with self.ema.swapped():
+            for j, run in enumerate(self.going):
+                self.engine.export(j, run.model, run.optimizer)
+                states.append({k: v.clone() for k, v in run.model.state_dict().items()})
+        for j, run in enumerate(self.going):  # the members' own weights back in their models
+            self.engine.export(j, run.model, run.optimizer)
+        return states
 
     def run(self, on_epoch) -> None:
         epochs = self.cfg["schedule"]["epochs"]
@@ -295,6 +312,9 @@ class _Group:
             if on_epoch is not None:
                 on_epoch({"epoch": epoch})
             if diverged:  # they leave the group; the others go on in a group without them
+                if self.ema is not None:
+                    for run, state in zip(self.going, self.ema_states()):
+                        run.ema_state = state
                 for j, run in enumerate(self.going):
                     if run not in diverged:
                         self.engine.export(j, run.model, run.optimizer)
@@ -321,32 +341,48 @@ class _Group:
         batches = epoch_batches(self.data, self.objective, [r.member.cfg["seed"] for r in going], epoch, batch_size)
         bar, on_step = going[0].log.bar(batches, epoch, steps)
         sums, lr, step = train_epoch(self.engine, bar, cfg=cfg, steps_per_epoch=steps,
-                                     start_step=going[trains.index(True)].progress.step, on_step=on_step)
+                                     start_step=going[trains.index(True)].progress.step, on_step=on_step,
+                                     after_step=None if self.ema is None else self.ema.update)
         val = test = None
+        averaged = [None] * len(going)
         if self.main:
             self.engine.train(False)
-            val = evaluate(self.engine.logits, self.data, "val", cfg["data"]["eval_batch_size"], len(going))
-            if epoch in self.tested_at:
-                test = evaluate(self.engine.logits, self.data, "test", cfg["data"]["eval_batch_size"], len(going))
+            val, test = self.evaluate(epoch)
+            if self.ema is not None:
+                with self.ema.swapped():
+                    ema_val, ema_test = self.evaluate(epoch)
+                averaged = [{"val": ema_val[j], "test": None if ema_test is None else ema_test[j], "state": state}
+                            for j, state in enumerate(self.ema_states())]
         elapsed = (time.perf_counter() - started) / sum(trains)  # the group's time, shared by its trained runs
         diverged = []
         for j, run in enumerate(going):
             if not trains[j]:
                 self.engine.restore(j, run.model, run.optimizer)
                 continue
+            if averaged[j] is not None:
+                run.ema_state = averaged[j]["state"]
             means = (sums[j, :-1] / sums[j, -1]).tolist()  # batch-weighted: loss, accuracy, each term
             record = {"epoch": epoch, "step": step, "lr": lr, "train_loss": means[0], "train_acc": means[1],
                       **{f"train_{t}": means[2 + k] for k, t in enumerate(TERMS) if t in self.objective.names[j]}}
             try:
                 self.end_epoch(j, run, record, None if val is None else val[j], None if test is None else test[j],
-                               elapsed)
+                               elapsed, averaged[j])
             except health.Diverged as error:
                 run.outcome = error
                 diverged.append(run)
+        if self.ema is not None and not all(trains):  # a held member's average goes back to what it saved
+            self.ema = WeightAverage(self.engine, cfg["optim"]["ema"], going, [r.ema_state for r in going])
         return diverged
 
+    def evaluate(self, epoch: int) -> tuple[list[dict], list[dict] | None]:
+        """Every member on the validation split, and on the test split where `epoch` is tested."""
+        size, members = self.cfg["data"]["eval_batch_size"], len(self.going)
+        val = evaluate(self.engine.logits, self.data, "val", size, members)
+        test = evaluate(self.engine.logits, self.data, "test", size, members) if epoch in self.tested_at else None
+        return val, test
+
     def end_epoch(self, j: int, run: _Training, record: dict, val: dict | None, test: dict | None,
-                  elapsed: float) -> None:
+                  elapsed: float, averaged: dict | None = None) -> None:
         """Run j's epoch, once trained: the one place a run's epoch is judged and recorded (non-finite loss, best
         validation, health, checkpoint and resume state and manifest, log and trackers)."""
         progress, folder = run.progress, run.folder
@@ -367,6 +403,12 @@ class _Group:
         record.update(val_loss=val["loss"], val_acc=val["acc"], **top5("val", val))
         if test is not None:
             record.update(test_acc=test["acc"], **top5("test", test))
+        if averaged is not None:  # optim.ema: the averaged weights' numbers beside the weights' own
+            record.update(ema_val_loss=averaged["val"]["loss"], ema_val_acc=averaged["val"]["acc"],
+                          **{f"ema_{k}": v for k, v in top5("val", averaged["val"]).items()})
+            if averaged["test"] is not None:
+                record.update(ema_test_acc=averaged["test"]["acc"],
+                              **{f"ema_{k}": v for k, v in top5("test", averaged["test"]).items()})
         record["time_s"] = elapsed
         progress.elapsed_s += elapsed
         progress.step = record["step"]
@@ -374,7 +416,8 @@ class _Group:
         self.engine.export(j, run.model, run.optimizer)
         progress.loss_scale = self.engine.loss_scale(j)
         entry = folder.end_epoch(record, run.model, run.optimizer, progress,
-                                 checkpoint=record["epoch"] in self.saved_at, health=verdict)
+                                 checkpoint=record["epoch"] in self.saved_at, health=verdict,
+                                 ema=None if averaged is None else averaged["state"])
         run.log.epoch(record, entry, verdict)
 
 
@@ -391,7 +434,8 @@ def epoch_batches(data: data_mod.Data, objective: Objective, seeds: list[int], e
 
 
 def train_epoch(engine, batches: Iterable[data_mod.Batch], *, cfg: dict, steps_per_epoch: int, start_step: int,
-                on_step: Callable[[torch.Tensor, float], None] | None = None) -> tuple[torch.Tensor, float, int]:
+                on_step: Callable[[torch.Tensor, float], None] | None = None,
+                after_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, float, int]:
     """Steps over `batches` at the schedule's per-step learning rate (`start_step` the first step's global index).
     Returns per-member sums [N, 2 + len(TERMS) + 1]
     (loss, correct, each term, each times the batch size; the last column the count), summed over every rank, the
@@ -402,6 +446,8 @@ def train_epoch(engine, batches: Iterable[data_mod.Batch], *, cfg: dict, steps_p
     for batch in batches:
         lr = lr_at(cfg["schedule"], cfg["optim"]["lr"], step, steps_per_epoch)
         logits, losses, terms = engine.step(batch, lr, precision, cfg["optim"]["accumulate"])
+        if after_step is not None:  # optim.ema's update
+            after_step()
         step += 1
         with torch.no_grad():  # kept on the device: reading a value here would make a GPU wait every step
             b = batch.y.shape[1]
@@ -419,7 +465,7 @@ def evaluate(logits_of: Callable[[torch.Tensor], torch.Tensor], data: data_mod.D
              members: int = 1) -> list[dict[str, float]]:
     """Loss, accuracy and top-5 accuracy of every member on one split, in one pass: `logits_of(x)` -> [members, B,
     C], with the models already in eval mode. Top-5 is None with 5 classes or fewer, where it is always 1."""
-    device = data.train_x.device
+    device = data.device
     loss_sum = torch.zeros(members, dtype=torch.float64, device=device)
     correct = torch.zeros(members, dtype=torch.int64, device=device)
     in_top5 = torch.zeros(members, dtype=torch.int64, device=device)

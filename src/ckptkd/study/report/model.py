@@ -222,8 +222,11 @@ def _header(config: dict, rows: list[dict], pairs: list[PairRows]) -> Header:
     datasets = []
     for p in config.get("pairs") or []:
         data = (p.get("teacher") or {}).get("data") or {}
-        if data.get("name") and (data["name"], data.get("label_noise") or 0) not in datasets:
-            datasets.append((data["name"], data.get("label_noise") or 0))
+        # data.val_fraction: 0 leaves no held-out images: every "val" number is the training images' (said here)
+        name = data.get("name") and data["name"] + (" (no held-out validation: \"val\" numbers are the training "
+                                                    "images')" if data.get("val_fraction") == 0 else "")
+        if name and (name, data.get("label_noise") or 0) not in datasets:
+            datasets.append((name, data.get("label_noise") or 0))
     students = [r for r in rows if (r["group"] or {}).get("role") == "student" and done(r)]
     variants = variants_mod.ordered({v for p in pairs for v in p.variants if variants_mod.parse(v).base != "epoch"})
     return Header(
