@@ -35,9 +35,9 @@ def test_the_folder_bench_times_streaming_against_its_decode_limit_and_the_resid
     the bench's size range, and the ratios are the rates' own."""
     from ckptkd.cli.bench_folder import run_folder_bench
 
-    result = run_folder_bench(images=60, steps=2, rounds=1, workers=1)
+    result = run_folder_bench(images=100, steps=2, rounds=1, workers=1)
     w, rate = result["workload"], result["img_per_s"]
-    assert w["images"] == 50 and 128 <= w["source_sizes_px"][0] <= w["source_sizes_px"][1] <= 256
+    assert w["images"] == 90 and 128 <= w["source_sizes_px"][0] <= w["source_sizes_px"][1] <= 256
     assert set(rate) == {"decode_limit", "streamed_train", "resident_train"} and min(rate.values()) > 0
     assert result["ratios"]["streamed_train/decode_limit"] == round(rate["streamed_train"] / rate["decode_limit"], 3)
     shared = 1 / (1 / rate["decode_limit"] + 1 / rate["resident_train"])
@@ -46,3 +46,10 @@ def test_the_folder_bench_times_streaming_against_its_decode_limit_and_the_resid
                  "--json"]) in (0, None)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["workload"]["name"] == "folder"
+    for bad in (["--images", "1000000000"], ["--images", "10"], ["--steps", "-3"], ["--rounds", "0"],
+                ["--threads", "-2"], ["--workers", "-1"]):
+        try:  # argument errors exit 2 from the parser; --images is refused by the bench, before a file is written
+            code = main(["bench", "--workload", "folder", *bad])
+        except SystemExit as exit_:
+            code = exit_.code
+        assert code == 2 and bad[0] in capsys.readouterr().err

@@ -122,3 +122,32 @@ def test_each_member_of_a_group_gets_its_own_average(tmp_path, engine):
             assert torch.allclose(a[key].float(), b[key].float(), atol=1e-4), key
     shas = {manifest_json(r.path)["ema_checkpoints"][-1]["sha256"] for r in group}
     assert len(shas) == 3  # three seeds, three averages
+
+
+def test_show_names_the_average_and_the_papers_metric(tmp_path, capsys):
+    from ckptkd.cli import main
+
+    run = train(ema_config(eval={"last_k": 2, "best_of_last": 2}), out=tmp_path / "r", quiet=True)
+    capsys.readouterr()
+    assert main(["show", str(run.path)]) in (0, None)
+    out = " ".join(capsys.readouterr().out.split())
+    manifest = manifest_json(run.path)
+    best = 100 * manifest["final"]["test_acc_best_of_last"]
+    assert f"best test accuracy of the last 2 epochs (the paper's metric; it selects on the test set): {best:.2f}%" \
+        in out
+    last = manifest["ema_checkpoints"][-1]
+    assert f"weight average (optim.ema) at epoch 3: test {100 * last['metrics']['test_acc']:.2f}%" in out
+
+
+def test_verify_checks_the_averages_checkpoints(tmp_path, capsys):
+    from ckptkd.cli import main
+
+    run = train(ema_config(), out=tmp_path / "r", quiet=True)
+    averaged = run.path / manifest_json(run.path)["ema_checkpoints"][0]["path"]
+    assert main(["verify", str(run.path)]) in (0, None)
+    data = bytearray(averaged.read_bytes())
+    data[-8:-4] = bytes(4 - b % 4 for b in data[-8:-4])  # four bytes of the weights changed
+    averaged.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["verify", str(run.path)]) == 2
+    assert averaged.name in capsys.readouterr().out

@@ -80,6 +80,8 @@ def test_mixed_sizes_stream_on_auto_and_equal_sizes_stay_in_memory(photos, tmp_p
         data_mod.build(config.resolve({"data": {"name": "imagenet", "root": str(photos), "resident": True}})["data"])
     with pytest.raises(UserError, match="data.resident: false streams image trees"):
         data_mod.build(config.resolve({"data": {"name": "digits", "resident": False}})["data"])
+    with pytest.raises(UserError, match=r"data.scale applies to streamed images; digits .* \(only folder, "):
+        data_mod.build(config.resolve({"data": {"name": "digits", "scale": [0.5, 1.0]}})["data"])
 
 
 def _epoch(data, seed, epoch, batch_size=5):
@@ -289,3 +291,105 @@ def test_the_cli_trains_on_a_streamed_folder(photos, tmp_path):
     result = run_cli("train", str(cfg), "--out", str(tmp_path / "r"), "--set", "data.workers=1")
     assert result.returncode == 0, result.stderr
     assert math.isfinite(manifest_json(tmp_path / "r")["final"]["test_acc"])
+
+
+def test_images_rewritten_in_place_change_the_fingerprint_and_a_resume_onto_them_is_refused(photos, tmp_path,
+                                                                                        monkeypatch):
+    """Streamed data is named by its files' paths and sizes and a sample of their bytes: rotating every image in
+    place (same paths, same sizes for most) is other data, and a run interrupted on the old images does not resume
+    onto the new ones."""
+    import shutil
+
+    from ckptkd.data import _INDEX_CACHE
+
+    tree = tmp_path / "tree"
+    shutil.copytree(photos, tree)
+    cfg = student_config(tree, schedule={"name": "cosine", "epochs": 2}, checkpoints={"fractions": [1.0]},
+                         data={"workers": 0})
+    before = streamed(tree).fingerprint
+    folder_module = sys.modules["ckptkd.run.folder"]
+    save_state = folder_module.save_state
+
+    def save_then_stop(path, model, optimizer, progress, **ema):
+        save_state(path, model, optimizer, progress, **ema)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(folder_module, "save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out=tmp_path / "run", quiet=True)
+    monkeypatch.setattr(folder_module, "save_state", save_state)
+    for image in sorted(tree.rglob("*.*")):
+        with Image.open(image) as im:
+            turned = im.rotate(180)
+        turned.save(image, format=Image.open(image).format)
+    _INDEX_CACHE.clear()  # a new process would list the folder afresh
+    assert streamed(tree).fingerprint != before
+    with pytest.raises(UserError, match=r"--resume: .* was trained on data \w+ but data.root gives \w+ now"):
+        train(cfg, out=tmp_path / "run", resume=True, quiet=True)
+
+
+def test_the_number_of_workers_is_not_part_of_a_runs_identity(photos, tmp_path, monkeypatch):
+    """Batches do not depend on data.workers, so neither does a task's identity, and a run resumes under another
+    count (a laptop run continued on a node with more cores)."""
+    two, none = (config.resolve(student_config(photos, data={"workers": w})) for w in (2, 0))
+    assert config.identity(two) == config.identity(none)
+    assert config.identity(two) != config.identity(config.resolve(student_config(photos, data={"image_size": 16})))
+    folder_module = sys.modules["ckptkd.run.folder"]
+    save_state = folder_module.save_state
+
+    def save_then_stop(path, model, optimizer, progress, **ema):
+        save_state(path, model, optimizer, progress, **ema)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(folder_module, "save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(two, out=tmp_path / "run", quiet=True)
+    monkeypatch.setattr(folder_module, "save_state", save_state)
+    assert train(none, out=tmp_path / "run", resume=True, quiet=True).manifest.status == "complete"
+
+
+def test_imagenet_takes_its_labelled_val_split_beside_an_unlabelled_test_folder(photos, tmp_path):
+    import shutil
+
+    tree = tmp_path / "ilsvrc"
+    shutil.copytree(photos, tree)
+    (tree / "test").mkdir()  # ILSVRC's test set: images without class folders
+    shutil.copy(next((tree / "val" / "class000").iterdir()), tree / "test" / "ILSVRC2012_test_00000001.JPEG")
+    data = streamed(tree, mean=[0.5] * 3, std=[0.25] * 3)
+    assert data.index.test.count == 9 and "/val/" in data.index.test.where(0)
+
+
+def test_webdataset_names_members_and_refuses_compressed_or_doubled_samples(photos, tmp_path):
+    import gzip
+
+    shards = write_shards(photos, tmp_path / "shards")
+    first = sorted((shards / "train").iterdir())[0]
+    # a member that is not an image: named by shard and member, with no Python object in the message
+    with tarfile.open(first) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(first, "w") as tar:
+        for info, payload in members:
+            payload = b"not an image" * 10 if info.name.endswith(("jpeg", "png")) and not members.index(
+                (info, payload)) else payload
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    data = data_mod.build(config.resolve({"data": {"name": "webdataset", "root": str(shards), "workers": 0,
+                                                   "val_fraction": 0.25, "mean": [0.5] * 3,
+                                                   "std": [0.25] * 3}})["data"])
+    with pytest.raises(UserError) as caught:
+        list(data.eval_batches("train", 8)) + list(data.eval_batches("val", 8))
+    assert f"{first}:{members[0][0].name}: cannot read image" in str(caught.value)
+    assert "BytesIO" not in str(caught.value) and "0x" not in str(caught.value)
+    first.write_bytes(gzip.compress(first.read_bytes()))
+    with pytest.raises(UserError, match="is gzip-compressed; shards are read by offset: gunzip it"):
+        data_mod._INDEX_CACHE.clear()
+        data_mod.build(config.resolve({"data": {"name": "webdataset", "root": str(shards)}})["data"])
+    doubled = tmp_path / "doubled"
+    (doubled / "train").mkdir(parents=True)
+    with tarfile.open(doubled / "train" / "a.tar", "w") as tar:
+        for name in ("x1.jpg", "x1.png", "x1.cls"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"0"))
+    with pytest.raises(UserError, match=r"sample 'x1' has two images \(x1.jpg, x1.png\)"):
+        data_mod.build(config.resolve({"data": {"name": "webdataset", "root": str(doubled)}})["data"])

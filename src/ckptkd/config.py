@@ -271,20 +271,30 @@ def milestone(v: Any) -> str | None:
 NEUTRAL: dict[str, Any] = {"kd.teacher_mode": "eval", "log.report_to": [], "optim.accumulate": 1,
                            "deterministic": False, "eval.best_of_last": 0, "compile": False,
                            "data.resident": "auto", "data.image_size": None, "data.resize": None,
-                           "data.scale": [0.08, 1.0], "data.workers": None, "optim.ema": 0.0}
+                           "data.scale": [0.08, 1.0], "optim.ema": 0.0}
 
 
 # The torch.compile backends `compile` may name (true is inductor): the compiler, and the two that trace without one.
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 
 
+# Options that change how fast a run computes, never what: left out of a task's identity and of the config a resume
+# compares, whatever their value (streamed batches do not depend on the number of decoding workers).
+RUNTIME_ONLY = ("data.workers",)
+
+
 def identity(obj: Any) -> Any:
-    """`obj` (a run config, or a structure holding run configs) without the `NEUTRAL` options at their neutral value."""
+    """`obj` (a run config, or a structure holding run configs) without the `NEUTRAL` options at their neutral value
+    and without the `RUNTIME_ONLY` ones."""
     if isinstance(obj, list):
         return [identity(v) for v in obj]
     if not isinstance(obj, dict):
         return obj
     out = {k: identity(v) for k, v in obj.items()}
+    for dotted in RUNTIME_ONLY:
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict) and key in out[section] and "schedule" in out:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
     for dotted, neutral in NEUTRAL.items():
         if "." not in dotted:  # a top-level option
             if dotted in out and out[dotted] == neutral and "schedule" in out:  # of a run config

@@ -27,11 +27,13 @@ import torch
 from .. import config as config_mod
 from .. import data as data_mod
 from ..data.images import image_size_of
+from ..errors import UserError
 from ..data.photos import write_photo_folder
 from ..models import from_spec
 from ..training.recipe import make_optimizer, model_spec, pick_device
 from .bench import engine_for, sync, timed_steps
 
+MAX_IMAGES = 50_000  # generated JPEGs of 128-256 px: about 0.6 GB on disk at most
 FOLDER_WORKLOAD = {"images": 2000, "classes": 10, "sizes": (128, 256), "image_size": 64, "batch": 64,
                    # A student light enough that decoding, not the model, bounds a 2-core CPU (what the bench is about);
                    # resident_train shows what the model alone costs.
@@ -71,6 +73,9 @@ def run_folder_bench(*, images: int | None = None, steps: int | None = None, rou
                      folder: str | Path | None = None) -> dict:
     w = dict(FOLDER_WORKLOAD)
     n_images, n_steps, n_rounds = images or w["images"], steps or w["steps"], rounds or w["rounds"]
+    if not w["classes"] * 10 <= n_images <= MAX_IMAGES:  # 10 a class: one of them held out for validation
+        raise UserError(f"bench: --images {n_images:,}: the folder workload generates {w['classes'] * 10} to "
+                        f"{MAX_IMAGES:,} images")
     if threads:
         torch.set_num_threads(threads)
     dev = pick_device(device)

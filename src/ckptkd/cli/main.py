@@ -179,6 +179,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"expected 0 to 64, got {text!r}")
+    return value
+
+
 def _seed_list(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",")]
@@ -292,12 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "at a time vs as one group) or folder (streamed JPEGs vs their decode limit)")
     p.add_argument("--images", type=_positive, default=None,
                    help="training images of --workload folder (default 2000)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=_count, default=None,
                    help="decoding processes of --workload folder (default: the CPU count, at most 8)")
     p.add_argument("--members", type=_positive, default=8, help="students for --workload fused (default 8)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per mode and round")
-    p.add_argument("--rounds", type=int, default=None, help="rounds; the best of them counts")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--steps", type=_positive, default=None, help="timed steps per mode and round")
+    p.add_argument("--rounds", type=_positive, default=None, help="rounds; the best of them counts")
+    p.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to run (default: cpu)")
     p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"],
                    help="teachers' autocast dtype (default: none)")

@@ -104,6 +104,13 @@ def trajectory_table(run: str | Path, console: Console | None = None) -> Table:
                      f"val {_percent(final.val_acc)}%"
                      f"; best val {_percent(final.best_val_acc)}% at epoch {final.best_val_epoch}"
                      f"; {final.train_time_s:.1f} s")
+        if final.best_of_last:  # eval.best_of_last: the paper's metric, named for what it selects on
+            lines.append(f"best test accuracy of the last {final.best_of_last} epochs (the paper's metric; it selects "
+                         f"on the test set): {_percent(final.test_acc_best_of_last)}%")
+    if manifest.ema_checkpoints:  # optim.ema: the average's own numbers at its last checkpoint
+        last = manifest.ema_checkpoints[-1]
+        lines.append(f"weight average (optim.ema) at epoch {last.epoch}: test {_percent(last.metrics.get('test_acc'))}"
+                     f"%, val {_percent(last.metrics.get('val_acc'))}% ({last.path})")
     if not manifest.health.get("ok", True):
         from ..training.health import describe
 

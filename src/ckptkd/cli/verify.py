@@ -66,7 +66,7 @@ def _verify_run(path: Path, report: Report) -> None:
     run = Run(path)
     manifest = _check(report, lambda: run.manifest)
     if manifest is not None:
-        for entry in manifest.checkpoints:
+        for entry in manifest.checkpoints + manifest.ema_checkpoints:  # the weights' and, with optim.ema, the average's
             _check(report, lambda e=entry: load_tensors(path / e.path, e.sha256, what="checkpoint"))
     else:  # without the manifest's sha256s, each checkpoint is still checked against its own seal
         for file in sorted((path / "checkpoints").glob("*.safetensors")):

@@ -297,8 +297,10 @@ def build(data_cfg: dict, device: torch.device | str = "cpu") -> Data | Streamin
         return _build_streaming(data_cfg).to(torch.device(device))
     changed = [k for k in _STREAM_KEYS if data_cfg[k] != DATA_STREAM_DEFAULTS[k]]
     if changed:
+        remedy = ("set data.resident: false to stream it" if name in STREAMED else
+                  f"only {', '.join(sorted(STREAMED))} stream; leave it unset")
         raise UserError(f"config: data.{changed[0]} applies to streamed images; {name} is read into memory at its "
-                        "own size here (set data.resident: false to stream it)")
+                        f"own size here ({remedy})")
     return _build_resident(data_cfg).to(torch.device(device))
 
 

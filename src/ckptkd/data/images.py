@@ -70,11 +70,16 @@ def list_folder(root: str | None, name: str = "folder") -> tuple[dict[str, list[
     """The (path, label) of every image of an image tree root/train/CLASS/* and root/test/CLASS/* (or, as ImageNet
     ships it, root/val/CLASS/*: its validation set is the test split here), the class names (the sorted train
     subfolders) and the root; nothing is opened. `name` is the source named in errors."""
-    layout = "root/train/CLASS/*.png and root/test/CLASS/*.png (or root/val/CLASS/*)"
+    # ImageNet's labelled held-out set is val/ (ILSVRC's test/ is a flat folder without labels); a user's own tree
+    # names it test/ or val/. The first of the two that holds class folders is the test split.
+    order = ("val", "test") if name == "imagenet" else ("test", "val")
+    layout = (f"root/train/CLASS/*.JPEG and root/{order[0]}/CLASS/*.JPEG" if name == "imagenet" else
+              "root/train/CLASS/*.png and root/test/CLASS/*.png (or root/val/CLASS/*)")
     if root is None:
         raise UserError(f"{name}: data.root is not set (set it to a folder laid out as {layout})")
     base = Path(root).expanduser()
-    test_dir = base / "test" if (base / "test").is_dir() or not (base / "val").is_dir() else base / "val"
+    labelled = [base / d for d in order if (base / d).is_dir() and _class_dirs(base / d)]
+    test_dir = labelled[0] if labelled else next((base / d for d in order if (base / d).is_dir()), base / order[0])
     for needed in (base / "train", test_dir):
         if not needed.is_dir():
             raise UserError(f"{name}: {needed} is not a folder (expected {layout.replace('root', str(base))})")

@@ -23,13 +23,14 @@ MAX_LABEL_BYTES = 64  # a .cls member is one integer: anything longer is not a l
 
 @dataclass(frozen=True)
 class Member:
-    """Where one sample's image bytes lie: `offset` and `size` within the shard file `path`."""
+    """Where one sample's image bytes lie: `offset` and `size` within the shard file `path`; `name` the member's."""
     path: str
     offset: int
     size: int
+    name: str = ""
 
-    def __str__(self) -> str:  # named in errors as the shard and the member's offset
-        return f"{self.path}@{self.offset}"
+    def __str__(self) -> str:  # named in errors as the shard and the member
+        return f"{self.path}:{self.name}"
 
 
 def _split_shards(base: Path, split: str) -> list[Path]:
@@ -43,6 +44,10 @@ def _samples(shard: Path) -> list[tuple[Member, int]]:
     images: dict[str, Member] = {}
     labels: dict[str, int] = {}
     try:
+        with open(shard, "rb") as f:
+            if f.read(2) == b"\x1f\x8b":
+                raise UserError(f"webdataset: {shard} is gzip-compressed; shards are read by offset: gunzip it "
+                                "(keeping the .tar name)")
         with tarfile.open(shard, "r:") as tar:  # "r:": uncompressed only, so that members can be read by offset
             for info in tar:
                 if not info.isfile():
@@ -52,7 +57,10 @@ def _samples(shard: Path) -> list[tuple[Member, int]]:
                 key, _, ext = name.partition(".")
                 key = folder + key
                 if ext.lower() in IMAGE_EXTENSIONS:
-                    images[key] = Member(str(shard), info.offset_data, info.size)
+                    if key in images:
+                        raise UserError(f"webdataset: {shard}: sample {key!r} has two images ({images[key].name}, "
+                                        f"{info.name}); a sample holds one")
+                    images[key] = Member(str(shard), info.offset_data, info.size, info.name)
                 elif ext.lower() == "cls":
                     if info.size > MAX_LABEL_BYTES:
                         raise UserError(f"webdataset: {shard}: {info.name} is {info.size:,} bytes; a .cls member "

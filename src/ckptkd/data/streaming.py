@@ -23,6 +23,7 @@ import io
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -39,6 +40,7 @@ from .shards import Member, read_member
 # An image file larger than this is refused before it is read (a 16k x 16k JPEG is ~100 MB; ImageNet's largest few).
 MAX_IMAGE_BYTES = 512 * 2**20
 RATIO = (3 / 4, 4 / 3)
+DIGEST_SAMPLES = 64  # images whose bytes the data's fingerprint hashes whole (`Sources.digest`)
 KEY_BITS = 62
 
 
@@ -110,7 +112,16 @@ def decode(data: bytes | str, where: str, views: Views, key: int | None) -> np.n
     except UserError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"{where}: cannot read image ({e})") from e
+        # Pillow names an in-memory file by its object ("<_io.BytesIO object at 0x...>"); `where` names it already
+        reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+        raise UserError(f"{where}: cannot read image ({reason})") from e
+
+
+def _file_size(path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError as e:
+        raise UserError(f"{path}: cannot read image ({e.strerror or e})") from e
 
 
 class Sources:
@@ -125,10 +136,12 @@ class Sources:
             self.shard = np.array([number[m.path] for m in entries], dtype=np.int32)
             self.offset = np.array([m.offset for m in entries], dtype=np.int64)
             self.size = np.array([m.size for m in entries], dtype=np.int64)
+            self.names = np.array([m.name.encode() for m in entries])
             self.paths = None
         else:
             self.paths = np.array([os.fsencode(str(p)) for p in entries])
             self.shards = None
+            self.size = np.array([_file_size(p) for p in entries], dtype=np.int64)
 
     def where(self, i: int) -> str:
         if self.paths is not None:
@@ -136,7 +149,8 @@ class Sources:
         return str(self._member(i))
 
     def _member(self, i: int) -> Member:
-        return Member(self.shards[self.shard[i]], int(self.offset[i]), int(self.size[i]))
+        return Member(self.shards[self.shard[i]], int(self.offset[i]), int(self.size[i]),
+                      self.names[i].decode(errors="replace"))
 
     def read(self, i: int, handles: dict) -> bytes | str:
         """Image i's bytes (a shard member) or its path (a file, opened by Pillow itself)."""
@@ -157,7 +171,9 @@ class Sources:
         return path
 
     def digest(self, update) -> None:
-        """Feed what identifies the images (relative paths or members, and sizes) to a hash's `update`."""
+        """Feed what identifies the images to a hash's `update`: every file's path (or member's place) and size, and
+        the whole bytes of DIGEST_SAMPLES files spread evenly over the list. Reading every image would take a pass
+        over the data set; sizes and a sample catch images added, removed, re-encoded or rewritten in place."""
         if self.paths is not None:
             for p in self.paths.tolist():
                 update(p)
@@ -165,8 +181,22 @@ class Sources:
         else:
             for name in self.shards:
                 update(os.fsencode(Path(name).name))
-            for array in (self.shard, self.offset, self.size):
+            for array in (self.shard, self.offset):
                 update(array.tobytes())
+        update(self.size.tobytes())
+        handles: dict = {}
+        try:
+            for i in np.linspace(0, self.count - 1, min(DIGEST_SAMPLES, self.count)).round().astype(int).tolist():
+                data = self.read(i, handles)
+                if isinstance(data, str):
+                    with open(data, "rb") as f:
+                        data = f.read()
+                update(hashlib.sha256(data).digest())
+        except OSError as e:
+            raise UserError(f"{self.where(i)}: cannot read image ({e.strerror or e})") from e
+        finally:
+            for handle in handles.values():
+                handle.close()
 
 
 class _Batches(torch.utils.data.Dataset):

@@ -297,7 +297,11 @@ class RunWriter:
         return load_ema(self.path / STATE) if self.resumable else None
 
     def begin(self, manifest: Manifest, progress: Progress) -> None:
-        """Write the run's first views: its config (a fresh run) and `manifest`, with the checkpoints so far."""
+        """Write the run's first views: its config (a fresh run) and `manifest`, with the checkpoints so far. A resume
+        onto other data (images added, removed or rewritten under the same data.root) is refused: its checkpoints so
+        far were trained on the data its manifest names."""
+        if self.resumable and progress.epoch > 0:
+            self._same_data(manifest.data)
         self.manifest = manifest
         manifest.checkpoints = [CheckpointEntry(**c) for c in progress.checkpoints]
         manifest.ema_checkpoints = [CheckpointEntry(**c) for c in progress.ema_checkpoints]
@@ -310,6 +314,19 @@ class RunWriter:
                 self.path.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(self.path / CONFIG, config_mod.dump(self.cfg))
             self._write_views(progress)
+
+    def _same_data(self, data: dict) -> None:
+        try:
+            saved = self.run.manifest.data
+        except UserError:
+            return  # the state, not a damaged manifest, is what a resume trusts
+        before, now = saved.get("fingerprint"), data.get("fingerprint")
+        if before and now and before != now:
+            sizes = ", ".join(f"{k} {saved.get(k)} → {data.get(k)}" for k in ("train", "val", "test")
+                              if saved.get(k) != data.get(k))
+            raise UserError(f"--resume: {self.path} was trained on data {before} but data.root gives {now} now"
+                            f"{f' ({sizes})' if sizes else ' (the images changed)'}; resume it on the data it "
+                            "began with, or train anew in another --out")
 
     def _slurm_jobs(self) -> list[str]:
         """The Slurm jobs that wrote this run: those of the manifest it resumes, and this process's own."""
