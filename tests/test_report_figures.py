@@ -210,6 +210,19 @@ def test_accuracy_plot_has_no_kd_and_t_full_references_and_a_legend_off_the_data
     assert all(not below.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
 
 
+def test_many_pairs_wrap_into_rows_of_at_most_four_panels(main):
+    _, _, report = main
+    pairs = (report.pairs * 7)[:7]
+    fig = accuracy_figure(pairs)
+    assert len(fig.axes) == 7  # no empty panels
+    rows = sorted({round(ax.get_position().y0, 3) for ax in fig.axes})
+    assert len(rows) == 2 and max(sum(round(ax.get_position().y0, 3) == y for ax in fig.axes) for y in rows) == 4
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    assert all(not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
+
+
 # ---------------------------------------------------------------- class names
 
 def matrices(n: int, epoch: int, fraction: float, seed: int) -> dict:

@@ -22,6 +22,7 @@ from .selection import SELECTORS, SelectionBenchmark, Selector
 TEACHER_FIGURES = ("class_correlation", "trajectory")
 ACCURACY = "accuracy_by_variant.png"
 NO_KD, T_FULL = "crimson", "tab:green"  # the reference lines' colours, the same in every figure
+PANELS_PER_ROW = 4
 
 
 def _name(kind: str, pair: str) -> str:
@@ -102,11 +103,16 @@ def accuracy_figure(pairs: list[PairReport]):
     shown = {p.name: [v for v in p.variants if v != "none" and variants_mod.parse(v).table in ("table3", "ensembles")]
              for p in pairs}
     width = max(len(v) for v in shown.values()) if shown else 1
-    fig, axes = plt.subplots(1, len(pairs), figsize=((1.5 + 0.65 * width) * len(pairs), 4.2), squeeze=False,
-                             layout="constrained")
+    # At most PANELS_PER_ROW panels a row, so that a study of many pairs stays readable on a page.
+    columns = min(len(pairs), PANELS_PER_ROW) or 1
+    rows = -(-len(pairs) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=((1.5 + 0.65 * width) * columns, 3.9 * rows + 0.4),
+                             squeeze=False, layout="constrained")
+    for ax in axes.flat[len(pairs):]:
+        fig.delaxes(ax)
     references = {"none": False, "Tfull": False}
     variant_mean = None  # one of the error bars drawn, for the legend
-    for ax, pair in zip(axes[0], pairs):
+    for ax, pair in zip(axes.flat, pairs):
         for x, variant in enumerate(shown[pair.name]):
             values = [100 * v for v in pair.cell(variant).values]
             if not values:
@@ -128,6 +134,7 @@ def accuracy_figure(pairs: list[PairReport]):
             references["Tfull"] = True
         ax.set_xticks(range(len(shown[pair.name])), [variants_mod.parse(v).label for v in shown[pair.name]],
                       rotation=30, ha="right", rotation_mode="anchor")
+        ax.set_xlim(-0.6, len(shown[pair.name]) - 0.4)  # a panel of one variant as wide a slot as the others'
         ax.set_ylabel("student test accuracy (%)")
         ax.set_title(pair.name, fontsize=9)
     legend = [(Line2D([], [], marker="o", ms=4, ls="none", color="0.55"), "one student")]
@@ -215,7 +222,14 @@ def selection_figure(pair: PairReport, benchmark: SelectionBenchmark):
         picks += [Pick(t, selector.picks[t], means[selector.picks[t]], selector) for selector in benchmark.selectors
                   if selector.key in SELECTOR_MARKERS and selector.picks.get(t) in by_epoch]
     span = np.ptp([m for means in means_by_trajectory.values() for m in means.values()]) or 1.0
-    for group in side_by_side(picks, 0.02 * span):
+    groups = side_by_side(picks, 0.02 * span)
+    epochs_drawn = [e for by_epoch in benchmark.curve.values() for e in by_epoch]
+    if epochs_drawn:  # room at both ends for picks set side by side (about 6 inches of axis span the epochs)
+        widest = max(((len(g) - 1) / 2 * DODGE_POINTS / 72 for g in groups), default=0.0) + 0.1
+        low, high = min(epochs_drawn), max(epochs_drawn)
+        pad = widest * max(high - low, 1) / 6
+        ax.set_xlim(low - pad, high + pad)
+    for group in groups:
         for k, pick in enumerate(group):
             shift = (k - (len(group) - 1) / 2) * DODGE_POINTS / 72
             marker = SELECTOR_MARKERS[pick.selector.key]
