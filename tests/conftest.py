@@ -41,6 +41,23 @@ def tiny_config(**sections) -> dict:
     return cfg
 
 
+def stop_after_epoch(monkeypatch, epoch: int | None = None):
+    """Make the run folder raise KeyboardInterrupt right after it saves the resume state of `epoch` (None: the
+    first saved); returns the function that undoes it. What a Ctrl-C between two epochs leaves behind."""
+    import sys as _sys
+
+    folder_module = _sys.modules["ckptkd.run.folder"]
+    save_state = folder_module.save_state
+
+    def save_then_stop(path, model, optimizer, progress, **ema):
+        save_state(path, model, optimizer, progress, **ema)
+        if epoch is None or progress.epoch == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(folder_module, "save_state", save_then_stop)
+    return lambda: monkeypatch.setattr(folder_module, "save_state", save_state)
+
+
 def manifest_json(run) -> dict:
     """A run's manifest.json as written on disk (the contract other tools read)."""
     return json.loads((Path(run) / "manifest.json").read_text())

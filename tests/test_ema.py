@@ -1,7 +1,6 @@
 """optim.ema: the moving average of a student's weights, updated after every step, evaluated every epoch, saved as its
 own checkpoints beside the weights' and carried across a resume."""
 
-import sys
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from ckptkd.run.storage import read_tensors
 from ckptkd.training import engines
 from ckptkd.training.loop import Member, fit, fit_one
 
-from conftest import manifest_json, tiny_config
+from conftest import manifest_json, stop_after_epoch, tiny_config
 
 DECAY = 0.8
 
@@ -88,18 +87,10 @@ def test_a_run_without_ema_keeps_its_manifest(tmp_path):
 def test_the_average_resumes_bit_identically(tmp_path, monkeypatch):
     cfg = ema_config()
     full = manifest_json(train(cfg, out=tmp_path / "full", quiet=True).path)
-    folder_module = sys.modules["ckptkd.run.folder"]
-    save_state = folder_module.save_state
-
-    def save_then_stop(path, model, optimizer, progress, ema=None):
-        save_state(path, model, optimizer, progress, ema=ema)
-        if progress.epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(folder_module, "save_state", save_then_stop)
+    undo = stop_after_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, out=tmp_path / "stopped", quiet=True)
-    monkeypatch.setattr(folder_module, "save_state", save_state)
+    undo()
     resumed = manifest_json(train(cfg, out=tmp_path / "stopped", resume=True, quiet=True).path)
     assert [c["sha256"] for c in resumed["ema_checkpoints"]] == [c["sha256"] for c in full["ema_checkpoints"]]
     assert [c["sha256"] for c in resumed["checkpoints"]] == [c["sha256"] for c in full["checkpoints"]]

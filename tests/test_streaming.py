@@ -3,7 +3,6 @@ shards, decoded in worker processes with each run's order and augmentation a fun
 
 import io
 import math
-import sys
 import tarfile
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from ckptkd.data.streaming import RATIO, StreamingData, Views
 from ckptkd.errors import UserError
 from ckptkd.selection.analysis import analyze, select
 
-from conftest import manifest_json, run_cli
+from conftest import manifest_json, run_cli, stop_after_epoch
 from test_sources import _write_tiny_imagenet
 
 
@@ -157,18 +156,10 @@ def test_a_photo_tree_trains_distills_analyses_selects_and_resumes_bit_identical
     assert manifest["status"] == "complete" and manifest["data"]["streamed"] is True
     assert manifest["data"]["image_shape"] == [3, 24, 24] and manifest["data"]["train"] == 18
 
-    folder_module = sys.modules["ckptkd.run.folder"]
-    save_state = folder_module.save_state
-
-    def save_then_stop(path, model, optimizer, progress):
-        save_state(path, model, optimizer, progress)
-        if progress.epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(folder_module, "save_state", save_then_stop)
+    undo = stop_after_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, out=tmp_path / "stopped", quiet=True)
-    monkeypatch.setattr(folder_module, "save_state", save_state)
+    undo()
     resumed = train(cfg, out=tmp_path / "stopped", resume=True, quiet=True)
     assert [c.sha256 for c in resumed.manifest.checkpoints] == [c.sha256 for c in teacher.manifest.checkpoints]
 
@@ -307,17 +298,10 @@ def test_images_rewritten_in_place_change_the_fingerprint_and_a_resume_onto_them
     cfg = student_config(tree, schedule={"name": "cosine", "epochs": 2}, checkpoints={"fractions": [1.0]},
                          data={"workers": 0})
     before = streamed(tree).fingerprint
-    folder_module = sys.modules["ckptkd.run.folder"]
-    save_state = folder_module.save_state
-
-    def save_then_stop(path, model, optimizer, progress, **ema):
-        save_state(path, model, optimizer, progress, **ema)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(folder_module, "save_state", save_then_stop)
+    undo = stop_after_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, out=tmp_path / "run", quiet=True)
-    monkeypatch.setattr(folder_module, "save_state", save_state)
+    undo()
     for image in sorted(tree.rglob("*.*")):
         with Image.open(image) as im:
             turned = im.rotate(180)
@@ -334,17 +318,10 @@ def test_the_number_of_workers_is_not_part_of_a_runs_identity(photos, tmp_path, 
     two, none = (config.resolve(student_config(photos, data={"workers": w})) for w in (2, 0))
     assert config.identity(two) == config.identity(none)
     assert config.identity(two) != config.identity(config.resolve(student_config(photos, data={"image_size": 16})))
-    folder_module = sys.modules["ckptkd.run.folder"]
-    save_state = folder_module.save_state
-
-    def save_then_stop(path, model, optimizer, progress, **ema):
-        save_state(path, model, optimizer, progress, **ema)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(folder_module, "save_state", save_then_stop)
+    undo = stop_after_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(two, out=tmp_path / "run", quiet=True)
-    monkeypatch.setattr(folder_module, "save_state", save_state)
+    undo()
     assert train(none, out=tmp_path / "run", resume=True, quiet=True).manifest.status == "complete"
 
 

@@ -228,6 +228,19 @@ def _as_is(item):
     return item
 
 
+def decoded(index: "StreamIndex", views: Views, requests: list, workers: int, *, pin: bool = False
+            ) -> Iterator[torch.Tensor]:
+    """The uint8 batches of `requests` ((split, listed indices, keys or None) each), in order, decoded by `workers`
+    processes (none: here); a worker's error line is raised here as the UserError it is."""
+    loader = torch.utils.data.DataLoader(
+        _Batches({"train": index.train, "test": index.test}, views), batch_size=None, sampler=requests,
+        num_workers=workers, collate_fn=_as_is, pin_memory=pin, prefetch_factor=4 if workers else None)
+    for images, error in loader:
+        if error is not None:
+            raise UserError(error)
+        yield images
+
+
 @dataclass
 class StreamIndex:
     """A source listed but not decoded: every image's location per split, labels and class names."""
@@ -356,15 +369,7 @@ class StreamingData:
             yield self.normalize(x.to(self.device, non_blocking=True).float())
 
     def _stream(self, requests: list) -> Iterator[torch.Tensor]:
-        """The decoded batches of `requests`, in order, from `workers` processes (none: decoded here)."""
-        dataset = _Batches({"train": self.index.train, "test": self.index.test}, self.views)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, sampler=requests, num_workers=self.workers, collate_fn=_as_is,
-            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None)
-        for images, error in loader:
-            if error is not None:
-                raise UserError(error)
-            yield images
+        return decoded(self.index, self.views, requests, self.workers, pin=self.device.type == "cuda")
 
     def describe(self) -> dict:
         return {"name": self.name, "fingerprint": self.fingerprint, "num_classes": self.num_classes,
@@ -402,16 +407,11 @@ def estimate_statistics(index: StreamIndex, train_idx: torch.Tensor, views: View
     """Per-channel mean and std of `count` training images spread evenly over the split (evaluation views): the
     resident sets use every pixel; a streamed set would take a pass over all of it."""
     picks = train_idx[torch.linspace(0, len(train_idx) - 1, min(count, len(train_idx))).round().long()].numpy()
-    dataset = _Batches({"train": index.train}, views)
     requests = [("train", picks[s:s + 64], None) for s in range(0, len(picks), 64)]
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=requests, num_workers=workers,
-                                         collate_fn=_as_is)
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
     pixels = 0
-    for images, error in loader:
-        if error is not None:
-            raise UserError(error)
+    for images in decoded(index, views, requests, workers):
         x = images.double() / 255.0
         total += x.sum(dim=(0, 2, 3))
         squares += (x * x).sum(dim=(0, 2, 3))
