@@ -9,7 +9,7 @@ limit, so a regression fails here with a MemoryError rather than taking the test
 import io
 import json
 import os
-import resource
+import signal
 import shutil
 import struct
 import subprocess
@@ -35,22 +35,36 @@ HANG_GUARD_S = 120  # far beyond any answer (each takes a few seconds): only a h
 CONFIG = tiny_config(model={"name": "mlp", "widths": [4]}, schedule={"epochs": 1}, checkpoints={"fractions": [1.0]})
 
 
+_SPAWNER = """
+import os, resource, sys
+limit, argv = int(sys.argv[1]), sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    os.execv(argv[0], argv)
+_, status, usage = os.wait4(pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def _answer(argv: list[str], cwd: Path) -> tuple[int, str, float]:
     """(exit code, stderr, peak resident MB) of `python -m ckptkd ARGV` in a fresh process."""
     err_path = cwd / f".stderr-{os.getpid()}-{threading.get_ident()}"
     with open(err_path, "w") as err:
+        # Through a small spawner: Linux carries ru_maxrss across fork and execve, so a child forked from this
+        # (large) test process would report this process's size; the spawner's child starts from the spawner's.
         child = subprocess.Popen(
-            [sys.executable, "-m", "ckptkd", *argv], cwd=cwd, stdout=subprocess.DEVNULL, stderr=err,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE)))
-        guard = threading.Timer(HANG_GUARD_S, child.kill)
+            [sys.executable, "-c", _SPAWNER, str(ADDRESS_SPACE), sys.executable, "-m", "ckptkd", *argv], cwd=cwd,
+            stdout=subprocess.PIPE, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+            start_new_session=True)
+        guard = threading.Timer(HANG_GUARD_S, os.killpg, (child.pid, signal.SIGKILL))  # the spawner and its child
         guard.start()
         try:
-            _, status, usage = os.wait4(child.pid, 0)
+            out, _ = child.communicate()
         finally:
             guard.cancel()
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, err_path.read_text(), usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    code, maxrss_kib = (int(v) for v in out.split()) if out.strip() else (-9, 0)
+    return code, err_path.read_text(), maxrss_kib / 1024  # ru_maxrss is in KiB on Linux
 
 
 def _yaml(path: Path, extra: str = "", **replace) -> str:
