@@ -76,6 +76,23 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
                           timeout=timeout, env=env)
 
 
+def call_cli(*args: str) -> subprocess.CompletedProcess:
+    """`ckptkd ARGS` as run_cli answers it, but in this process: for tests of what a command says and writes rather
+    than of the process (signals, exit on a kill), without a new interpreter's start of about 2 s."""
+    import contextlib
+    import io
+
+    from ckptkd.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse: --help, a bad argument
+            code = e.code
+    return subprocess.CompletedProcess(["ckptkd", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory):
     """One trained digits teacher shared by the tests that only read it."""

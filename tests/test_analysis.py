@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from ckptkd import distill
-from ckptkd.selection.analysis import (analyze, class_matrices, estimator_subset, expected_calibration_error, nc1,
-                             nontarget_entropy, p_target, select)
+from ckptkd.selection.analysis import (MATRIX_CLASSES, WholeSplit, analyze, estimator_subset, nc1, nontarget_entropy,
+                                       p_target, read_split, select)
 from ckptkd.errors import UserError
 from ckptkd.run import resolve
 from ckptkd.selection.criteria import CRITERIA, evaluate, ranking
 
-from conftest import rewrite_manifest, run_cli, tiny_config
+from conftest import call_cli, rewrite_manifest, tiny_config
 
 SPLIT_KEYS = {"n", "acc", "nll", "ece", "confidence", "entropy_t", "nontarget_entropy", "nontarget_entropy_t",
               "p_target_t", "nc1", "soft_matrix", "class_correlation", "seeds", "estimates", "notes"}
@@ -100,10 +100,10 @@ def test_info_references_and_select_json(analysed, tmp_path):
     assert order[0] == analysis["selected"]["epoch"]
     assert [c.epoch for c in resolve(f"{run}@best-info")] == order[:1]
     assert [c.epoch for c in resolve(f"{run}@top-info:3")] == order[:3]
-    result = run_cli("select", str(run), "--k", "3")
+    result = call_cli("select", str(run), "--k", "3")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [f"{run}@epoch={e}" for e in order[:3]]
-    as_json = run_cli("select", str(run), "--json")
+    as_json = call_cli("select", str(run), "--json")
     picked = json.loads(as_json.stdout)
     assert picked["t_star"] == order[0] and picked["criterion"] == "info@train"
     assert picked["ties"] == analysis["selected"]["ties"]
@@ -225,21 +225,88 @@ def test_a_trajectory_of_one_checkpoint_is_analysed_with_a_note(tmp_path):
 
 
 def test_measure_helpers_on_known_values():
-    probs = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
-    labels = torch.tensor([0, 1])
+    probs = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
     # the confident row is right (gap 0); the 0.5/0.5 row predicts class 0, wrongly: gap 0.5, half the weight
-    assert expected_calibration_error(probs, labels) == pytest.approx(0.5 * 0.5)
+    assert WholeSplit(2, 1.0).add(probs.log(), torch.tensor([0, 1])).measures()["ece"] == pytest.approx(0.5 * 0.5)
     logits = torch.tensor([[10.0, 0.0, 0.0]])
     assert nontarget_entropy(logits, torch.tensor([0]), 1.0).item() == pytest.approx(math.log(2.0))
     assert p_target(torch.tensor([[2.0, 0.0]]), torch.tensor([0]), 2.0).item() == pytest.approx(1 / (1 + math.e ** -1))
-    mean, corr = class_matrices(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]]), torch.tensor([0, 1, 0]), 2)
-    assert mean[0] == pytest.approx([0.8, 0.2]) and mean[1] == pytest.approx([0.2, 0.8])
-    assert corr[0][1] == pytest.approx(-1.0)
+    soft = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
+    measured = WholeSplit(2, 1.0).add(soft.log(), torch.tensor([0, 1, 0])).measures()
+    assert measured["soft_matrix"][0] == pytest.approx([0.8, 0.2]) and measured["soft_matrix"][1] == pytest.approx(
+        [0.2, 0.8])
+    assert measured["class_correlation"][0][1] == pytest.approx(-1.0)
     # NC1: class means at +-1 on one axis (S_B = 1 there), within-class spread 0.1 on that axis only.
     features = torch.tensor([[1.1, 0.0], [0.9, 0.0], [-1.1, 0.0], [-0.9, 0.0]])
     assert nc1(features, torch.tensor([0, 0, 1, 1])) == pytest.approx(0.01 / 2)
     collapsed = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]])
-    assert nc1(collapsed, torch.tensor([0, 0, 1, 1])) == pytest.approx(0.0)
+    assert nc1(collapsed, torch.tensor([0, 0, 1, 1])) == pytest.approx(0.0, abs=1e-12)
+
+
+def _in_memory_measures(logits, labels, features, temperature):
+    """The whole-split measures as defined, on tensors held whole (what WholeSplit must equal, batch by batch)."""
+    probs, tempered = logits.softmax(1), (logits / temperature).softmax(1)
+    confidence, predicted = probs.max(1)
+    correct = (predicted == labels).double()
+    edges = torch.linspace(0, 1, 16)
+    ece = sum(((confidence > lo) & (confidence <= hi)).double().mean().item()
+              * abs(confidence[(confidence > lo) & (confidence <= hi)].double().mean().item()
+                    - correct[(confidence > lo) & (confidence <= hi)].mean().item())
+              for lo, hi in zip(edges[:-1], edges[1:]) if ((confidence > lo) & (confidence <= hi)).any())
+    f = features.double()
+    classes = torch.unique(labels)
+    means = torch.stack([f[labels == c].mean(0) for c in classes])
+    _, s, vh = torch.linalg.svd(means - means.mean(0), full_matrices=False)
+    keep = s > 1e-10 * s[0]
+    within = (f - means[torch.searchsorted(classes, labels)]) @ vh[keep].T
+    return {"acc": correct.mean().item(), "nll": torch.nn.functional.cross_entropy(logits.double(), labels).item(),
+            "ece": ece, "confidence": confidence.double().mean().item(),
+            "p_target_t": p_target(logits, labels, temperature).double().mean().item(),
+            "nontarget_entropy_t": nontarget_entropy(logits, labels, temperature).double().mean().item(),
+            "nc1": (within.square().mean(0) / s[keep].square()).sum().item(),
+            "soft_matrix": torch.stack([tempered[labels == c].double().mean(0) for c in range(logits.shape[1])]),
+            "class_correlation": torch.corrcoef(tempered.double().T)}
+
+
+def test_whole_split_measures_summed_batch_by_batch_equal_the_definitions_on_the_whole_split():
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 5, (700,), generator=gen)
+    logits = 2 * torch.randn(700, 5, generator=gen) + 3 * torch.nn.functional.one_hot(labels, 5)
+    # features far from 0 beside a small class signal
+    features = 100 + torch.randn(700, 6, generator=gen) + torch.nn.functional.one_hot(labels, 6)[:, :6]
+    whole = WholeSplit(5, 4.0)
+    for start in range(0, 700, 128):  # batches of an odd split
+        whole.add(logits[start:start + 128], labels[start:start + 128], features[start:start + 128])
+    measured, expected = whole.measures(), _in_memory_measures(logits, labels, features, 4.0)
+    assert measured["n"] == 700
+    for key in ("acc", "nll", "ece", "confidence", "p_target_t", "nontarget_entropy_t"):
+        assert measured[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    assert measured["nc1"] == pytest.approx(expected["nc1"], rel=1e-4)
+    for key in ("soft_matrix", "class_correlation"):
+        assert torch.tensor(measured[key]).double() == pytest.approx(expected[key], abs=2e-6), key
+
+
+def test_a_split_is_read_in_one_pass_holding_only_the_estimator_subset(teacher_run):
+    from ckptkd import data as data_mod
+    from ckptkd.run import resolve
+
+    ckpt = resolve(teacher_run.ref("last"))[0]
+    data = data_mod.build(teacher_run.config()["data"], "cpu")
+    subset = estimator_subset(data.train_y, 300, seed=0)
+    model = ckpt.build_model("cpu")
+    whole, (logits, features, labels) = read_split(model, data, "train", subset, temperature=4.0)
+    assert len(logits) == len(features) == len(labels) == len(subset) < len(data.train_y) == whole.n
+    assert torch.equal(labels, data.train_y[subset])
+    with torch.inference_mode():  # the rows kept are the subset's, in its order
+        x = data.inputs("train", subset[:5])
+        assert torch.allclose(logits[:5], model.eval()(x), atol=1e-5)
+
+
+def test_class_matrices_are_left_out_beyond_their_bound_and_the_figure_with_them():
+    many = MATRIX_CLASSES + 1
+    measured = WholeSplit(many, 1.0).add(torch.randn(4, many), torch.tensor([0, 1, 2, 3])).measures()
+    assert measured["soft_matrix"] is None and measured["class_correlation"] is None
+    assert measured["acc"] is not None and WholeSplit(2, 1.0).measures()["acc"] is None  # an empty split: null
 
 
 # The documented direction of every criterion: (criterion, split, per-seed quantity, whether higher is better).
@@ -499,7 +566,7 @@ def test_analyze_out_writes_the_analysis_elsewhere_and_leaves_the_run_untouched(
     run = tmp_path / "shared" / "t"
     shutil.copytree(teacher_run.path, run)
     before = _tree(run)
-    result = run_cli("analyze", str(run), "--seeds", "3", "--out", str(tmp_path / "mine"))
+    result = call_cli("analyze", str(run), "--seeds", "3", "--out", str(tmp_path / "mine"))
     assert result.returncode == 0, result.stderr
     assert _tree(run) == before and not (run / "analysis.json").exists()
     home = tmp_path / "mine"
@@ -510,11 +577,11 @@ def test_analyze_out_writes_the_analysis_elsewhere_and_leaves_the_run_untouched(
     # the same measurements as an analysis inside the run (the settings are the same)
     assert [c["sha256"] for c in saved["checkpoints"]] == [c["sha256"] for c in analysed[1]["checkpoints"]]
     assert saved["selected"]["epoch"] == analysed[1]["selected"]["epoch"]
-    as_json = run_cli("select", str(run), "--json", "--analysis", str(home))
+    as_json = call_cli("select", str(run), "--json", "--analysis", str(home))
     assert as_json.returncode == 0, as_json.stderr
     assert json.loads(as_json.stdout)["t_star"] == saved["selected"]["epoch"]
     assert _tree(run) == before
-    unanalysed = run_cli("select", str(run))
+    unanalysed = call_cli("select", str(run))
     assert unanalysed.returncode == 2 and "has not been analysed" in unanalysed.stderr
     # another run's analysis (a copy whose checkpoint at one epoch differs) is not read as this run's
     other = tmp_path / "other"
@@ -525,7 +592,7 @@ def test_analyze_out_writes_the_analysis_elsewhere_and_leaves_the_run_untouched(
     from ckptkd.run.storage import write_sealed_json
 
     write_sealed_json(tmp_path / "foreign" / "analysis.json", tampered)
-    refused = run_cli("select", str(other), "--analysis", str(tmp_path / "foreign"))
+    refused = call_cli("select", str(other), "--analysis", str(tmp_path / "foreign"))
     assert refused.returncode == 2, refused.stderr
     assert "analysis of another run" in refused.stderr and "epoch 3" in refused.stderr
 
@@ -533,7 +600,7 @@ def test_analyze_out_writes_the_analysis_elsewhere_and_leaves_the_run_untouched(
 def test_analyze_refuses_an_out_that_is_a_file_or_a_run_and_says_where_to_write_when_the_run_is_read_only(
         teacher_run, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
-    result = run_cli("analyze", str(teacher_run.path), "--out", str(tmp_path / "file"))
+    result = call_cli("analyze", str(teacher_run.path), "--out", str(tmp_path / "file"))
     assert result.returncode == 2 and "is a file" in result.stderr, result.stderr
     other = tmp_path / "other"
     shutil.copytree(teacher_run.path, other)

@@ -6,7 +6,7 @@ from ckptkd.run import resolve, split_reference
 from ckptkd.cli import main
 from ckptkd.errors import UserError
 
-from conftest import REPO, run_cli, manifest_json
+from conftest import REPO, manifest_json, run_cli
 
 
 def one_line_error(capsys, argv, *needles):

@@ -64,6 +64,9 @@ def test_a_billion_laughs_in_a_study_description_is_refused_before_anything_is_p
     ("data.split_seed=2147483648", "data.split_seed must be an integer"),          # 64 bits (found by the fuzz test)
     ("optim.lr=1e308", "within float32's range"),        # finite, but the first SGD step overflowed (RuntimeError)
     ("optim.weight_decay=-1e300", "optim.weight_decay"),
+    # 12.7 M outputs: weights that fit, logits that do not (26 GB per evaluation batch; the fuzz test's worker was
+    # killed for it)
+    ("model.num_classes=12775306", "model.num_classes must be an integer >= 2 and <= 100000"),
 ])
 def test_the_same_bounds_hold_for_set(tmp_path, capsys, override, needle):
     assert main(["train", str(REPO / "configs" / "digits_student.yaml"), "--out", str(tmp_path / "r"),

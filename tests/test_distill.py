@@ -8,10 +8,9 @@ import yaml
 from ckptkd import distill, train
 from ckptkd.run import resolve
 from ckptkd.errors import UserError
-from ckptkd.training.importer import import_state_dict
 from ckptkd.teachers import Teacher
 
-from conftest import REPO, run_cli, tiny_config, manifest_json
+from conftest import call_cli, manifest_json, tiny_config
 
 STUDENT = {"model": {"name": "mlp", "widths": [32]}, "schedule": {"epochs": 3}, "checkpoints": {"fractions": [1.0]}}
 
@@ -110,7 +109,7 @@ def _one_line_error(result, *needles):
 
 
 def test_missing_checkpoint_reference_lists_what_exists(tmp_path, teacher_run):
-    result = run_cli("distill", _write_cfg(tmp_path, student_config()), "--teacher", f"{teacher_run.path}@epoch=5",
+    result = call_cli("distill", _write_cfg(tmp_path, student_config()), "--teacher", f"{teacher_run.path}@epoch=5",
                      "--out", str(tmp_path / "s"))
     _one_line_error(result, "epoch=5", "saved epochs: 2 (0.33), 3 (0.5), 4 (0.67), 6 (1)")
     assert not (tmp_path / "s").exists()
@@ -125,7 +124,7 @@ def test_tampered_checkpoint_is_refused(tmp_path, teacher_run):
     raw = bytearray(ckpt.read_bytes())
     raw[-3] ^= 0x01
     ckpt.write_bytes(bytes(raw))
-    result = run_cli("distill", _write_cfg(tmp_path, student_config()), "--teacher", f"{run}@0.5",
+    result = call_cli("distill", _write_cfg(tmp_path, student_config()), "--teacher", f"{run}@0.5",
                      "--out", str(tmp_path / "s"))
     _one_line_error(result, str(ckpt), "does not match its manifest")
 
@@ -133,9 +132,33 @@ def test_tampered_checkpoint_is_refused(tmp_path, teacher_run):
 def test_teacher_with_the_wrong_class_count_is_refused(tmp_path, teacher_run):
     wide = train(tiny_config(model={"name": "resnet8", "num_classes": 12}, schedule={"epochs": 1}),
                  out=tmp_path / "wide", quiet=True)
-    result = run_cli("distill", _write_cfg(tmp_path, student_config()), "--teacher", wide.ref("last"),
+    result = call_cli("distill", _write_cfg(tmp_path, student_config()), "--teacher", wide.ref("last"),
                      "--out", str(tmp_path / "s"))
     _one_line_error(result, str(wide.path), "12 classes")
+
+
+def test_a_teacher_whose_classes_are_in_another_order_is_refused_and_other_names_noted(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (40, 6, 6), dtype=np.uint8), np.arange(40) % 2
+
+    def npz(name, names, labels):
+        np.savez(tmp_path / name, x_train=x, y_train=labels, x_test=x[:10], y_test=labels[:10],
+                 class_names=np.array(names))
+        return {"data": {"name": "npz", "root": str(tmp_path / name), "batch_size": 16}}
+
+    small = {"model": {"name": "mlp", "widths": [4]}, "schedule": {"epochs": 1}, "checkpoints": {"fractions": [1.0]}}
+    teacher = train(tiny_config(**small, **npz("cd.npz", ["cat", "dog"], y)), out=tmp_path / "t", quiet=True)
+    # the same images with the names listed the other way round (labels swapped with them): the same task, but the
+    # teacher's output 0 (cat) would be taught as class 0 (dog)
+    with pytest.raises(UserError, match="orders its classes otherwise .* output 0 is 'cat', the data's class 0 is 'dog'"):
+        distill(tiny_config(**small, **npz("dc.npz", ["dog", "cat"], 1 - y)), teachers=[teacher.ref("last")],
+                out=tmp_path / "refused", quiet=True)
+    assert not (tmp_path / "refused" / "manifest.json").exists()
+    distill(tiny_config(**small, **npz("ab.npz", ["a", "b"], y)), teachers=[teacher.ref("last")],
+            out=tmp_path / "noted", quiet=True)
+    assert "other class names than npz's (class 0: 'cat' there, 'a' here)" in capsys.readouterr().err
 
 
 def test_import_a_dataparallel_state_dict_and_distill_from_an_ensemble_of_imports(tmp_path, teacher_run):
@@ -145,7 +168,7 @@ def test_import_a_dataparallel_state_dict_and_distill_from_an_ensemble_of_import
     torch.save(resolve(teacher_run.ref("0.5"))[0].state_dict(), tmp_path / "b.pth")
     runs = []
     for name in ("a", "b"):
-        result = run_cli("import", str(tmp_path / f"{name}.pth"), "--model", "resnet8", "--out", str(tmp_path / name))
+        result = call_cli("import", str(tmp_path / f"{name}.pth"), "--model", "resnet8", "--out", str(tmp_path / name))
         assert result.returncode == 0, result.stderr
         runs.append(tmp_path / name)
     imported = manifest_json(runs[0])
@@ -169,7 +192,7 @@ def test_import_refuses_a_malicious_pickle_and_runs_none_of_it(tmp_path):
     target = tmp_path / "pwned"
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"model": {"w": _Payload(target)}}, f)
-    result = run_cli("import", str(tmp_path / "evil.pth"), "--model", "resnet8", "--out", str(tmp_path / "r"))
+    result = call_cli("import", str(tmp_path / "evil.pth"), "--model", "resnet8", "--out", str(tmp_path / "r"))
     _one_line_error(result, "evil.pth", "refuses")
     assert not target.exists()
     assert not (tmp_path / "r").exists()
@@ -177,7 +200,7 @@ def test_import_refuses_a_malicious_pickle_and_runs_none_of_it(tmp_path):
 
 def test_import_refuses_weights_of_the_wrong_model(tmp_path, teacher_run):
     torch.save(resolve(teacher_run.ref("last"))[0].state_dict(), tmp_path / "w.pth")
-    result = run_cli("import", str(tmp_path / "w.pth"), "--model", "resnet14", "--out", str(tmp_path / "r"))
+    result = call_cli("import", str(tmp_path / "w.pth"), "--model", "resnet14", "--out", str(tmp_path / "r"))
     _one_line_error(result, "w.pth", "resnet14")
 
 

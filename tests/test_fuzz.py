@@ -11,6 +11,7 @@ import io
 import itertools
 import json
 import shutil
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -47,15 +48,34 @@ SELECTORS = st.one_of(st.sampled_from(["", "@last", "@0.5", "@1.0", "@0", "@1.5"
                       st.text(max_size=10).map(lambda t: "@" + t))
 
 _counter = itertools.count()
+# A valid example may ask for 10**5 epochs (schedule.epochs is drawn up to its bound): one such run took minutes and
+# stalled the suite. Valid runs are therefore stopped, as Ctrl-C would stop them, once epoch STOP_AFTER_EPOCH is
+# saved; runs of fewer epochs finish.
+STOP_AFTER_EPOCH = 3
 
 
 def _call(argv: list[str]) -> tuple[int, str]:
+    from ckptkd.run import folder
+
+    save_state, stopped = folder.save_state, []
+
+    def save_then_stop_long_runs(path, model, optimizer, progress, **ema):
+        save_state(path, model, optimizer, progress, **ema)
+        if progress.epoch >= STOP_AFTER_EPOCH:
+            stopped.append(progress.epoch)
+            raise KeyboardInterrupt
+
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+            mock.patch.object(folder, "save_state", save_then_stop_long_runs):
         try:
             code = main(argv)
         except SystemExit as e:  # argparse
             code = e.code
+    if stopped:  # what the command answers to a Ctrl-C: exit 130 and how to continue
+        assert code == 130 and err.getvalue().strip().splitlines()[-1].startswith("ckptkd: interrupted"), (
+            f"a run stopped after epoch {stopped[0]} answered exit {code}: {argv}\n{err.getvalue()}")
+        code = 0
     return code, err.getvalue()
 
 
@@ -151,6 +171,17 @@ def test_every_command_answers_bad_input_with_one_line(fuzz_root, monkeypatch, d
         argv = [command, run]
     code, err = _call(argv)
     _answered_well(argv, code, err)
+
+
+def test_a_long_valid_run_drawn_by_the_fuzzer_is_stopped_after_a_few_epochs(fuzz_root):
+    """The fuzzer once drew `schedule.epochs=87756`, a valid run of minutes; such runs end after STOP_AFTER_EPOCH."""
+    out = fuzz_root / f"out{next(_counter)}"
+    argv = ["train", str(fuzz_root / "base.yaml"), "--set", "schedule.epochs=87756", "--out", str(out)]
+    code, err = _call(argv)
+    assert code == 0 and "Traceback" not in err, err
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+    assert 0 < len(epochs) <= STOP_AFTER_EPOCH  # the line of the epoch it stopped at is written on resume
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

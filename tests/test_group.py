@@ -223,7 +223,14 @@ def test_a_split_group_says_so_and_trains_every_run(teacher_run, tmp_path, monke
     assert [r.manifest.fused["members"] for r in runs] == [2, 2, 2, 2] and all(r.manifest.complete for r in runs)
 
 
-def test_distill_fuse_on_the_command_line_writes_one_folder_per_teacher_and_seed(teacher_run, tmp_path):
+def test_distill_fuse_on_the_command_line_writes_one_folder_per_teacher_and_seed(teacher_run, tmp_path, capsys):
+    from ckptkd.cli import main
+
+    def cli(*args):  # in this process (the sweep itself runs as a user runs it, in its own)
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
     cfg_path = tmp_path / "student.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config(model={"name": "mlp", "widths": [16]}, schedule={"epochs": 2})))
     out = tmp_path / "sweep"
@@ -235,22 +242,22 @@ def test_distill_fuse_on_the_command_line_writes_one_folder_per_teacher_and_seed
     assert names == ["none-s0", "none-s1", "t@0.3+t@last-s0", "t@0.3+t@last-s1", "t@0.5-s0", "t@0.5-s1"]
     ensemble = manifest_json(out / "t@0.3+t@last-s1")
     assert len(ensemble["teachers"]) == 2 and ensemble["seed"] == 1 and ensemble["fused"]["members"] == 6
-    bad = run_cli("distill", str(cfg_path), "--fuse", "--teacher", f"{teacher_run.path}@epoch=99", "--out",
-                  str(tmp_path / "bad"))
-    assert bad.returncode == 2 and "epoch=99" in bad.stderr and "Traceback" not in bad.stderr
+    code, _, err = cli("distill", str(cfg_path), "--fuse", "--teacher", f"{teacher_run.path}@epoch=99", "--out",
+                       str(tmp_path / "bad"))
+    assert code == 2 and "epoch=99" in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
-    twice = run_cli("distill", str(cfg_path), "--fuse", "--seeds", "0,0", "--teacher", "none", "--out",
-                    str(tmp_path / "twice"))
-    assert twice.returncode == 2 and "listed twice" in twice.stderr
-    shown = run_cli("show", str(out))  # the folder of students is shown and verified as a whole
-    assert shown.returncode == 0 and all(name in shown.stdout for name in names), shown.stdout + shown.stderr
-    verified = run_cli("verify", str(out))
-    assert verified.returncode == 0 and "all intact" in verified.stdout, verified.stdout + verified.stderr
+    code, _, err = cli("distill", str(cfg_path), "--fuse", "--seeds", "0,0", "--teacher", "none", "--out",
+                       str(tmp_path / "twice"))
+    assert code == 2 and "listed twice" in err
+    code, shown, err = cli("show", str(out))  # the folder of students is shown and verified as a whole
+    assert code == 0 and all(name in shown for name in names), shown + err
+    code, verified, err = cli("verify", str(out))
+    assert code == 0 and "all intact" in verified, verified + err
     (out / "t@0.5-s1" / "manifest.json").write_text("{}")
-    damaged = run_cli("verify", str(out))
-    assert damaged.returncode == 2 and str(out / "t@0.5-s1" / "manifest.json") in damaged.stdout
-    into_a_run = run_cli("distill", str(cfg_path), "--fuse", "--teacher", "none", "--out", str(teacher_run.path))
-    assert into_a_run.returncode == 2 and "is a run or a study folder" in into_a_run.stderr
+    code, damaged, _ = cli("verify", str(out))
+    assert code == 2 and str(out / "t@0.5-s1" / "manifest.json") in damaged
+    code, _, err = cli("distill", str(cfg_path), "--fuse", "--teacher", "none", "--out", str(teacher_run.path))
+    assert code == 2 and "is a run or a study folder" in err
     assert not (teacher_run.path / "none-s0").exists()
 
 

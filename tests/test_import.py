@@ -21,7 +21,7 @@ from ckptkd.training.importer import import_trajectory
 from ckptkd.run import Run, resolve
 from ckptkd.run.storage import sha256_file
 
-from conftest import run_cli, tiny_config
+from conftest import call_cli, tiny_config
 
 STUDENT = {"model": {"name": "mlp", "widths": [32]}, "schedule": {"epochs": 2}, "checkpoints": {"fractions": [1.0]}}
 
@@ -221,7 +221,7 @@ def test_the_cli_imports_a_folder_and_prints_its_trajectory(tmp_path, trajectory
     source = tmp_path / "source"
     source.mkdir()
     write_timm(source, trajectory)
-    result = run_cli("import", str(source), "--model", "resnet8", "--out", str(tmp_path / "run"), "--set",
+    result = call_cli("import", str(source), "--model", "resnet8", "--out", str(tmp_path / "run"), "--set",
                      "data.name=digits", "--set", "log.progress=false")
     assert result.returncode == 0, result.stderr
     assert "epoch 6" in result.stdout or "6" in result.stdout
@@ -229,7 +229,7 @@ def test_the_cli_imports_a_folder_and_prints_its_trajectory(tmp_path, trajectory
 
 
 def _bad(tmp_path, source, *extra, model="resnet8"):
-    result = run_cli("import", str(source), "--model", model, "--out", str(tmp_path / "run"), "--set",
+    result = call_cli("import", str(source), "--model", model, "--out", str(tmp_path / "run"), "--set",
                      "data.name=digits", *extra)
     assert result.returncode == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()

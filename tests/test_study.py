@@ -189,10 +189,10 @@ def test_cifar100_table3_grid_runs_one_epoch_on_fixture_cifar_data(tmp_path):
 
     from conftest import REPO
 
-    root = write_cifar100(tmp_path / "data", train_per_class=3, test_per_class=1)
+    root = write_cifar100(tmp_path / "data", train_per_class=2, test_per_class=1)
     overrides = ["seeds=1", "ensemble_size=2", "variants=[none, Tstar, snapshot, full_ensemble]",
                  f"common.data.root={root}", "common.schedule.epochs=1",
-                 "common.data.val_fraction=0.67", "common.data.batch_size=100", "common.kd.cache=off",
+                 "common.data.val_fraction=0.5", "common.data.batch_size=100", "common.kd.cache=off",
                  "common.log.progress=false", "common.device=cpu"]
     study = run_study(str(REPO / "configs" / "cifar100_table3.yaml"), out=tmp_path / "s", overrides=overrides,
                       quiet=True)

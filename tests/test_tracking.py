@@ -9,7 +9,7 @@ from ckptkd import train
 from ckptkd.errors import UserError
 from ckptkd.run import Run
 
-from conftest import run_cli, tiny_config
+from conftest import call_cli, tiny_config
 
 TRACKED = {"model": {"name": "mlp", "widths": [16]}, "schedule": {"epochs": 3}, "checkpoints": {"fractions": [1.0]}}
 
@@ -76,14 +76,14 @@ def test_a_tracker_that_is_not_installed_is_an_exit_2_error_naming_package_and_e
                                         r"\(pip install 'ckptkd\[track\]'\)"):
         train(tiny_config(**TRACKED, log={"report_to": ["wandb"]}), out=tmp_path / "r", quiet=True)
     assert not (tmp_path / "r").exists()  # refused before anything was written
-    result = run_cli("train", "--help")
+    result = call_cli("train", "--help")
     assert result.returncode == 0
 
 
 def test_an_unknown_tracker_is_refused_by_the_cli(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("data: {name: digits}\nlog: {report_to: [neptune]}\n")
-    result = run_cli("train", str(config), "--out", str(tmp_path / "r"))
+    result = call_cli("train", str(config), "--out", str(tmp_path / "r"))
     assert result.returncode == 2 and "log.report_to" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
 

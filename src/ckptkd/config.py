@@ -190,6 +190,9 @@ def integer(lo: int | None = None, hi: int | None = None, nullable: bool = False
 
 
 MAX_EPOCHS = 100_000  # schedule.epochs; an imported trajectory is held to it too
+# ImageNet-21k has 21,841: a data set with more labels is a corrupt file, and a wider head (model.num_classes) only
+# makes logits no batch can hold (12.7 M classes: 26 GB for one evaluation batch)
+MAX_CLASSES = 100_000
 # Seeds are mixed into derived seeds (seed * 1_000_003 + epoch * 7_919 for an epoch's order, 1000 * seed + k for the
 # estimators' splits) that torch takes as 64-bit integers: a 31-bit seed keeps every one of them in range.
 MAX_SEED = 2 ** 31 - 1
@@ -334,7 +337,7 @@ FIELDS: dict[str, Check] = {
         number(0.0, 1.0, lo_open=True)(x) is None for x in v) and v[0] <= v[1] else "two area fractions [low, high], 0 < low <= high <= 1",
     "data.workers": integer(0, 64, nullable=True),
     "model.name": text(),
-    "model.num_classes": integer(2, nullable=True),
+    "model.num_classes": integer(2, MAX_CLASSES, nullable=True),
     "model.in_channels": integer(1, nullable=True),
     "optim.name": one_of("sgd", "adamw"),
     "optim.lr": number(0.0, lo_open=True),

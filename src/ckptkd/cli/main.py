@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"ckptkd {args.command} does not run under torchrun; only train and distill do "
                             "(start study workers as separate processes instead)")
         args.func(args)
+        distributed.finish()
     except UserError as e:
         message = " ".join(str(e).split())
         print(f"ckptkd: error: {message}", file=sys.stderr)

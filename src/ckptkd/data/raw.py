@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..config import MAX_CLASSES
 from ..errors import UserError, note
 
 
@@ -30,7 +31,6 @@ class RawData:
         return (c, h, w)
 
 
-MAX_CLASSES = 100_000  # ImageNet-21k has 21,841: a larger label is a corrupt file, not a data set to train on
 
 
 def raw_data(name, train_x, train_y, test_x, test_y, class_names, hflip, where) -> RawData:

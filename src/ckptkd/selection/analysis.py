@@ -46,17 +46,14 @@ SPLITS = ("train", "val")
 SEED_QUANTITIES = ("i_xf", "i_yf", "knn_i_xf", "knn_i_yf", "acc", "p_target_t", "nontarget_entropy_t", "nc1")
 
 
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    confidence, predicted = probs.max(dim=1)
-    correct = (predicted == labels).double()
-    edges = torch.linspace(0, 1, bins + 1, dtype=probs.dtype)
-    ece = 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
-        in_bin = (confidence > low) & (confidence <= high)
-        if in_bin.any():
-            ece += in_bin.double().mean().item() * abs(confidence[in_bin].double().mean().item()
-                                                       - correct[in_bin].mean().item())
-    return ece
+# The class matrices (mean soft labels per true class, the classes' correlation: C x C each, per checkpoint and
+# split) are kept up to this many classes: they are read as a figure, and at ImageNet's 1,000 they would add 16 MB of
+# JSON per checkpoint.
+MATRIX_CLASSES = 200
+# The whole split's NC1 sums a D x D matrix of the features; wider features (2 GiB at D = 16,384) are read on the
+# estimator subset instead, with a note.
+NC1_FEATURES = 8192
+ECE_BINS = 15
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -74,47 +71,150 @@ def p_target(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> 
     return (logits / temperature).softmax(dim=1).gather(1, labels[:, None]).squeeze(1)
 
 
+class FeatureMoments:
+    """Per-class sums and the scatter matrix of features, added batch by batch, from which NC1 follows."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes, self.n, self.finite = num_classes, 0, True
+        self.shift = self.class_sum = self.scatter = None
+        self.class_count = torch.zeros(num_classes, dtype=torch.float64)
+
+    def add(self, features: torch.Tensor, labels: torch.Tensor) -> FeatureMoments:
+        f = features.double()
+        if not bool(torch.isfinite(f).all()):
+            self.finite = False
+        if not self.finite or not len(f):
+            return self
+        if self.shift is None:  # sums about the first batch's mean: no cancellation when features sit far from 0
+            self.shift = f.mean(0)
+            self.class_sum = torch.zeros(self.num_classes, f.shape[1], dtype=torch.float64)
+            self.scatter = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
+        centred = f - self.shift
+        self.class_sum.index_add_(0, labels, centred)
+        self.class_count += torch.bincount(labels, minlength=self.num_classes).double()
+        self.scatter.addmm_(centred.T, centred)
+        self.n += len(f)
+        return self
+
+    def nc1(self) -> float | None:
+        """Within-class variability relative to between-class spread, tr(S_W S_B^+) / C (Papyan, Han & Donoho
+        2020); it falls towards 0 as the features of each class collapse onto their mean. None with fewer than 2
+        classes or non-finite features."""
+        present = self.class_count > 0
+        if not self.finite or self.scatter is None or int(present.sum()) < 2:
+            return None
+        count, means = self.class_count[present], self.class_sum[present] / self.class_count[present, None]
+        between = means - means.mean(0)
+        _, singular, vh = torch.linalg.svd(between, full_matrices=False)
+        keep = singular > 1e-10 * max(float(singular[0]), 1e-300)
+        if not bool(keep.any()):
+            return None
+        # S_W = (scatter - sum_c n_c mu_c mu_c^T) / N; S_B = V diag(s^2 / C) V^T, so
+        # tr(S_W S_B^+) / C = sum_j v_j^T S_W v_j / s_j^2.
+        within = self.scatter - means.T @ (means * count[:, None])
+        v = vh[keep]
+        spread = ((v @ within) * v).sum(1).clamp_min(0.0) / self.n
+        return float((spread / singular[keep].square()).sum())
+
+
 def nc1(features: torch.Tensor, labels: torch.Tensor) -> float | None:
-    """Within-class variability relative to between-class spread, tr(S_W S_B^+) / C (Papyan, Han & Donoho 2020);
-    it falls towards 0 as the features of each class collapse onto their mean. None with fewer than 2 classes."""
-    f = features.double()
-    classes = torch.unique(labels)
-    if len(classes) < 2 or not bool(torch.isfinite(f).all()):
+    """NC1 of features held in memory (FeatureMoments.nc1)."""
+    if not len(labels):
         return None
-    means = torch.stack([f[labels == c].mean(0) for c in classes])
-    within = f - means[torch.searchsorted(classes, labels)]
-    between = means - means.mean(0)
-    _, singular, vh = torch.linalg.svd(between, full_matrices=False)
-    keep = singular > 1e-10 * max(float(singular[0]), 1e-300)
-    if not bool(keep.any()):
-        return None
-    projected = within @ vh[keep].T                                   # [N, r]
-    # S_B = V diag(s^2 / C) V^T, so tr(S_W S_B^+) = sum_j (C / s_j^2) v_j^T S_W v_j.
-    return float((projected.square().mean(0) * len(classes) / singular[keep].square()).sum() / len(classes))
+    return FeatureMoments(int(labels.max()) + 1).add(features, labels).nc1()
 
 
-def class_matrices(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[list, list]:
-    """(mean soft probabilities per true class [row = true class], correlation between classes' soft outputs)."""
-    mean = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-    for cls in range(num_classes):
-        members = probs[labels == cls]
-        if len(members):
-            mean[cls] = members.double().mean(dim=0)
-    corr = torch.corrcoef(probs.double().T).nan_to_num(0.0)
-    return [[round(v, 6) for v in row] for row in mean.tolist()], [[round(v, 6) for v in row] for row in corr.tolist()]
+class WholeSplit:
+    """The whole-split measures of one checkpoint, summed batch by batch: memory grows with the classes and the
+    feature width, never with the number of images, so a 1.28 M-image split is read as a 100-image one is.
+    Accuracy, NLL, calibration (ECE, 15 equal bins of confidence), confidence, tempered and non-target entropies,
+    p_target@tau, NC1 and the class matrices."""
+
+    MEANS = ("acc", "nll", "confidence", "entropy_t", "nontarget_entropy", "nontarget_entropy_t", "p_target_t")
+
+    def __init__(self, num_classes: int, temperature: float, *, nc1_features: bool = True):
+        self.num_classes, self.temperature, self.n = num_classes, temperature, 0
+        self.sums = dict.fromkeys(self.MEANS, 0.0)
+        self.edges = torch.linspace(0, 1, ECE_BINS + 1)
+        self.bins = torch.zeros(3, ECE_BINS + 2, dtype=torch.float64)  # count, confidence, correct per bin
+        self.matrices = num_classes <= MATRIX_CLASSES
+        if self.matrices:
+            self.soft_sum = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+            self.class_count = torch.zeros(num_classes, dtype=torch.float64)
+            self.p_sum = torch.zeros(num_classes, dtype=torch.float64)
+            self.pp_sum = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+        self.features = FeatureMoments(num_classes) if nc1_features else None
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, features: torch.Tensor | None = None) -> WholeSplit:
+        logits = logits.float()
+        probs = logits.softmax(dim=1)
+        tempered = (logits / self.temperature).softmax(dim=1)
+        confidence, predicted = probs.max(dim=1)
+        correct = (predicted == labels).double()
+        per_image = {"acc": correct, "nll": F.cross_entropy(logits, labels, reduction="none"),
+                     "confidence": confidence, "entropy_t": entropy(tempered),
+                     "nontarget_entropy": nontarget_entropy(logits, labels, 1.0),
+                     "nontarget_entropy_t": nontarget_entropy(logits, labels, self.temperature),
+                     "p_target_t": p_target(logits, labels, self.temperature)}
+        for key, values in per_image.items():
+            self.sums[key] += values.double().sum().item()
+        # bin b holds confidences in (edges[b-1], edges[b]]; bin 0 (a confidence of exactly 0) is never counted
+        in_bin = torch.bucketize(confidence, self.edges)
+        for row, values in enumerate((torch.ones_like(correct), confidence.double(), correct)):
+            self.bins[row].index_add_(0, in_bin, values)
+        if self.matrices:
+            t = tempered.double()
+            self.soft_sum.index_add_(0, labels, t)
+            self.class_count += torch.bincount(labels, minlength=self.num_classes).double()
+            self.p_sum += t.sum(0)
+            self.pp_sum.addmm_(t.T, t)
+        if self.features is not None and features is not None:
+            self.features.add(features, labels)
+        self.n += len(labels)
+        return self
+
+    def measures(self) -> dict:
+        n = self.n or math.nan  # an empty split has no means (null in the record)
+        values = {"n": self.n, **{key: total / n for key, total in self.sums.items()},
+                  "ece": float((self.bins[1, 1:] - self.bins[2, 1:]).abs().sum()) / n,
+                  "nc1": self.features.nc1() if self.features is not None else None}
+        out = {k: _finite(v) if isinstance(v, float) else v for k, v in values.items()}
+        soft_matrix = correlation = None
+        if self.matrices:
+            soft_matrix = self.soft_sum / self.class_count.clamp_min(1.0)[:, None]
+            mean = self.p_sum / n
+            cov = self.pp_sum / n - torch.outer(mean, mean)
+            std = cov.diagonal().clamp_min(0.0).sqrt()
+            # a class no image is given any probability has no correlation (0, as corrcoef's NaN was read)
+            correlation = (cov / torch.outer(std, std)).nan_to_num(0.0, posinf=0.0, neginf=0.0).clamp(-1.0, 1.0)
+            soft_matrix, correlation = ([[round(v, 6) for v in row] for row in m.tolist()]
+                                        for m in (soft_matrix, correlation))
+        return {**out, "soft_matrix": soft_matrix, "class_correlation": correlation}
 
 
 @torch.inference_mode()
-def _outputs(model: torch.nn.Module, data: data_mod.Data, split: str):
+def read_split(model: torch.nn.Module, data: data_mod.Data, split: str, subset: torch.Tensor, *,
+               temperature: float) -> tuple[WholeSplit, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One pass over a split: its whole-split measures, and the logits, features and labels of the `subset` (sorted
+    positions) the estimators read. Only the subset is held, whatever the split's size."""
     model.eval()
-    logits, features, inputs, labels = [], [], [], []
+    labels_all = getattr(data, f"{split}_y")
+    wanted = torch.zeros(len(labels_all), dtype=torch.bool)
+    wanted[subset] = True
+    whole, kept, offset = None, [], 0
     for x, y in data.eval_batches(split, 512):
         f = model.forward_features(x)
-        logits.append(model.classifier(f).float().cpu())
-        features.append(f.float().cpu())
-        inputs.append(x.float().cpu())
-        labels.append(y.cpu())
-    return torch.cat(logits), torch.cat(features), torch.cat(inputs), torch.cat(labels)
+        logits, features, y = model.classifier(f).float().cpu(), f.float().cpu(), y.cpu()
+        if whole is None:
+            whole = WholeSplit(data.num_classes, temperature, nc1_features=features.shape[1] <= NC1_FEATURES)
+        whole.add(logits, y, features)
+        rows = wanted[offset:offset + len(y)]
+        kept.append((logits[rows], features[rows], y[rows]))
+        offset += len(y)
+    if whole is None:
+        whole = WholeSplit(data.num_classes, temperature)
+    parts = [torch.cat(column) for column in zip(*kept)] if kept else [torch.zeros(0)] * 3
+    return whole, tuple(parts)
 
 
 def estimator_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
@@ -137,27 +237,6 @@ def _finite(value):
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def split_measures(logits, labels, features, *, temperature: float, num_classes: int) -> dict:
-    """Deterministic measures on a whole split."""
-    probs = logits.softmax(dim=1)
-    tempered = (logits / temperature).softmax(dim=1)
-    soft_matrix, correlation = class_matrices(tempered, labels, num_classes)
-    values = {
-        "n": len(labels),
-        "acc": (probs.argmax(1) == labels).double().mean().item(),
-        "nll": F.cross_entropy(logits, labels).item(),
-        "ece": expected_calibration_error(probs, labels),
-        "confidence": probs.max(dim=1).values.double().mean().item(),
-        "entropy_t": entropy(tempered).double().mean().item(),
-        "nontarget_entropy": nontarget_entropy(logits, labels, 1.0).double().mean().item(),
-        "nontarget_entropy_t": nontarget_entropy(logits, labels, temperature).double().mean().item(),
-        "p_target_t": p_target(logits, labels, temperature).double().mean().item(),
-        "nc1": nc1(features, labels),
-    }
-    return {**{k: _finite(v) if isinstance(v, float) else v for k, v in values.items()},
-            "soft_matrix": soft_matrix, "class_correlation": correlation}
 
 
 def seed_measures(logits, labels, features, plan: info.SplitPlan, *, temperature: float, probe_epochs: int,
@@ -235,18 +314,21 @@ def measure_checkpoint(model, data: data_mod.Data, plans: dict, subsets: dict, *
                        probe_epochs: int) -> dict:
     record = {}
     for split in SPLITS:
-        logits, features, _, labels = _outputs(model, data, split)
-        entry = split_measures(logits, labels, features, temperature=temperature, num_classes=data.num_classes)
+        whole, (logits, features, labels) = read_split(model, data, split, subsets[split], temperature=temperature)
+        entry = whole.measures()
         notes = []
-        if not torch.isfinite(features).all():
+        if whole.features is None:
+            entry["nc1"] = _finite(nc1(features, labels))
+            notes.append(f"{split}: NC1 read on the {len(labels):,} estimator images (features of width "
+                         f"{features.shape[1]:,} > {NC1_FEATURES:,})")
+        elif not whole.features.finite:
             notes.append("features contain NaN or infinite values: every estimate of this checkpoint failed")
-        sub = subsets[split]
         with one_thread():
-            decay = shared_probe_decay(features[sub], plans[split], probe_epochs)
-            seeds = [seed_measures(logits[sub], labels[sub], features[sub], plan, temperature=temperature,
+            decay = shared_probe_decay(features, plans[split], probe_epochs)
+            seeds = [seed_measures(logits, labels, features, plan, temperature=temperature,
                                    probe_epochs=probe_epochs, probe_decay=decay) for plan in plans[split]]
         if not plans[split]:
-            notes.append(f"{split}: too few images for the estimators ({len(sub)}); only the whole-split "
+            notes.append(f"{split}: too few images for the estimators ({len(labels)}); only the whole-split "
                          f"measures were taken")
         failed = sum(any(v == "failed" for v in s.get("status", {}).values()) for s in seeds)
         if failed and not notes:

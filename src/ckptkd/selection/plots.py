@@ -229,13 +229,16 @@ def plot_analysis(run, analysis: dict, manifest, out: Path | None = None) -> dic
         intermediate = min(records[:-1], key=lambda r: abs(r["fraction"] - 0.5))
     out = run.plots_dir if out is None else Path(out)
     split = analysis["split"]
-    return {
+    figures = {
         "information_plane": information_plane(records, split, selected["epoch"], selected["ties"],
                                                f"information plane — {name} (tau = {analysis['temperature']:g})",
                                                out / "information_plane.png"),
         "trajectory": trajectory(records, criterion, len(analysis["class_names"]),
                                  f"trajectory — {name} (tau = {analysis['temperature']:g})", out / "trajectory.png"),
-        "class_correlation": class_correlation_pair(intermediate, full, analysis["class_names"],
-                                                    f"class structure of the soft labels — {name} (tau = "
-                                                    f"{analysis['temperature']:g})", out / "class_correlation.png"),
     }
+    if full["train"].get("soft_matrix") is not None:  # not recorded beyond analysis.MATRIX_CLASSES classes
+        figures["class_correlation"] = class_correlation_pair(
+            intermediate, full, analysis["class_names"],
+            f"class structure of the soft labels — {name} (tau = {analysis['temperature']:g})",
+            out / "class_correlation.png")
+    return figures

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..data import Data
-from ..errors import UserError
+from ..errors import UserError, note
 from ..run import Checkpoint
 from .forward import fold_batchnorm
 
@@ -40,6 +40,25 @@ def check_compatible(checkpoints: list[Checkpoint], data: Data) -> None:
         if spec.get("image_size") and list(spec["image_size"]) != [height, width]:
             raise UserError(f"teacher {ckpt.reference} was trained on {spec['image_size'][0]}x"
                             f"{spec['image_size'][1]} images but {data.name} has {height}x{width}")
+        _check_class_names(ckpt, data)
+
+
+def _check_class_names(ckpt: Checkpoint, data: Data) -> None:
+    """A teacher's output k is read as the data's class k. The same names in another order would turn its soft
+    labels into wrong ones: refused. Other names (another data set of as many classes, or names a source made up)
+    may be intended: a note."""
+    trained = [str(name) for name in ckpt.manifest.data.get("class_names") or []]
+    names = [str(name) for name in data.class_names]
+    if not trained or trained == names:
+        return
+    if sorted(trained) == sorted(names):
+        k = next(i for i, (a, b) in enumerate(zip(trained, names)) if a != b)
+        raise UserError(f"teacher {ckpt.reference} orders its classes otherwise than {data.name}: its output {k} is "
+                        f"{trained[k]!r}, the data's class {k} is {names[k]!r}, so its soft labels would go to the wrong "
+                        "classes; give the data its classes in the teacher's order")
+    k = next(i for i, (a, b) in enumerate(zip(trained, names)) if a != b)
+    note(f"teacher {ckpt.reference} was trained on other class names than {data.name}'s (class {k}: "
+         f"{trained[k]!r} there, {names[k]!r} here); its output k is read as class k")
 
 
 def input_affines(checkpoints: list[Checkpoint], data: Data) -> list[tuple[torch.Tensor, torch.Tensor] | None]:

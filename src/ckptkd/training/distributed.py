@@ -63,6 +63,15 @@ def _teardown() -> None:
         dist.destroy_process_group()
 
 
+def finish() -> None:
+    """Leave the process group together, once a command has succeeded on every rank: a rank that tore Gloo down while
+    another still held its connections was seen to abort the other (SIGABRT, "terminate called without an active
+    exception") after a finished run. On failure the atexit teardown remains, and torchrun stops the other ranks."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def check_batch(batch_size: int) -> None:
     if batch_size % world_size():
         raise UserError(f"config: data.batch_size={batch_size} (the global batch) does not split evenly over the "
