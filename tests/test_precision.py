@@ -142,6 +142,14 @@ def test_compile_runs_the_training_forward_through_torch_compile_and_falls_back_
     with pytest.raises(UserError, match="compile must be true, false or a torch.compile backend"):
         config_mod.resolve(tiny_config(compile="fast"))
     assert "compile" not in config_mod.identity(config_mod.resolve(base))
+    from ckptkd import errors
+
+    calls.clear()  # CUDA graphs off a GPU: not compiled at all (torch would warn for every graph), said once
+    capsys.readouterr()
+    errors._noted.clear()  # notes are said once per process
+    graphs = _weights(train({**base, "compile": "cudagraphs"}, out=tmp_path / "graphs", quiet=True))
+    assert calls == [] and all(torch.equal(plain[k], graphs[k]) for k in plain)
+    assert capsys.readouterr().err.count("cudagraphs backend needs a CUDA device") == 1
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

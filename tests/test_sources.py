@@ -308,6 +308,25 @@ def test_folder_mixing_gray_and_rgb_reads_rgb(tmp_path):
     assert np.array_equal(_as_pil_layout(raw.train_x[0]), tree["train/cat/0.png"])
 
 
+def test_folder_reads_webp_tiff_and_gif_and_notes_files_it_skips(tmp_path, capsys):
+    from ckptkd import errors
+
+    tree = _write_tree(tmp_path, "RGB", np.random.default_rng(12))
+    pixels = tree["train/cat/0.png"]
+    (tmp_path / "train" / "cat" / "0.png").unlink()
+    Image.fromarray(pixels).save(tmp_path / "train" / "cat" / "0.webp", lossless=True)
+    Image.fromarray(pixels).save(tmp_path / "train" / "dog" / "2.tiff")
+    (tmp_path / "train" / "dog" / "labels.csv").write_text("not an image")
+    (tmp_path / "train" / "dog" / ".DS_Store").write_bytes(b"\0")
+    errors._noted.clear()
+    raw = load_raw("folder", str(tmp_path))
+    assert raw.train_y.tolist() == [0, 0, 1, 1, 1]
+    assert np.array_equal(_as_pil_layout(raw.train_x[0]), pixels)  # lossless WebP, read back exactly
+    assert np.array_equal(_as_pil_layout(raw.train_x[4]), pixels)  # dog/2.tiff
+    err = capsys.readouterr().err
+    assert f"skipped (first: {tmp_path / 'train' / 'dog' / 'labels.csv'})" in err and ".DS_Store" not in err
+
+
 def test_folder_errors(tmp_path):
     _write_tree(tmp_path, "RGB", np.random.default_rng(11))
     Image.new("RGB", (5, 4)).save(tmp_path / "test" / "dog" / "odd.png")

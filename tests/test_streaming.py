@@ -204,6 +204,13 @@ def test_the_teacher_cache_is_refused_with_its_arithmetic_and_auto_runs_online(p
     assert distill(cfg, [f"{teacher.path}@1.0"], out=tmp_path / "s2", quiet=True).manifest.status == "complete"
 
 
+def test_a_padding_is_refused_for_streamed_images_rather_than_ignored(photos, tmp_path):
+    cfg = student_config(photos, data={"pad": 4})
+    with pytest.raises(UserError, match="data.pad applies to images held in memory.*data.resident: true"):
+        train(cfg, out=tmp_path / "t", quiet=True)
+    assert not (tmp_path / "t").exists()
+
+
 def test_tiny_imagenet_layout_streams(tmp_path):
     layout = _write_tiny_imagenet(tmp_path, np.random.default_rng(5), size=20)
     data = data_mod.build(config.resolve({"data": {"name": "tiny-imagenet", "root": str(tmp_path),

@@ -401,6 +401,10 @@ def _settings(data_cfg: dict) -> dict:
 
 
 def _build_streaming(data_cfg: dict) -> StreamingData:
+    if data_cfg["pad"] is not None:  # streamed views are random-resized crops: a padding would be silently ignored
+        raise UserError(f"config: data.pad applies to images held in memory (random crops of the padded image); "
+                        f"{data_cfg['name']} streams here and is cropped by data.scale and data.image_size (remove "
+                        "data.pad, or set data.resident: true)")
     index = _index(data_cfg["name"], data_cfg["root"])
     train_idx, val_idx, train_y, val_y = _carve(data_cfg, index.train_y, len(index.class_names))
     size = data_cfg["image_size"] or _DEFAULT_SIZE.get(index.name, 224)

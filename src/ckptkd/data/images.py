@@ -12,11 +12,13 @@ import numpy as np
 from PIL import Image
 
 from .. import memory
+from ..config import MAX_CLASSES
 from ..errors import UserError, note
-from .raw import MAX_CLASSES, RawData, raw_data
+from .raw import RawData, raw_data
 
-
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+# What Pillow reads here without plugins; a file of another type in a class folder is skipped with a note.
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+_KINDS = "/".join(_IMAGE_SUFFIXES)
 
 
 WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}  # converting these to 8 bits clips them silently
@@ -51,8 +53,14 @@ def image_size_of(path: Path) -> tuple[int, int]:
         raise UserError(f"{path}: cannot read image ({e})") from e
 
 
-def _image_files(class_dir: Path) -> list[Path]:
-    return sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+def _image_files(class_dir: Path, name: str) -> list[Path]:
+    images, others = [], []
+    for path in class_dir.iterdir():
+        if path.is_file() and not path.name.startswith("."):  # hidden files (.DS_Store) are tool litter
+            (images if path.suffix.lower() in _IMAGE_SUFFIXES else others).append(path)
+    if others:
+        note(f"{name}: files of other types than {_KINDS} are skipped (first: {min(others)})")
+    return sorted(images)
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
@@ -61,7 +69,8 @@ def _class_dirs(split_dir: Path) -> list[str]:
 
 
 def load_folder(root: str | None) -> RawData:
-    """An image tree root/{train,test}/CLASS/*.png|jpg|jpeg|bmp; classes are the sorted train subfolders."""
+    """An image tree root/{train,test}/CLASS/*.png|jpg|jpeg|bmp|webp|tif|tiff|gif; classes are the sorted train
+    subfolders."""
     files, class_names, base = list_folder(root)
     return _decoded("folder", files, class_names, hflip=False, where=f"folder: {base}")
 
@@ -98,12 +107,12 @@ def list_folder(root: str | None, name: str = "folder") -> tuple[dict[str, list[
     for split, split_dir in (("train", base / "train"), ("test", test_dir)):
         for label, cls in enumerate(class_names):
             class_dir = split_dir / cls
-            found = _image_files(class_dir) if class_dir.is_dir() else []
+            found = _image_files(class_dir, name) if class_dir.is_dir() else []
             if split == "train" and not found:
-                raise UserError(f"{name}: no .png/.jpg/.jpeg/.bmp images in {class_dir}")
+                raise UserError(f"{name}: no {_KINDS} images in {class_dir}")
             files[split] += [(path, label) for path in found]
     if not files["test"]:
-        raise UserError(f"{name}: no .png/.jpg/.jpeg/.bmp images under {test_dir}")
+        raise UserError(f"{name}: no {_KINDS} images under {test_dir}")
     return files, class_names, base
 
 
@@ -176,7 +185,7 @@ def list_tiny_imagenet(root: str | None) -> tuple[dict[str, list[tuple[Path, int
         folder = base / "train" / wnid / "images"
         if not folder.is_dir():
             raise UserError(f"tiny-imagenet: class {wnid} of {wnids_file.name} has no folder {folder}")
-        found = _image_files(folder)
+        found = _image_files(folder, "tiny-imagenet")
         if not found:
             raise UserError(f"tiny-imagenet: no images in {folder} (class {wnid} of {wnids_file.name})")
         files["train"] += [(path, label) for path in found]

@@ -20,9 +20,10 @@ from typing import Callable
 import numpy as np
 
 from .. import memory
+from ..config import MAX_CLASSES
 from ..errors import UserError
 from .images import load_folder, load_imagenet, load_tiny_imagenet
-from .raw import MAX_CLASSES, RawData, raw_data
+from .raw import RawData, raw_data
 
 try:
     from numpy._core.multiarray import _reconstruct

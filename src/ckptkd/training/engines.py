@@ -72,6 +72,10 @@ def compiled(module: torch.nn.Module, cfg: dict):
     setting = cfg["compile"]
     if setting is False:
         return module
+    if setting == "cudagraphs" and next(module.parameters()).device.type != "cuda":
+        # torch would skip the graphs anyway, printing a traceback-like warning for every graph it skips
+        note("compile: the cudagraphs backend needs a CUDA device; on this device the model runs uncompiled")
+        return module
     return Compiled(module, "inductor" if setting is True else setting)
 
 
