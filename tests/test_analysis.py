@@ -661,3 +661,41 @@ def test_select_by_proxy_keeps_its_proxies_in_the_analysis_home(teacher_run, tmp
     assert _tree(run) == before
     assert len(list((tmp_path / "mine" / "proxy").glob("*/epoch-*"))) == 4
     assert result["references"] == [f"{run}@epoch={result['t_star']}"]
+
+
+def test_analyze_refuses_a_run_whose_data_changed_under_it(tmp_path):
+    """Rebuilt from the run's config, the data must be what the run was trained on: other images would be measured,
+    and classes renamed or reordered would be misread (a class of more crashed the analysis). In one process, too:
+    the data read for training is not reused once its file changed."""
+    import os
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (60, 6, 6), dtype=np.uint8), np.arange(60) % 3
+    path = tmp_path / "d.npz"
+
+    def write(names, labels, images=x):
+        np.savez(path, x_train=images, y_train=labels, x_test=images[:12], y_test=labels[:12],
+                 class_names=np.array(names))
+        write.saved += 1  # as a file saved a second later would be (some file systems keep coarse times)
+        os.utime(path, ns=(write.saved * 10**9, write.saved * 10**9))
+
+    write.saved = 0
+
+    write(["cat", "dog", "fox"], y)
+    run = tmp_path / "t"
+    from ckptkd import train
+
+    train(tiny_config(data={"name": "npz", "root": str(path), "batch_size": 16, "val_fraction": 0.25},
+                      model={"name": "mlp", "widths": [8]}, schedule={"epochs": 2}, checkpoints={"fractions": [1.0]}),
+          out=run, quiet=True)
+    for names, labels, images, needle in (
+            (["dog", "cat", "fox"], y, x, "class 0 'cat' → 'dog'"),                 # the same arrays, renamed
+            (["cat", "dog", "fox", "ant"], np.arange(60) % 4, x, "3 classes → 4"),  # a class added
+            (["cat", "dog", "fox"], y, 255 - x, "the images changed")):              # other pixels
+        write(names, labels, images)
+        with pytest.raises(UserError, match=rf"analyze: {run} was trained on data \w+ but its data config gives .*"
+                                            rf"{needle}.*analyse it on the data it was trained on"):
+            analyze(run, plots=False, quiet=True, seeds=1)
+    assert not (run / "analysis.json").exists()

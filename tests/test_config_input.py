@@ -75,6 +75,13 @@ def test_the_same_bounds_hold_for_set(tmp_path, capsys, override, needle):
     assert len(err.splitlines()) == 1 and needle in err and override.split("=")[0] in err, err
 
 
+@pytest.mark.parametrize("epochs, hint", [(1, "warmup_epochs=0)"), (3, "warmup_epochs=2 or 0)")])
+def test_a_warm_up_as_long_as_the_run_is_refused_with_what_fits(tmp_path, capsys, epochs, hint):
+    assert main(["train", str(REPO / "configs" / "digits_student.yaml"), "--out", str(tmp_path / "r"),
+                 "--set", f"schedule.epochs={epochs}", "--set", f"schedule.warmup_epochs={epochs}"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"(for a run this short, --set schedule.{hint}")
+
+
 def test_what_yaml_allows_and_configs_use_still_reads():
     """A merge key that overrides one of the merged keys is not a duplicate; 2**63 - 1 and 1e-300 are numbers."""
     text = "base: &b {lr: 0.1, momentum: 0.9}\noptim:\n  <<: *b\n  lr: 0.05\nseed: 9223372036854775807\nx: 1e-300\n"

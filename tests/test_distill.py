@@ -130,8 +130,18 @@ def test_tampered_checkpoint_is_refused(tmp_path, teacher_run):
 
 
 def test_teacher_with_the_wrong_class_count_is_refused(tmp_path, teacher_run):
-    wide = train(tiny_config(model={"name": "resnet8", "num_classes": 12}, schedule={"epochs": 1}),
-                 out=tmp_path / "wide", quiet=True)
+    import numpy as np
+
+    # a model of more outputs than its data has classes is refused (nothing would teach or read them) ...
+    with pytest.raises(UserError, match="model.num_classes=12 but digits has 10 classes"):
+        train(tiny_config(model={"name": "resnet8", "num_classes": 12}), out=tmp_path / "refused", quiet=True)
+    # ... so a 12-class teacher is one trained on 12 classes of digits' size
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "twelve.npz", x_train=rng.integers(0, 256, (48, 8, 8), dtype=np.uint8),
+             y_train=np.arange(48) % 12, x_test=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8), y_test=np.arange(12))
+    wide = train(tiny_config(data={"name": "npz", "root": str(tmp_path / "twelve.npz"), "batch_size": 16,
+                                   "val_fraction": 0.25},
+                             schedule={"epochs": 1}), out=tmp_path / "wide", quiet=True)
     result = call_cli("distill", _write_cfg(tmp_path, student_config()), "--teacher", wide.ref("last"),
                      "--out", str(tmp_path / "s"))
     _one_line_error(result, str(wide.path), "12 classes")
@@ -152,13 +162,19 @@ def test_a_teacher_whose_classes_are_in_another_order_is_refused_and_other_names
     teacher = train(tiny_config(**small, **npz("cd.npz", ["cat", "dog"], y)), out=tmp_path / "t", quiet=True)
     # the same images with the names listed the other way round (labels swapped with them): the same task, but the
     # teacher's output 0 (cat) would be taught as class 0 (dog)
-    with pytest.raises(UserError, match="orders its classes otherwise .* output 0 is 'cat', the data's class 0 is 'dog'"):
+    with pytest.raises(UserError, match="orders its classes otherwise .* output 0 is 'cat', which is the data's class 1"):
         distill(tiny_config(**small, **npz("dc.npz", ["dog", "cat"], 1 - y)), teachers=[teacher.ref("last")],
                 out=tmp_path / "refused", quiet=True)
     assert not (tmp_path / "refused" / "manifest.json").exists()
+    # one name shared at another position is enough to misplace that class's soft labels
+    with pytest.raises(UserError, match="output 0 is 'cat', which is the data's class 1"):
+        distill(tiny_config(**small, **npz("dc2.npz", ["wolf", "cat"], y)), teachers=[teacher.ref("last")],
+                out=tmp_path / "refused2", quiet=True)
     distill(tiny_config(**small, **npz("ab.npz", ["a", "b"], y)), teachers=[teacher.ref("last")],
             out=tmp_path / "noted", quiet=True)
     assert "other class names than npz's (class 0: 'cat' there, 'a' here)" in capsys.readouterr().err
+    with pytest.raises(UserError, match="class name 'cat' is given twice"):
+        train(tiny_config(**small, **npz("cc.npz", ["cat", "cat"], y)), out=tmp_path / "twice", quiet=True)
 
 
 def test_import_a_dataparallel_state_dict_and_distill_from_an_ensemble_of_imports(tmp_path, teacher_run):

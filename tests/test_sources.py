@@ -445,3 +445,16 @@ def test_tiny_imagenet_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(UserError, match=r"tiny-imagenet: .*nowhere/train is missing \(set data.root to the folder "
                                         r"tiny-imagenet-200"):
         load_raw("tiny-imagenet", str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("shape, chunk", [((1437, 1, 8, 8), 333), ((600, 3, 12, 10), 4096), ((7, 3, 5, 7), 2)])
+def test_channel_statistics_in_chunks_equal_the_whole_set_formula(shape, chunk):
+    from ckptkd.data import channel_statistics
+
+    x = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(sum(shape)), dtype=torch.uint8)
+    pixels = x.transpose(0, 1).reshape(shape[1], -1).double() / 255.0  # the set at 8 bytes a pixel, as it was read
+    mean, std = channel_statistics(x, chunk=chunk)
+    assert torch.equal(mean, pixels.mean(dim=1).float())
+    assert torch.equal(std, pixels.std(dim=1).clamp_min(1e-3).float())
+    flat = torch.full((3, 1, 2, 2), 7, dtype=torch.uint8)  # one value: no spread, the floor
+    assert channel_statistics(flat)[1].tolist() == pytest.approx([1e-3])

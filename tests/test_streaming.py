@@ -315,7 +315,7 @@ def test_images_rewritten_in_place_change_the_fingerprint_and_a_resume_onto_them
         turned.save(image, format=Image.open(image).format)
     _INDEX_CACHE.clear()  # a new process would list the folder afresh
     assert streamed(tree).fingerprint != before
-    with pytest.raises(UserError, match=r"--resume: .* was trained on data \w+ but data.root gives \w+ now"):
+    with pytest.raises(UserError, match=r"--resume: .* was trained on data \w+ but its data config gives \w+ now"):
         train(cfg, out=tmp_path / "run", resume=True, quiet=True)
 
 

@@ -524,7 +524,8 @@ def validate(cfg: dict) -> None:
         raise UserError(f"config: schedule.cycles={sched['cycles']} is more than schedule.epochs={epochs}")
     if sched["warmup_epochs"] >= epochs:
         raise UserError(f"config: schedule.warmup_epochs={sched['warmup_epochs']} must be below "
-                        f"schedule.epochs={epochs} (for a run this short, --set schedule.warmup_epochs={max(0, epochs - 1)} or 0)")
+                        f"schedule.epochs={epochs} (for a run this short, --set schedule.warmup_epochs="
+                        f"{'0' if epochs == 1 else f'{epochs - 1} or 0'})")
     late = [e for e in cfg["checkpoints"]["epochs"] if e > epochs]
     if late:
         raise UserError(f"config: checkpoints.epochs {late} go past schedule.epochs={epochs}")

@@ -24,11 +24,13 @@ from .streaming import StreamIndex, StreamingData, Sources, Views, estimate_stat
 from .streaming import fingerprint as stream_fingerprint
 
 __all__ = ["Data", "StreamingData", "Batch", "EpochPlan", "build", "SOURCES", "STREAMED", "RawData", "load_raw",
-           "epoch_generator"]
+           "epoch_generator", "channel_statistics"]
 
-_RAW_CACHE: dict[tuple[str, str | None], RawData] = {}
-_INDEX_CACHE: dict[tuple[str, str | None], StreamIndex] = {}
-_AUTO_STREAMS: dict[tuple[str, str | None], bool] = {}
+# Data sets read once per process (a study worker, a notebook), keyed by source and root, each kept with the
+# signature of the files it was read from: a root whose files changed since is read anew.
+_RAW_CACHE: dict[tuple[str, str | None], tuple[object, RawData]] = {}
+_INDEX_CACHE: dict[tuple[str, str | None], tuple[object, StreamIndex]] = {}
+_AUTO_STREAMS: dict[tuple[str, str | None], tuple[object, bool]] = {}
 _NOTED_NO_VALIDATION: set[str] = set()  # `data.resident: auto`'s verdict, found (and said) once
 
 
@@ -267,6 +269,25 @@ def _fingerprint(raw: RawData, settings: dict) -> str:
     return digest.hexdigest()[:16]
 
 
+def channel_statistics(images: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation (at least 1e-3) of uint8 images [N, C, H, W], scaled to [0, 1]: two
+    passes over chunks of images in float64, so the memory taken is a chunk's, not 8 times the set's."""
+    channels, count = images.shape[1], images.shape[0] * images.shape[2] * images.shape[3]
+
+    def pixels(part):
+        return part.transpose(0, 1).reshape(channels, -1).double() / 255.0
+
+    total = torch.zeros(channels, dtype=torch.float64)
+    for part in images.split(chunk):
+        total += pixels(part).sum(dim=1)
+    mean = total / count
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for part in images.split(chunk):
+        squares += (pixels(part) - mean[:, None]).square().sum(dim=1)
+    std = (squares / max(count - 1, 1)).sqrt()
+    return mean.float(), std.clamp_min(1e-3).float()
+
+
 def default_pad(height: int) -> int:
     # The usual "random crop with padding": 4 px at CIFAR's 32, 2 px at (Fashion-)MNIST's 28, 1 px at digits' 8.
     return 4 if height >= 32 else 2 if height >= 16 else 1
@@ -325,9 +346,7 @@ def _streams(data_cfg: dict) -> bool:
     if resident != "auto":
         return not resident
     key = (name, data_cfg["root"])
-    if key not in _AUTO_STREAMS:
-        _AUTO_STREAMS[key] = _too_large_or_mixed(name, _index(*key))
-    return _AUTO_STREAMS[key]
+    return _cached(_AUTO_STREAMS, key, lambda: _too_large_or_mixed(name, _index(*key)))
 
 
 def _too_large_or_mixed(name: str, index: StreamIndex) -> bool:
@@ -348,18 +367,46 @@ def _too_large_or_mixed(name: str, index: StreamIndex) -> bool:
     return False
 
 
+def _signature(root: str | None):
+    """What a cached read of `root` stands for: the identity, size and modification time of every file under it (a
+    file rewritten, added or removed gives another), or None for the built-in sets."""
+    if root is None:
+        return None
+    path = Path(root).expanduser()
+    try:
+        if not path.is_dir():
+            st = path.stat()
+            return (st.st_ino, st.st_size, st.st_mtime_ns)
+        digest = hashlib.sha256()
+        for folder, subfolders, files in os.walk(path):
+            subfolders.sort()
+            for name in sorted(files):
+                st = os.stat(os.path.join(folder, name))
+                digest.update(f"{folder}/{name}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+    except OSError:
+        return object()  # unreadable now: never equal to a cached signature, so the reader says what is wrong
+
+
+def _cached(cache: dict, key: tuple, read):
+    signature = _signature(key[1])
+    if key not in cache or cache[key][0] != signature:
+        cache[key] = (signature, read())
+    return cache[key][1]
+
+
 def _index(name: str, root: str | None) -> StreamIndex:
-    key = (name, root)
-    if key not in _INDEX_CACHE:
+    def read() -> StreamIndex:
         splits, class_names, base = STREAMED[name](root)
 
         def labels(entries):
             return torch.tensor([label for _, label in entries], dtype=torch.int64)
 
-        _INDEX_CACHE[key] = StreamIndex(name, Sources([e for e, _ in splits["train"]]), labels(splits["train"]),
-                                        Sources([e for e, _ in splits["test"]]), labels(splits["test"]),
-                                        class_names, _FLIPS[name], base)
-    return _INDEX_CACHE[key]
+        return StreamIndex(name, Sources([e for e, _ in splits["train"]]), labels(splits["train"]),
+                           Sources([e for e, _ in splits["test"]]), labels(splits["test"]), class_names,
+                           _FLIPS[name], base)
+
+    return _cached(_INDEX_CACHE, (name, root), read)
 
 
 def _carve(data_cfg: dict, labels: torch.Tensor, num_classes: int):
@@ -434,9 +481,7 @@ def _build_streaming(data_cfg: dict) -> StreamingData:
 
 def _build_resident(data_cfg: dict) -> Data:
     key = (data_cfg["name"], data_cfg["root"])
-    if key not in _RAW_CACHE:
-        _RAW_CACHE[key] = load_raw(*key)
-    raw = _RAW_CACHE[key]
+    raw = _cached(_RAW_CACHE, key, lambda: load_raw(*key))
 
     train_idx, val_idx, train_y, val_y = _carve(data_cfg, raw.train_y, raw.num_classes)
     train_x = raw.train_x[train_idx]
@@ -449,9 +494,7 @@ def _build_resident(data_cfg: dict) -> Data:
         if len(mean) != channels or len(std) != channels:
             raise UserError(f"config: data.mean/data.std need {channels} values for {raw.name} ({channels} channels)")
     else:
-        pixels = train_x.transpose(0, 1).reshape(channels, -1).double() / 255.0
-        mean = pixels.mean(dim=1).float()
-        std = pixels.std(dim=1).clamp_min(1e-3).float()
+        mean, std = channel_statistics(train_x)
 
     pad = data_cfg["pad"] if data_cfg["pad"] is not None else default_pad(train_x.shape[2])
     hflip = data_cfg["hflip"] if data_cfg["hflip"] is not None else raw.hflip

@@ -38,6 +38,11 @@ def raw_data(name, train_x, train_y, test_x, test_y, class_names, hflip, where) 
     k = len(class_names)
     if k > MAX_CLASSES:
         raise UserError(f"{where}: {k:,} classes; at most {MAX_CLASSES:,} are supported")
+    seen: dict[str, int] = {}
+    for i, class_name in enumerate(class_names):  # a teacher's outputs are matched to classes by name
+        if seen.setdefault(str(class_name), i) != i:
+            raise UserError(f"{where}: class name {str(class_name)!r} is given twice (classes {seen[str(class_name)]} "
+                            f"and {i}); each class needs its own name")
     for split, y in (("training", train_y), ("test", test_y)):
         if len(y) == 0:
             raise UserError(f"{where}: the {split} split holds no images")

@@ -39,7 +39,7 @@ from ..errors import UserError
 from ..processes import slurm_job
 from .analysis_file import analysis_problem
 from .lock import LOCK, RunLock
-from .manifest import CheckpointEntry, Final, Manifest
+from .manifest import CheckpointEntry, Final, Manifest, data_change
 from .paths import same_checkpoints
 from .state import Progress, load_ema, load_state, save_state
 from .storage import (atomic_write_text, read_sealed_json, remove_stale_temporaries, save_tensors, shared_permissions,
@@ -320,13 +320,10 @@ class RunWriter:
             saved = self.run.manifest.data
         except UserError:
             return  # the state, not a damaged manifest, is what a resume trusts
-        before, now = saved.get("fingerprint"), data.get("fingerprint")
-        if before and now and before != now:
-            sizes = ", ".join(f"{k} {saved.get(k)} → {data.get(k)}" for k in ("train", "val", "test")
-                              if saved.get(k) != data.get(k))
-            raise UserError(f"--resume: {self.path} was trained on data {before} but data.root gives {now} now"
-                            f"{f' ({sizes})' if sizes else ' (the images changed)'}; resume it on the data it "
-                            "began with, or train anew in another --out")
+        changed = data_change(saved, data)
+        if changed:
+            raise UserError(f"--resume: {self.path} was trained on {changed}; resume it on the data it began with, or "
+                            "train anew in another --out")
 
     def _slurm_jobs(self) -> list[str]:
         """The Slurm jobs that wrote this run: those of the manifest it resumes, and this process's own."""

@@ -225,6 +225,24 @@ def _drop_none(d: dict, key: str) -> dict:
     return d
 
 
+def data_change(saved: dict, now: dict) -> str | None:
+    """How the data a run was trained on (its manifest's `data`) differs from what its config gives now: None when
+    the fingerprints agree or either is unknown (a manifest from before fingerprints), else a phrase naming both
+    fingerprints and what changed (split sizes, class names), for a one-line refusal."""
+    before, after = saved.get("fingerprint"), now.get("fingerprint")
+    names_before, names_now = saved.get("class_names"), now.get("class_names")
+    renamed = bool(names_before and names_now and names_before != names_now)  # names are not in the fingerprint
+    if not renamed and (not before or not after or before == after):
+        return None
+    changes = [f"{k} {saved.get(k)} → {now.get(k)}" for k in ("train", "val", "test") if saved.get(k) != now.get(k)]
+    if renamed:
+        k = next((i for i, (a, b) in enumerate(zip(names_before, names_now)) if a != b), min(len(names_before),
+                                                                                                len(names_now)))
+        changes.append(f"{len(names_before)} classes → {len(names_now)}" if len(names_before) != len(names_now)
+                       else f"class {k} {names_before[k]!r} → {names_now[k]!r}")
+    return f"data {before} but its data config gives {after} now ({', '.join(changes) or 'the images changed'})"
+
+
 @functools.lru_cache(maxsize=1)
 def provenance() -> dict:
     """The ckptkd version and, when the package runs from a git checkout, its commit (and whether it was modified)."""

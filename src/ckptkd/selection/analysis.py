@@ -29,7 +29,7 @@ from .. import config as config_mod
 from .. import data as data_mod
 from ..errors import UserError
 from ..run import ANALYSIS as ANALYSIS_FILE
-from ..run import Run, provenance, resolve, runs_under
+from ..run import Run, data_change, provenance, resolve, runs_under
 from ..run.storage import ensure_writable, read_sealed_json, remove_stale_temporaries, write_sealed_json
 from . import criteria as selection
 from . import info
@@ -424,6 +424,9 @@ def analyze(run: str | Path, *, temperature: float | None = None, seed: int = 0,
     say = (lambda _m: None) if quiet else (lambda m: print(f"analyze: {m}", file=sys.stderr))
     started = time.perf_counter()
     data = data_mod.build(cfg["data"], "cpu")
+    changed = data_change(manifest.data, data.describe())
+    if changed:  # the measures would describe other images, or misread the classes
+        raise UserError(f"analyze: {run} was trained on {changed}; analyse it on the data it was trained on")
     settings = {"method": METHOD_VERSION, "temperature": tau, "seed": seed, "seeds": seeds, "data": data.fingerprint,
                 "estimator_samples": ESTIMATOR_SAMPLES, "probe_epochs": PROBE_EPOCHS,
                 "x_components": info.estimators.X_COMPONENTS}
@@ -471,8 +474,12 @@ def analyze(run: str | Path, *, temperature: float | None = None, seed: int = 0,
                                          "diff_se": None, "tied": r is best} for r in records]}
         chosen = criteria[key]
     if chosen["flat"]:
+        skipped = sorted(s["epoch"] for s in chosen.get("skipped") or [])
         notes.append(f"{key} is flat across these checkpoints (its range does not exceed its noise): every "
-                     "checkpoint ties and T* is the one with the best validation accuracy")
+                     "checkpoint ties and T* is the one with the best validation accuracy" if not skipped else
+                     f"{key} is flat across the checkpoints it could score (its range does not exceed its noise): "
+                     f"they tie and T* is the one of them with the best validation accuracy; epoch"
+                     f"{'s' if len(skipped) > 1 else ''} {', '.join(map(str, skipped))} could not be scored")
     if len(records) < 3:
         notes.append(f"only {len(records)} checkpoint(s): normalising across so few says little")
     best = chosen["t_star"]

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..formatting import data_label  # noqa: E402
@@ -95,7 +96,9 @@ def information_plane(records: list[dict], split: str, selected: int, ties: list
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=8)
     if points is not None:
-        fig.colorbar(points, ax=axes, label="epoch", shrink=0.85)
+        bar = fig.colorbar(points, ax=axes, label="epoch", shrink=0.85)
+        bar.locator = MaxNLocator(integer=True)
+        bar.update_ticks()
     fig.suptitle(title)
     return save(fig, path)
 
@@ -154,6 +157,10 @@ def trajectory(records: list[dict], criterion: dict, num_classes: int, title: st
         if selected is not None:
             ax.axvline(selected, color="crimson", lw=1, ls=":", label="T*")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.5 between 1 and 2
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)      # the same span in every panel, scored or not
+        for y_axis in (ax, *getattr(ax, "twins", [])):
+            y_axis.ticklabel_format(axis="y", useOffset=False)  # values near 1 read as such, not as 1e-5 + 0.99999
         handles, labels = ax.get_legend_handles_labels()
         for twin in getattr(ax, "twins", []):  # a panel with two y axes gets one legend for both
             more = twin.get_legend_handles_labels()

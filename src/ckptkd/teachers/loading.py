@@ -44,18 +44,20 @@ def check_compatible(checkpoints: list[Checkpoint], data: Data) -> None:
 
 
 def _check_class_names(ckpt: Checkpoint, data: Data) -> None:
-    """A teacher's output k is read as the data's class k. The same names in another order would turn its soft
-    labels into wrong ones: refused. Other names (another data set of as many classes, or names a source made up)
-    may be intended: a note."""
+    """A teacher's output k is read as the data's class k. A class both name at different positions would get another
+    class's soft labels: refused. Other names (another data set of as many classes, or names a source made up) may be
+    intended: a note."""
     trained = [str(name) for name in ckpt.manifest.data.get("class_names") or []]
     names = [str(name) for name in data.class_names]
     if not trained or trained == names:
         return
-    if sorted(trained) == sorted(names):
-        k = next(i for i, (a, b) in enumerate(zip(trained, names)) if a != b)
-        raise UserError(f"teacher {ckpt.reference} orders its classes otherwise than {data.name}: its output {k} is "
-                        f"{trained[k]!r}, the data's class {k} is {names[k]!r}, so its soft labels would go to the wrong "
-                        "classes; give the data its classes in the teacher's order")
+    position = {name: k for k, name in enumerate(names)}
+    moved = next((k for k, name in enumerate(trained) if name in position and position[name] != k), None)
+    if moved is not None:
+        raise UserError(f"teacher {ckpt.reference} orders its classes otherwise than {data.name}: its output {moved} "
+                        f"is {trained[moved]!r}, which is the data's class {position[trained[moved]]} (its class "
+                        f"{moved} is {names[moved]!r}), so its soft labels would go to the wrong classes; give the "
+                        "data its classes in the teacher's order")
     k = next(i for i, (a, b) in enumerate(zip(trained, names)) if a != b)
     note(f"teacher {ckpt.reference} was trained on other class names than {data.name}'s (class {k}: "
          f"{trained[k]!r} there, {names[k]!r} here); its output k is read as class k")

@@ -26,8 +26,9 @@ def model_spec(cfg: dict, data: Data) -> dict:
     m = cfg["model"]
     num_classes = m["num_classes"] or data.num_classes
     in_channels = m["in_channels"] or data.image_shape[0]
-    if num_classes < data.num_classes:
-        raise UserError(f"config: model.num_classes={num_classes} but {data.name} has {data.num_classes} classes")
+    if num_classes != data.num_classes:  # more outputs than classes: no label, no teacher, no analysis reads them
+        raise UserError(f"config: model.num_classes={num_classes} but {data.name} has {data.num_classes} classes "
+                        "(leave it unset to take the data's)")
     if in_channels != data.image_shape[0]:
         raise UserError(f"config: model.in_channels={in_channels} but {data.name} images have "
                         f"{data.image_shape[0]} channels")
