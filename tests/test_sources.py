@@ -1,7 +1,6 @@
 """Raw data-set readers: real small data plus fixture files written in each source's real format."""
 
 import gzip
-import io
 import os
 import pickle
 import struct
