@@ -699,3 +699,10 @@ def test_analyze_refuses_a_run_whose_data_changed_under_it(tmp_path):
                                             rf"{needle}.*analyse it on the data it was trained on"):
             analyze(run, plots=False, quiet=True, seeds=1)
     assert not (run / "analysis.json").exists()
+
+
+def test_analyze_given_a_checkpoint_reference_says_it_takes_the_run_folder(teacher_run):
+    result = call_cli("analyze", f"{teacher_run.path}@epoch=2")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"ckptkd: error: run folder not found: {teacher_run.path}@epoch=2 (this command takes a run folder; did you "
+        f"mean {teacher_run.path}?)")

@@ -457,3 +457,21 @@ def test_channel_statistics_in_chunks_equal_the_whole_set_formula(shape, chunk):
     assert torch.equal(std, pixels.std(dim=1).clamp_min(1e-3).float())
     flat = torch.full((3, 1, 2, 2), 7, dtype=torch.uint8)  # one value: no spread, the floor
     assert channel_statistics(flat)[1].tolist() == pytest.approx([1e-3])
+
+
+def test_a_process_reads_an_image_folder_again_once_a_file_in_it_changed(tmp_path, monkeypatch):
+    from ckptkd import config, data as data_mod
+
+    tree = _write_tree(tmp_path, "RGB", np.random.default_rng(13))
+    cfg = config.resolve({"data": {"name": "folder", "root": str(tmp_path), "val_fraction": 0.5}})["data"]
+    first = data_mod.build(cfg)
+    assert data_mod.build(cfg).fingerprint == first.fingerprint  # unchanged: the cached read
+    path = tmp_path / "test" / "dog" / "0.png"
+    Image.fromarray(255 - tree["test/dog/0.png"]).save(path)
+    os.utime(path, ns=(1, 1))  # whatever the file system's clock resolution, another modification time
+    assert data_mod.build(cfg).fingerprint != first.fingerprint
+    # the walk is bounded (a root may hold far more than the data set): beyond the cap a change goes unseen
+    monkeypatch.setattr(data_mod, "SIGNATURE_ENTRIES", 2)
+    before = data_mod._signature(str(tmp_path))
+    Image.fromarray(tree["test/dog/0.png"]).save(path)
+    assert data_mod._signature(str(tmp_path)) == before

@@ -157,10 +157,15 @@ def analysis_table(analysis: dict, console: Console | None = None) -> Table:
              "entropy (nats); NC1: within-class variability; I: nats, mean±SE over split seeds.",
              f"T* = {selected['reference']} by {selected['criterion']} ({selected['description']}); ties: "
              f"{', '.join(map(str, selected['ties']))}.",
-             f"Spearman(probe, kNN) across checkpoints: I(X;F) {agreement['spearman_i_xf']}, I(Y;F) "
-             f"{agreement['spearman_i_yf']}, score {agreement['spearman_score']}; {analysis['timing_s']['measure']:.1f}"
-             f" s ({analysis['timing_s']['cached']} cached)."]
+             f"Spearman(probe, kNN) across checkpoints: I(X;F) {_or_na(agreement['spearman_i_xf'])}, I(Y;F) "
+             f"{_or_na(agreement['spearman_i_yf'])}, score {_or_na(agreement['spearman_score'])}; "
+             f"{analysis['timing_s']['measure']:.1f} s ({analysis['timing_s']['cached']} cached)."]
     lines += [f"note: {note}" for note in analysis.get("notes", [])]
     table.caption = "\n".join(lines)
     (console or terminal_console()).print(table)
     return table
+
+
+def _or_na(value) -> str:
+    """A correlation that could not be computed (too few checkpoints scored) reads as n/a, not None."""
+    return "n/a" if value is None else str(value)

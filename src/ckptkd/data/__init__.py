@@ -367,22 +367,38 @@ def _too_large_or_mixed(name: str, index: StreamIndex) -> bool:
     return False
 
 
+# How much of a data root `_signature` looks at: the depth of an image tree (root/train/CLASS/file) and a cap on the
+# entries, so that a root holding far more than the data set (a home folder) costs a bounded walk.
+SIGNATURE_DEPTH = 3
+SIGNATURE_ENTRIES = 100_000
+
+
 def _signature(root: str | None):
-    """What a cached read of `root` stands for: the identity, size and modification time of every file under it (a
-    file rewritten, added or removed gives another), or None for the built-in sets."""
+    """What a cached read of `root` stands for: the identity, size and modification time of the files under it (to
+    SIGNATURE_DEPTH levels, the first SIGNATURE_ENTRIES in name order), so that a file rewritten, added or removed
+    gives another; None for the built-in sets. Beyond the cap, changes to the files not looked at go unseen."""
     if root is None:
         return None
     path = Path(root).expanduser()
+    digest, seen = hashlib.sha256(), 0
+
+    def walk(folder: Path, depth: int) -> None:
+        nonlocal seen
+        with os.scandir(folder) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                if seen >= SIGNATURE_ENTRIES:
+                    return
+                seen += 1
+                st = entry.stat()
+                digest.update(f"{entry.path}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                if depth < SIGNATURE_DEPTH and entry.is_dir(follow_symlinks=False):
+                    walk(Path(entry.path), depth + 1)
+
     try:
         if not path.is_dir():
             st = path.stat()
             return (st.st_ino, st.st_size, st.st_mtime_ns)
-        digest = hashlib.sha256()
-        for folder, subfolders, files in os.walk(path):
-            subfolders.sort()
-            for name in sorted(files):
-                st = os.stat(os.path.join(folder, name))
-                digest.update(f"{folder}/{name}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        walk(path, 1)
         return digest.hexdigest()
     except OSError:
         return object()  # unreadable now: never equal to a cached signature, so the reader says what is wrong

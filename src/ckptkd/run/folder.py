@@ -93,7 +93,11 @@ class Run:
     @property
     def manifest(self) -> Manifest:
         if not self.path.is_dir():
-            raise UserError(f"run folder not found: {self.path}")
+            # `analyze RUN@epoch=2`: the command takes a run folder, not a checkpoint reference
+            folder = self.path.parent / self.path.name.split("@")[0]
+            hint = (f" (this command takes a run folder; did you mean {folder}?)"
+                    if "@" in self.path.name and folder.is_dir() else "")
+            raise UserError(f"run folder not found: {self.path}{hint}")
         path = self.path / MANIFEST
         if not path.is_file():
             raise UserError(f"{self.path} is not a ckptkd run (no {MANIFEST})")
