@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Subprocesses (`python -m ckptkd ...`) import the same ckptkd as these tests: this checkout's src/, or under mutmut
@@ -16,6 +17,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _TESTED_SRC = str(Path(importlib.util.find_spec("ckptkd").origin).parents[1])
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTED_SRC, os.environ.get("PYTHONPATH")) if p)
 torch.set_num_threads(1)
+
+# The property tests (Hypothesis) draw the same examples on every machine and in every run, CI's included: a failure
+# is reproducible, never a coin toss between two runs of one commit. HYPOTHESIS_PROFILE=explore draws new examples
+# (and keeps what fails in .hypothesis/ to replay).
+settings.register_profile("ckptkd", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ckptkd"))
 
 REPO = Path(__file__).resolve().parents[1]
 
