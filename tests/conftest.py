@@ -28,6 +28,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ckptkd"))
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items):
+    """The tests marked slow (tens of seconds each; the Slurm one near two minutes) run first: pytest-xdist hands
+    tests out in collection order, and one of them started last would leave the other worker idle at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort: otherwise as collected
+
+
 def tiny_config(**sections) -> dict:
     """A digits run small enough for unit tests (a few seconds), with every section overridable."""
     cfg = {

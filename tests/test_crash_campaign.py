@@ -15,6 +15,7 @@ import crash_campaign  # noqa: E402
 SEED = int(os.environ.get("CKPTKD_KILL_SEED", random.randrange(10**6)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, runs", [("train", 1), ("distill", 1), ("study", 1)])
 def test_killed_and_resumed_runs_end_bit_identical(tmp_path, name, runs):
     command = crash_campaign.COMMANDS[name](tmp_path)

@@ -58,6 +58,7 @@ def test_two_ranks_train_the_model_one_process_trains(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in single.path.iterdir())
 
 
+@pytest.mark.slow
 def test_one_rank_killed_ends_the_job_and_resume_is_bit_identical(tmp_path, teacher_run):
     cfg = write_config(tmp_path / "cfg.yaml", schedule={"epochs": 5}, checkpoints={"every": 1},
                        kd={"cache": "on", "cache_dir": str(tmp_path / "cache")})

@@ -189,6 +189,7 @@ def _bombs(tmp: Path, teacher_run) -> dict:
     return bombs
 
 
+@pytest.mark.slow
 def test_inputs_built_to_exhaust_memory_are_answered_in_one_line_with_little_memory(tmp_path, teacher_run):
     bombs = _bombs(tmp_path, teacher_run)
     problems = []

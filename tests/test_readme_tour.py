@@ -55,6 +55,7 @@ def test_every_tour_command_parses_and_reads_only_what_an_earlier_one_wrote():
 LONG = {"study", "report"}
 
 
+@pytest.mark.slow
 def test_the_tour_runs_as_written(tmp_path, monkeypatch, capsys):
     """In this process (`ckptkd.cli.main`, what the `ckptkd` script calls), from a fresh folder holding only the
     repository's configs: every command must exit 0."""

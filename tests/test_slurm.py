@@ -114,6 +114,7 @@ def coordinator(config: Path, out: Path) -> subprocess.Popen:
                             env=env)
 
 
+@pytest.mark.slow
 def test_a_study_through_real_slurm_survives_a_killed_coordinator_a_requeue_and_scancel(slurm, tmp_path):
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(small_study()))

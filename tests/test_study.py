@@ -182,6 +182,7 @@ def test_pairs_with_the_same_teacher_share_its_runs():
     assert sum(t.kind == "distill" for t in tasks) == 2 * 2 * len(VARIANTS)
 
 
+@pytest.mark.slow
 def test_cifar100_table3_grid_runs_one_epoch_on_fixture_cifar_data(tmp_path):
     """The paper's four pairs and recipes, on CIFAR-100-format fixture files: one epoch, one seed, an ensemble of 2,
     and one variant of each teacher kind (none, one checkpoint chosen by analysis, snapshot, full ensemble)."""
@@ -359,6 +360,7 @@ def test_a_selection_benchmark_study_runs_the_proxy_selector_and_reports_every_s
     assert "| proxy selection |" in report  # its time, in the compute-time table
 
 
+@pytest.mark.slow
 def test_sigterm_three_times_during_the_teacher_spends_none_of_its_attempts(tmp_path):
     """A local study worker stopped with SIGTERM while it trains the teacher, three times (preemption, `docker
     stop`): each time it exits 143 and gives the task back; started again, the study completes and the teacher's row
@@ -394,6 +396,7 @@ def test_sigterm_three_times_during_the_teacher_spends_none_of_its_attempts(tmp_
     assert next(r for r in rows if r["kind"] == "train")["attempts"] == 1
 
 
+@pytest.mark.slow
 def test_a_study_killed_mid_student_resumes_after_a_move_from_another_directory(tmp_path):
     """Nothing a study stores depends on the working directory or on where the study folder lies: killed while a
     student trains, moved, and started again from elsewhere, it completes with every task done once, its students'

@@ -155,6 +155,7 @@ def test_resume_from_every_epoch_is_bit_identical(tmp_path, monkeypatch, optim, 
 KILL_SEED = 20240917  # the kill moments are drawn from this seed; a failure names it and the delay to replay it
 
 
+@pytest.mark.slow
 def test_kill_9_at_a_random_moment_then_resume_is_bit_identical(tmp_path):
     """A real subprocess, killed with SIGKILL mid-run (possibly mid-write), resumed with --resume."""
     cfg_path = tmp_path / "cfg.yaml"
