@@ -7,6 +7,8 @@ import json
 import re
 import shlex
 
+import pytest
+
 from ckptkd.cli.main import build_parser
 from conftest import REPO
 
