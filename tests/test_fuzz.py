@@ -6,8 +6,6 @@ Commands run in this process through `ckptkd.cli.main`, for real, on a base conf
 example trains in a fraction of a second (digits, a 4-unit MLP, 1 epoch); `study` runs its validation, plan and
 database (workers claim nothing), `bench` and `demo` are left out (fixed workloads that take no input to fuzz)."""
 
-import contextlib
-import io
 import itertools
 import json
 import shutil
@@ -16,12 +14,11 @@ from unittest import mock
 import numpy as np
 import pytest
 import yaml
-from conftest import rewrite_manifest, tiny_config
+from conftest import call_cli, rewrite_manifest, tiny_config
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from ckptkd import config as config_mod
-from ckptkd.cli import main
 
 BASE = tiny_config(model={"name": "mlp", "widths": [4]}, schedule={"epochs": 1}, checkpoints={"fractions": [1.0]},
                    eval={"last_k": 1})
@@ -65,18 +62,14 @@ def _call(argv: list[str]) -> tuple[int, str]:
             stopped.append(progress.epoch)
             raise KeyboardInterrupt
 
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
-            mock.patch.object(folder, "save_state", save_then_stop_long_runs):
-        try:
-            code = main(argv)
-        except SystemExit as e:  # argparse
-            code = e.code
+    with mock.patch.object(folder, "save_state", save_then_stop_long_runs):
+        done = call_cli(*argv)
+    code, err = done.returncode, done.stderr
     if stopped:  # what the command answers to a Ctrl-C: exit 130 and how to continue
-        assert code == 130 and err.getvalue().strip().splitlines()[-1].startswith("ckptkd: interrupted"), (
-            f"a run stopped after epoch {stopped[0]} answered exit {code}: {argv}\n{err.getvalue()}")
+        assert code == 130 and err.strip().splitlines()[-1].startswith("ckptkd: interrupted"), (
+            f"a run stopped after epoch {stopped[0]} answered exit {code}: {argv}\n{err}")
         code = 0
-    return code, err.getvalue()
+    return code, err
 
 
 def _answered_well(argv, code, err) -> None:

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import manifest_json, run_cli, tiny_config
+from conftest import call_cli, manifest_json, run_cli, tiny_config
 
 from ckptkd import config as config_mod
 from ckptkd.errors import UserError
@@ -223,13 +223,10 @@ def test_a_split_group_says_so_and_trains_every_run(teacher_run, tmp_path, monke
     assert [r.manifest.fused["members"] for r in runs] == [2, 2, 2, 2] and all(r.manifest.complete for r in runs)
 
 
-def test_distill_fuse_on_the_command_line_writes_one_folder_per_teacher_and_seed(teacher_run, tmp_path, capsys):
-    from ckptkd.cli import main
-
+def test_distill_fuse_on_the_command_line_writes_one_folder_per_teacher_and_seed(teacher_run, tmp_path):
     def cli(*args):  # in this process (the sweep itself runs as a user runs it, in its own)
-        code = main(list(args))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+        done = call_cli(*args)
+        return done.returncode, done.stdout, done.stderr
 
     cfg_path = tmp_path / "student.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config(model={"name": "mlp", "widths": [16]}, schedule={"epochs": 2})))

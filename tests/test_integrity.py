@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import manifest_json, rewrite_manifest, tiny_config
+from conftest import call_cli, manifest_json, rewrite_manifest, tiny_config
 
 from ckptkd.cli import main
 
@@ -171,17 +171,17 @@ def test_a_damaged_report_json_is_reported(tmp_path, capsys):
 
 @pytest.mark.parametrize("tag", ["!!python/object/apply:os.system", "!!python/object/new:os.system",
                                  "!!python/name:os.system"])
-def test_a_yaml_tag_that_would_run_code_is_refused_and_never_runs(tmp_path, tag, capsys):
+def test_a_yaml_tag_that_would_run_code_is_refused_and_never_runs(tmp_path, tag):
     canary = tmp_path / "ran"
     config = tmp_path / "evil.yaml"
     config.write_text(f"name: x\nseed: {tag} ['touch {canary}']\n")
     for command in (["train", str(config), "--out", str(tmp_path / "r")],
                     ["study", str(config), "--out", str(tmp_path / "s")]):
-        code, err = main(command), capsys.readouterr().err
-        assert code == 2 and "Traceback" not in err, err
-        assert str(config) in err and len(err.strip().splitlines()) == 1
-    code = main(["train", str(tmp_path / "missing.yaml"), "--set", f"seed={tag} ['touch {canary}']"])
-    assert code == 2 and "Traceback" not in capsys.readouterr().err
+        done = call_cli(*command)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert str(config) in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    over = call_cli("train", str(tmp_path / "missing.yaml"), "--set", f"seed={tag} ['touch {canary}']")
+    assert over.returncode == 2 and "Traceback" not in over.stderr
     assert not canary.exists() and not (tmp_path / "r").exists()
 
 

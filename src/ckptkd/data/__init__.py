@@ -315,6 +315,10 @@ def build(data_cfg: dict, device: torch.device | str = "cpu") -> Data | Streamin
         raise UserError(f"config: data.name {name!r} is not a known data set "
                         f"(available: {', '.join(sorted(set(SOURCES) | set(STREAMED)))})")
     if _streams(data_cfg):
+        if data_cfg["pad"] is not None:  # streamed views are random-resized crops: a padding would be ignored
+            raise UserError(f"config: data.pad applies to images held in memory (random crops of the padded image); "
+                            f"{name} streams here and is cropped by data.scale and data.image_size (remove "
+                            "data.pad, or set data.resident: true)")
         return _build_streaming(data_cfg).to(torch.device(device))
     changed = [k for k in _STREAM_KEYS if data_cfg[k] != DATA_STREAM_DEFAULTS[k]]
     if changed:
@@ -464,10 +468,6 @@ def _settings(data_cfg: dict) -> dict:
 
 
 def _build_streaming(data_cfg: dict) -> StreamingData:
-    if data_cfg["pad"] is not None:  # streamed views are random-resized crops: a padding would be silently ignored
-        raise UserError(f"config: data.pad applies to images held in memory (random crops of the padded image); "
-                        f"{data_cfg['name']} streams here and is cropped by data.scale and data.image_size (remove "
-                        "data.pad, or set data.resident: true)")
     index = _index(data_cfg["name"], data_cfg["root"])
     train_idx, val_idx, train_y, val_y = _carve(data_cfg, index.train_y, len(index.class_names))
     size = data_cfg["image_size"] or _DEFAULT_SIZE.get(index.name, 224)

@@ -262,5 +262,5 @@ def provenance() -> dict:
                 found["commit"] = commit
                 found["dirty"] = bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
     except (OSError, ValueError, subprocess.SubprocessError):
-        pass  # no git here: the version alone
+        return {"version": __version__}  # no git here (or it failed half-way): the version alone
     return found
